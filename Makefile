@@ -1,0 +1,33 @@
+# Captioner: `make run` and `make test` are the only two commands a new machine needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_QUIET := grep -v -e 'is ignored: it is neither' || true
+MODEL_DIR ?= var/models
+
+.PHONY: run test lint bench clean-venv services
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing dependencies into $(VENV) (first time: a few minutes)"
+	@$(PY) -m pip install -q -e '.[test]' 2>&1 | { $(PIP_QUIET); }
+	@touch $(STAMP)
+
+services:
+	@bash scripts/ensure-services.sh
+
+run: $(STAMP)
+	@test -d $(MODEL_DIR)/untrained-tiny || $(VENV)/bin/captioner init-model --preset tiny --out $(MODEL_DIR)/untrained-tiny
+	@echo "NOTE: this model is freshly initialised and UNTRAINED: its captions are noise."
+	@$(VENV)/bin/captioner caption captioner/sample/* --checkpoint $(MODEL_DIR)/untrained-tiny --n-best 1
+
+test: $(STAMP) services
+	@$(PY) -m pytest
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

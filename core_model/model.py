@@ -1,0 +1,483 @@
+"""The ViT-prefix-GPT-2 captioner, in one file.
+
+    image -> timm encoder (frozen by default) -> Linear(embed_dim) -> MLP -> n_prefix_tokens x width
+          -> LayerNorm -> optional TransformerEncoder refiner (over the prefix, or the prefix and
+             every patch token) -> GPT-2, with the prefix placed before the caption's embeddings.
+
+The GPT-2 body is written here (nanoGPT style) with Hugging Face's parameter names, so GPT-2
+checkpoints load one to one, and so decoding owns its KV cache: one class serves training,
+plain decoding and the fast decoding path. Shapes: B batch, P prefix tokens, T caption tokens,
+C decoder width, V vocabulary, K beams.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DecoderConfig, ModelConfig
+
+IGNORE_INDEX = -100  # labels at prefix and padding positions: no loss there
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, H, T_max, head_dim)."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, device, dtype):
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search: each new beam's parent)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def repeat_rows(self, n: int) -> None:
+        """Each row becomes n consecutive rows (one per beam or sample)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_dropout_p = cfg.dropout
+
+    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T]
+            v = cache.v[layer, :, :, : start + T]
+            # A prefill (start == 0) is causal; a one-token step sees every earlier position.
+            causal = start == 0 and T > 1
+            if start > 0 and T > 1:
+                raise ValueError("multi-token steps after the prefill are not supported")
+        else:
+            causal = True
+        dropout = self.attn_dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layer=0, cache=None):
+        x = x + self.attn(self.ln_1(x), layer, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2's body and tied output head. Parameter names match HF's `GPT2Model`."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, C), positions starting at the cache's length -> hidden (B, T, C)."""
+        start = cache.length if cache is not None else 0
+        T = x.shape[1]
+        if start + T > self.cfg.n_positions:
+            raise ValueError(f"sequence of {start + T} exceeds n_positions={self.cfg.n_positions}")
+        pos = torch.arange(start, start + T, device=x.device)
+        x = self.drop(x + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, i, cache)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.wte.weight)  # tied head: (..., C) -> (..., V)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder and prefix mapping
+# --------------------------------------------------------------------------------------------
+
+
+def build_encoder(cfg: ModelConfig, pretrained: bool = False, weights_file: str | None = None):
+    import timm
+
+    kwargs = dict(cfg.encoder_kwargs)
+    if weights_file is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
+    return timm.create_model(cfg.encoder_name, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+class PrefixMapper(nn.Module):
+    """Encoder features -> (B, P, C) prefix embeddings for GPT-2."""
+
+    def __init__(self, cfg: ModelConfig, enc_dim: int, width: int):
+        super().__init__()
+        self.cfg = cfg
+        P, E = cfg.n_prefix_tokens, cfg.embed_dim
+        hidden = cfg.mapper_hidden or 2 * E
+        self.proj = nn.Linear(enc_dim, E)
+        self.mlp = nn.Sequential(
+            nn.Linear(E, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, P * width)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.patch_proj = nn.Linear(enc_dim, width) if cfg.prefix_source == "patches" else None
+        self.refiner = None
+        if cfg.refiner_layers:
+            layer = nn.TransformerEncoderLayer(
+                d_model=width,
+                nhead=cfg.refiner_heads,
+                dim_feedforward=4 * width,
+                dropout=cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.refiner = nn.TransformerEncoder(
+                layer, cfg.refiner_layers, enable_nested_tensor=False
+            )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        P = self.cfg.n_prefix_tokens
+        pooled = features.mean(dim=1) if features.dim() == 3 else features  # (B, enc_dim)
+        z = self.proj(pooled)  # (B, E)
+        prefix = self.norm(self.mlp(z).view(z.shape[0], P, -1))  # (B, P, C)
+        if self.refiner is None:
+            return prefix
+        if self.patch_proj is not None:  # attend across the prefix and every encoder token
+            tokens = self.patch_proj(features)  # (B, N, C)
+            return self.refiner(torch.cat([prefix, tokens], dim=1))[:, :P]
+        return self.refiner(prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# The captioner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, EOS excluded
+    score: float  # mean log-probability per generated token (EOS included when reached)
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dcfg = cfg.decoder_config
+        self.encoder = encoder if encoder is not None else build_encoder(cfg)
+        self.mapper = PrefixMapper(cfg, self.encoder.num_features, dcfg.n_embd)
+        self.decoder = GPT2(dcfg)
+        self.eos_id = dcfg.vocab_size - 1
+        self.apply_freezing()
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def apply_freezing(self) -> None:
+        for p in self.encoder.parameters():
+            p.requires_grad_(not self.cfg.freeze_encoder)
+        for p in self.decoder.parameters():
+            p.requires_grad_(not self.cfg.freeze_decoder)
+        if self.cfg.freeze_encoder:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder keeps eval behaviour (no dropout, fixed stats)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) -> encoder features: (B, D) pooled, or (B, N, D) every token."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            tokens = self.encoder.forward_features(pixels)
+            if self.cfg.prefix_source == "patches":
+                return tokens
+            return self.encoder.forward_head(tokens, pre_logits=True)
+
+    def prefix(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mapper(features)
+
+    def make_labels(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Labels aligned with [prefix, caption]: -100 at every prefix and padding position."""
+        B, T = input_ids.shape
+        P = self.cfg.n_prefix_tokens
+        pad = torch.arange(T, device=input_ids.device)[None, :] >= lengths[:, None]
+        text = input_ids.masked_fill(pad, IGNORE_INDEX)
+        prefix = torch.full((B, P), IGNORE_INDEX, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([prefix, text], dim=1)  # (B, P + T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass. input_ids (B, T) padded (with EOS, which the labels mask),
+        lengths (B,) counting each caption's EOS. Returns (logits at text positions (N, V), loss).
+
+        Logits are computed only where a label exists: the vocabulary-sized head is the
+        costliest part of a small model's step, and prefix/padding positions need none.
+        """
+        if features is None:
+            if pixels is None:
+                raise ValueError("forward needs pixels or precomputed features")
+            features = self.encode(pixels)
+        prefix = self.prefix(features)  # (B, P, C)
+        x = torch.cat([prefix, self.decoder.wte(input_ids)], dim=1)  # (B, P + T, C)
+        hidden = self.decoder(x)
+        labels = self.make_labels(input_ids, lengths)
+        # position i predicts label i + 1
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE_INDEX
+        logits = self.decoder.logits(hidden[:, :-1][keep])  # (N, V)
+        loss = F.cross_entropy(logits.float(), shifted[keep])
+        return logits, loss
+
+    # --- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        *,
+        num_beams: int = 1,
+        n_best: int = 1,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Hypothesis]]:
+        """Caption a batch. Returns, per image, up to n_best hypotheses sorted by score.
+
+        greedy: num_beams=1, n_best=1. beam: num_beams=K (n_best <= K; K is raised to n_best).
+        sampling: do_sample=True, n_best samples per image, seeded by `seed`.
+        """
+        if features is None:
+            if pixels is None:
+                raise ValueError("generate needs pixels or precomputed features")
+            features = self.encode(pixels)
+        max_new = max_new_tokens or self.cfg.max_caption_tokens
+        if max_new < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        prefix = self.prefix(features)
+        if do_sample:
+            return self._sample(prefix, max_new, n_best, temperature, top_k, top_p, seed)
+        num_beams = max(num_beams, n_best)
+        if num_beams == 1:
+            return self._greedy(prefix, max_new)
+        return self._beam(prefix, max_new, num_beams, n_best)
+
+    def _prefill(self, prefix: torch.Tensor, max_new: int) -> tuple[KVCache, torch.Tensor]:
+        B, P, _ = prefix.shape
+        cache = KVCache(self.decoder.cfg, B, P + max_new, prefix.device, prefix.dtype)
+        hidden = self.decoder(prefix, cache)
+        logp = F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
+        return cache, logp  # logp: (B, V) for the first caption token
+
+    def _step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        hidden = self.decoder(self.decoder.wte(tokens)[:, None, :], cache)
+        return F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
+
+    def _greedy(self, prefix: torch.Tensor, max_new: int) -> list[list[Hypothesis]]:
+        B = prefix.shape[0]
+        cache, logp = self._prefill(prefix, max_new)
+        tokens = torch.empty(B, max_new, dtype=torch.long, device=prefix.device)
+        total = torch.zeros(B, device=prefix.device)
+        count = torch.zeros(B, device=prefix.device)
+        done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
+        for t in range(max_new):
+            best_logp, nxt = logp.max(dim=-1)
+            nxt = nxt.masked_fill(done, self.eos_id)
+            total += best_logp.masked_fill(done, 0.0)
+            count += (~done).float()
+            tokens[:, t] = nxt
+            done |= nxt == self.eos_id
+            if t + 1 == max_new or bool(done.all()):
+                tokens = tokens[:, : t + 1]
+                break
+            logp = self._step(nxt, cache)
+        scores = (total / count.clamp(min=1)).tolist()
+        return [[Hypothesis(self._strip(row), s)] for row, s in zip(tokens.tolist(), scores)]
+
+    def _strip(self, ids: list[int]) -> list[int]:
+        return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+
+    def _beam(self, prefix: torch.Tensor, max_new: int, K: int, n_best: int) -> list[list[Hypothesis]]:
+        B = prefix.shape[0]
+        dev = prefix.device
+        cache, logp = self._prefill(prefix, max_new)
+        cache.repeat_rows(K)
+        logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
+        V = logp.shape[-1]
+        beam_sum = torch.zeros(B, K, device=dev)
+        beam_sum[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
+        seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+        batch_done = [False] * B
+        for t in range(max_new):
+            cand = (beam_sum.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
+            top_sum, top_idx = cand.topk(2 * K, dim=-1)
+            top_sum, top_idx = top_sum.tolist(), top_idx.tolist()
+            new_parent = torch.zeros(B, K, dtype=torch.long)
+            new_token = torch.full((B, K), self.eos_id, dtype=torch.long)
+            new_sum = torch.full((B, K), float("-inf"))
+            new_seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+            for b in range(B):
+                if batch_done[b]:
+                    continue
+                n = 0
+                for s, idx in zip(top_sum[b], top_idx[b]):
+                    if s == float("-inf"):
+                        break
+                    parent, tok = divmod(idx, V)
+                    if tok == self.eos_id:
+                        length = len(seqs[b][parent]) + 1
+                        finished[b].append(Hypothesis(list(seqs[b][parent]), s / length))
+                        continue
+                    new_parent[b, n], new_token[b, n], new_sum[b, n] = parent, tok, s
+                    new_seqs[b][n] = seqs[b][parent] + [tok]
+                    n += 1
+                    if n == K:
+                        break
+                if len(finished[b]) >= K or t + 1 == max_new:
+                    batch_done[b] = True
+                    if t + 1 == max_new:  # out of room: unfinished beams count as they stand
+                        for k in range(n):
+                            toks = new_seqs[b][k]
+                            finished[b].append(Hypothesis(toks, float(new_sum[b, k]) / len(toks)))
+            if all(batch_done):
+                break
+            seqs = new_seqs
+            beam_sum = new_sum.to(dev)
+            rows = (torch.arange(B)[:, None] * K + new_parent).view(-1).to(dev)
+            cache.reorder(rows)
+            logp = self._step(new_token.view(-1).to(dev), cache)
+        return [self._best(h, n_best) for h in finished]
+
+    @staticmethod
+    def _best(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
+        out: list[Hypothesis] = []
+        seen: set[tuple[int, ...]] = set()
+        for h in sorted(hyps, key=lambda h: h.score, reverse=True):
+            key = tuple(h.tokens)
+            if key not in seen:
+                seen.add(key)
+                out.append(h)
+            if len(out) == n:
+                break
+        return out
+
+    def _sample(self, prefix, max_new, n, temperature, top_k, top_p, seed):
+        B = prefix.shape[0]
+        dev = prefix.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(0 if seed is None else seed)
+        cache, logp = self._prefill(prefix, max_new)
+        cache.repeat_rows(n)
+        logp = logp.repeat_interleave(n, dim=0)  # (B*n, V)
+        rows = B * n
+        tokens = torch.full((rows, max_new), self.eos_id, dtype=torch.long, device=dev)
+        total = torch.zeros(rows, device=dev)
+        count = torch.zeros(rows, device=dev)
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        for t in range(max_new):
+            probs = F.softmax(filter_logits(logp / max(temperature, 1e-6), top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            nxt = nxt.masked_fill(done, self.eos_id)
+            total += logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
+            count += (~done).float()
+            tokens[:, t] = nxt
+            done |= nxt == self.eos_id
+            if bool(done.all()):
+                break
+            logp = self._step(nxt, cache)
+        scores = (total / count.clamp(min=1)).view(B, n).tolist()
+        toks = tokens.view(B, n, max_new).tolist()
+        return [
+            self._best([Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b])], n)
+            for b in range(B)
+        ]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask all but the top-k tokens and the smallest set whose probability reaches top_p."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
