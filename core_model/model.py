@@ -311,6 +311,7 @@ class CaptionModel(nn.Module):
         num_beams: int = 1,
         n_best: int = 1,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -321,6 +322,7 @@ class CaptionModel(nn.Module):
 
         greedy: num_beams=1, n_best=1. beam: num_beams=K (n_best <= K; K is raised to n_best).
         sampling: do_sample=True, n_best samples per image, seeded by `seed`.
+        min_new_tokens forbids EOS before that many tokens (greedy; benchmarks use it to fix lengths).
         """
         if features is None:
             if pixels is None:
@@ -334,7 +336,7 @@ class CaptionModel(nn.Module):
             return self._sample(prefix, max_new, n_best, temperature, top_k, top_p, seed)
         num_beams = max(num_beams, n_best)
         if num_beams == 1:
-            return self._greedy(prefix, max_new)
+            return self._greedy(prefix, max_new, min_new_tokens)
         return self._beam(prefix, max_new, num_beams, n_best)
 
     def _prefill(self, prefix: torch.Tensor, max_new: int) -> tuple[KVCache, torch.Tensor]:
@@ -348,7 +350,7 @@ class CaptionModel(nn.Module):
         hidden = self.decoder(self.decoder.wte(tokens)[:, None, :], cache)
         return F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
 
-    def _greedy(self, prefix: torch.Tensor, max_new: int) -> list[list[Hypothesis]]:
+    def _greedy(self, prefix: torch.Tensor, max_new: int, min_new: int = 0) -> list[list[Hypothesis]]:
         B = prefix.shape[0]
         cache, logp = self._prefill(prefix, max_new)
         tokens = torch.empty(B, max_new, dtype=torch.long, device=prefix.device)
@@ -356,6 +358,8 @@ class CaptionModel(nn.Module):
         count = torch.zeros(B, device=prefix.device)
         done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
         for t in range(max_new):
+            if t < min_new:
+                logp[:, self.eos_id] = float("-inf")
             best_logp, nxt = logp.max(dim=-1)
             nxt = nxt.masked_fill(done, self.eos_id)
             total += best_logp.masked_fill(done, 0.0)
