@@ -83,6 +83,15 @@ def init_model(preset_name, out, seed):
     click.echo(f"wrote untrained {preset_name} model to {out}")
 
 
+def _register() -> None:
+    from captioner.cli_db import db
+
+    cli.add_command(db)
+
+
+_register()
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,151 @@
+"""Runtime configuration: one `Settings` object read from `CAPTIONER_*` environment variables.
+
+Every default is the embedded one (an SQLite file and a local object directory under `data_dir`),
+so nothing needs configuring to start on one machine. Each field's description is the
+documentation: the config table in the docs is generated from `Settings.model_fields`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# PIL's own default decompression-bomb threshold (1024 * 1024 * 1024 // 4 // 3); we keep it
+# as ours so an operator sees one number, and we enforce it ourselves before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class Settings(BaseSettings):
+    """All configuration of the application; see each field's description."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CAPTIONER_",
+        env_file=None,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default=Path("./var"),
+        description="Directory for embedded state: the SQLite database, local objects, checkpoints.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy database URL. Empty means `sqlite:///<data_dir>/captioner.db`; "
+        "use `postgresql+psycopg://user@host/db` in production.",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis URL used as the Celery broker (it only wakes workers; SQL holds the work).",
+    )
+    storage_url: str = Field(
+        default="",
+        description="Object storage: `s3://bucket/prefix` or `file:///dir`. Empty means "
+        "`file://<data_dir>/objects`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Custom S3 API endpoint (MinIO, other S3 services); unset means AWS.",
+    )
+    s3_region: str = Field(default="us-east-1", description="S3 region name.")
+    s3_access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key id; unset means boto3's default credential chain.",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key; unset means boto3's default chain."
+    )
+    s3_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts per S3 request (botocore retries with backoff on 5xx and throttling).",
+    )
+    s3_retry_mode: Literal["standard", "adaptive"] = Field(
+        default="standard", description="botocore retry mode for S3 requests."
+    )
+    batch_size: int = Field(
+        default=32, ge=1, description="Images per Celery message and per model batch."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Images with more pixels (width x height, read from the header) are rejected "
+        "before decoding, to stop decompression bombs.",
+    )
+    max_image_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1,
+        description="Largest accepted image file, in bytes.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Times an image may be claimed before it is marked failed.",
+    )
+    lease_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="How long a worker's claim on an image lasts before the sweeper re-queues it.",
+    )
+    queued_timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        description="An image queued longer than this is re-published by the sweeper.",
+    )
+    secret_key: SecretStr = Field(
+        default=SecretStr("dev-insecure-change-me"),
+        description="Flask session signing key. Set it in any shared deployment.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Inference device: `auto` (CUDA if available, else CPU), `cpu`, or `cuda:N`.",
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Where model checkpoints are written. Empty means `<data_dir>/checkpoints`.",
+    )
+    active_model: str | None = Field(
+        default=None,
+        description="Pin this model version name instead of the one marked active in the database.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        if value and not value.startswith(("s3://", "file://")):
+            raise ValueError(f"storage_url must start with s3:// or file://, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        # Derived defaults live here (not in Field defaults) so they follow a changed data_dir.
+        data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data_dir / 'captioner.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{data_dir / 'objects'}"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = data_dir / "checkpoints"
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings, so the next `get_settings()` re-reads the environment (tests)."""
+    get_settings.cache_clear()
