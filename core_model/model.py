@@ -335,9 +335,8 @@ class CaptionModel(nn.Module):
         if do_sample:
             return self._sample(prefix, max_new, n_best, temperature, top_k, top_p, seed)
         num_beams = max(num_beams, n_best)
-        if num_beams == 1:
-            return self._greedy(prefix, max_new, min_new_tokens)
-        return self._beam(prefix, max_new, num_beams, n_best)
+        state = self.search(prefix, max_new, num_beams, min_new_tokens)
+        return state.results(n_best, self.eos_id)
 
     def _prefill(self, prefix: torch.Tensor, max_new: int) -> tuple[KVCache, torch.Tensor]:
         B, P, _ = prefix.shape
@@ -350,83 +349,34 @@ class CaptionModel(nn.Module):
         hidden = self.decoder(self.decoder.wte(tokens)[:, None, :], cache)
         return F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
 
-    def _greedy(self, prefix: torch.Tensor, max_new: int, min_new: int = 0) -> list[list[Hypothesis]]:
+    def search(
+        self, prefix: torch.Tensor, max_new: int, K: int = 1, min_new: int = 0, early_stop: bool = True
+    ) -> BeamState:
+        """Greedy (K=1) or beam search from prefix embeddings (B, P, C).
+
+        With early_stop the loop ends once every beam has emitted EOS (one host sync per step).
+        Without it, it always runs max_new steps and never synchronises with the device, so it
+        can be captured in a CUDA graph; finished beams never change, so results are identical.
+        """
         B = prefix.shape[0]
         cache, logp = self._prefill(prefix, max_new)
-        tokens = torch.empty(B, max_new, dtype=torch.long, device=prefix.device)
-        total = torch.zeros(B, device=prefix.device)
-        count = torch.zeros(B, device=prefix.device)
-        done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
+        if K > 1:
+            cache.repeat_rows(K)
+            logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
+        state = BeamState.start(B, K, max_new, prefix.device)
         for t in range(max_new):
             if t < min_new:
                 logp[:, self.eos_id] = float("-inf")
-            best_logp, nxt = logp.max(dim=-1)
-            nxt = nxt.masked_fill(done, self.eos_id)
-            total += best_logp.masked_fill(done, 0.0)
-            count += (~done).float()
-            tokens[:, t] = nxt
-            done |= nxt == self.eos_id
-            if t + 1 == max_new or bool(done.all()):
-                tokens = tokens[:, : t + 1]
+            rows = state.advance(logp, t, self.eos_id)
+            if t + 1 == max_new or (early_stop and bool(state.finished.all())):
                 break
-            logp = self._step(nxt, cache)
-        scores = (total / count.clamp(min=1)).tolist()
-        return [[Hypothesis(self._strip(row), s)] for row, s in zip(tokens.tolist(), scores)]
+            if K > 1:
+                cache.reorder(rows)
+            logp = self._step(state.last_tokens(t), cache)
+        return state
 
     def _strip(self, ids: list[int]) -> list[int]:
         return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
-
-    def _beam(self, prefix: torch.Tensor, max_new: int, K: int, n_best: int) -> list[list[Hypothesis]]:
-        B = prefix.shape[0]
-        dev = prefix.device
-        cache, logp = self._prefill(prefix, max_new)
-        cache.repeat_rows(K)
-        logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
-        V = logp.shape[-1]
-        beam_sum = torch.zeros(B, K, device=dev)
-        beam_sum[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
-        seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
-        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-        batch_done = [False] * B
-        for t in range(max_new):
-            cand = (beam_sum.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
-            top_sum, top_idx = cand.topk(2 * K, dim=-1)
-            top_sum, top_idx = top_sum.tolist(), top_idx.tolist()
-            new_parent = torch.zeros(B, K, dtype=torch.long)
-            new_token = torch.full((B, K), self.eos_id, dtype=torch.long)
-            new_sum = torch.full((B, K), float("-inf"))
-            new_seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
-            for b in range(B):
-                if batch_done[b]:
-                    continue
-                n = 0
-                for s, idx in zip(top_sum[b], top_idx[b]):
-                    if s == float("-inf"):
-                        break
-                    parent, tok = divmod(idx, V)
-                    if tok == self.eos_id:
-                        length = len(seqs[b][parent]) + 1
-                        finished[b].append(Hypothesis(list(seqs[b][parent]), s / length))
-                        continue
-                    new_parent[b, n], new_token[b, n], new_sum[b, n] = parent, tok, s
-                    new_seqs[b][n] = seqs[b][parent] + [tok]
-                    n += 1
-                    if n == K:
-                        break
-                if len(finished[b]) >= K or t + 1 == max_new:
-                    batch_done[b] = True
-                    if t + 1 == max_new:  # out of room: unfinished beams count as they stand
-                        for k in range(n):
-                            toks = new_seqs[b][k]
-                            finished[b].append(Hypothesis(toks, float(new_sum[b, k]) / len(toks)))
-            if all(batch_done):
-                break
-            seqs = new_seqs
-            beam_sum = new_sum.to(dev)
-            rows = (torch.arange(B)[:, None] * K + new_parent).view(-1).to(dev)
-            cache.reorder(rows)
-            logp = self._step(new_token.view(-1).to(dev), cache)
-        return [self._best(h, n_best) for h in finished]
 
     @staticmethod
     def _best(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
@@ -471,6 +421,70 @@ class CaptionModel(nn.Module):
             self._best([Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b])], n)
             for b in range(B)
         ]
+
+
+class BeamState:
+    """Beam search over fixed-shape tensors, shared by the plain and the fast decoding paths.
+
+    K beams per image. A beam that emits EOS is finished: from then on its only extension is
+    EOS at no cost, so it keeps its place while its score stays fixed. Beams are chosen by
+    summed log-probability; the survivors are ranked by mean log-probability per token.
+    """
+
+    def __init__(self, tokens, beam_sum, length, finished):
+        self.tokens = tokens  # (B, K, max_new) ids so far (EOS after the end)
+        self.beam_sum = beam_sum  # (B, K) summed log-probabilities
+        self.length = length  # (B, K) tokens counted in the score (EOS included)
+        self.finished = finished  # (B, K) bool
+
+    @classmethod
+    def start(cls, B: int, K: int, max_new: int, device) -> BeamState:
+        beam_sum = torch.zeros(B, K, device=device)
+        beam_sum[:, 1:] = float("-inf")  # the K beams start identical: expand the first only
+        return cls(
+            torch.zeros(B, K, max_new, dtype=torch.long, device=device),
+            beam_sum,
+            torch.zeros(B, K, device=device),
+            torch.zeros(B, K, dtype=torch.bool, device=device),
+        )
+
+    def advance(self, logp: torch.Tensor, t: int | torch.Tensor, eos_id: int) -> torch.Tensor:
+        """Take step t's log-probs (B*K, V); returns the parent row of each new beam (B*K,)."""
+        B, K = self.beam_sum.shape
+        V = logp.shape[-1]
+        done = self.finished.view(-1, 1)
+        only_eos = torch.full_like(logp, float("-inf"))
+        only_eos[:, eos_id] = 0.0
+        logp = torch.where(done, only_eos, logp)
+        cand = (self.beam_sum.view(-1, 1) + logp).view(B, K * V)
+        top_sum, top_idx = cand.topk(K, dim=-1)  # (B, K)
+        parent = torch.div(top_idx, V, rounding_mode="floor")
+        token = top_idx % V
+        parent_done = self.finished.gather(1, parent)
+        self.tokens = self.tokens.gather(1, parent[:, :, None].expand_as(self.tokens)).clone()
+        if isinstance(t, torch.Tensor):
+            self.tokens.index_copy_(2, t.view(1), token[:, :, None])
+        else:
+            self.tokens[:, :, t] = token
+        self.length = self.length.gather(1, parent) + (~parent_done).float()
+        self.finished = parent_done | (token == eos_id)
+        self.beam_sum = top_sum
+        return (torch.arange(B, device=parent.device)[:, None] * K + parent).view(-1)
+
+    def last_tokens(self, t: int) -> torch.Tensor:
+        return self.tokens[:, :, t].reshape(-1)
+
+    def results(self, n_best: int, eos_id: int) -> list[list[Hypothesis]]:
+        score = (self.beam_sum / self.length.clamp(min=1)).tolist()
+        tokens = self.tokens.tolist()
+        out = []
+        for b in range(len(tokens)):
+            hyps = []
+            for k, toks in enumerate(tokens[b]):
+                if score[b][k] != float("-inf"):
+                    hyps.append(Hypothesis(toks[: toks.index(eos_id)] if eos_id in toks else toks, score[b][k]))
+            out.append(CaptionModel._best(hyps, n_best))
+        return out
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
