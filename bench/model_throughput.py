@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from core_model.config import ModelConfig, preset  # noqa: E402
+from core_model.fastgen import FastGenerator  # noqa: E402
 from core_model.model import CaptionModel  # noqa: E402
 
 SIZES = {
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--skip-hf-above", type=int, default=512, help="HF's baseline is skipped above this batch")
+    ap.add_argument("--compile-encoder", action="store_true", help="torch.compile the encoder (CUDA)")
+    ap.add_argument("--plain", action="store_true", help="also time our plain (eager, early-stopping) path")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -87,17 +90,25 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     ours = our_model(args.size).to(device=device, dtype=dtype).eval()
+    fast = FastGenerator(ours, dtype=dtype, compile_encoder=args.compile_encoder)
     hf, img = hf_model(args.size)
     hf = hf.to(device=device, dtype=dtype).eval()
     res = ours.cfg.encoder_kwargs.get("img_size", 224 if args.size == "base" else 160)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, dtype {dtype}, size {args.size}, {args.new_tokens} new tokens, greedy")
-    print(f"{'batch':>6} {'ours img/s':>11} {'HF VED img/s':>13} {'ratio':>7} {'ours peak MiB':>14} {'HF peak MiB':>12}")
+    print(f"ours: {'CUDA-graph' if fast.use_cuda_graphs else 'eager'} fast path"
+          f"{' + compiled encoder' if args.compile_encoder else ''}; baseline: HF VisionEncoderDecoderModel.generate")
+    print(f"{'batch':>6} {'ours img/s':>11} {'HF VED img/s':>13} {'ratio':>7} {'ours peak MiB':>14} {'HF peak MiB':>12}"
+          f"{'  plain img/s' if args.plain else ''}")
     for B in batches:
         pixels = torch.randn(B, 3, res, res, device=device, dtype=dtype)
         hf_pixels = torch.randn(B, 3, img, img, device=device, dtype=dtype)
 
         def run_ours():
+            state = fast.search(pixels, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+            assert bool((state.length == args.new_tokens).all())  # one sync, after the batch
+
+        def run_plain():
             out = ours.generate(pixels, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
             assert all(len(h[0].tokens) == args.new_tokens for h in out)
 
@@ -117,7 +128,8 @@ def main() -> None:
             hf_ips, ratio = B / t_hf, t_hf / t_ours
         else:
             hf_ips = ratio = peak_hf = float("nan")
-        print(f"{B:>6} {B / t_ours:>11.1f} {hf_ips:>13.1f} {ratio:>7.2f} {peak_ours:>14.0f} {peak_hf:>12.0f}", flush=True)
+        plain = f"{B / timed(run_plain, device, repeats):>13.1f}" if args.plain else ""
+        print(f"{B:>6} {B / t_ours:>11.1f} {hf_ips:>13.1f} {ratio:>7.2f} {peak_ours:>14.0f} {peak_hf:>12.0f}{plain}", flush=True)
 
 
 if __name__ == "__main__":
