@@ -84,9 +84,16 @@ def init_model(preset_name, out, seed):
 
 
 def _register() -> None:
+    from captioner.cli_client import export, submit, user
     from captioner.cli_db import db
+    from captioner.cli_worker import beat, worker
 
     cli.add_command(db)
+    cli.add_command(worker)
+    cli.add_command(beat)
+    cli.add_command(submit)
+    cli.add_command(export)
+    cli.add_command(user)
 
 
 _register()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -306,7 +306,9 @@ def save_caption(
         "updated_at": now,
     }
     insert = _dialect_insert(session)(Caption).values(**values)
-    unreviewed = ~exists().where(Review.caption_id == Caption.id)
+    # The conflicting (existing) row is `captions` inside ON CONFLICT ... WHERE; a plain
+    # `Caption.id` here would add `captions` to the subquery's FROM and match ANY reviewed caption.
+    unreviewed = ~exists().where(Review.caption_id == literal_column("captions.id"))
     statement = insert.on_conflict_do_update(
         index_elements=[Caption.image_id, Caption.model_version_id],
         set_={

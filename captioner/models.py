@@ -100,6 +100,7 @@ class ReviewDecision(enum.StrEnum):
     APPROVED = "approved"  # the caption is right as written
     CORRECTED = "corrected"  # the reviewer wrote the right text
     REJECTED = "rejected"  # unusable image or caption; not trained on
+    UNDONE = "undone"  # the reviewer took back their last decision and no earlier one remains
 
 
 class ModelStatus(enum.StrEnum):
@@ -121,6 +122,12 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
+class UserRole(enum.StrEnum):
+    ADMIN = "admin"  # everything, including accounts
+    REVIEWER = "reviewer"  # sees every job, reviews captions
+    SUBMITTER = "submitter"  # submits jobs and sees only their own
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -129,6 +136,11 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     is_admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A salted, stretched hash (werkzeug.security); NULL means password login is disabled.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[UserRole] = mapped_column(
+        _status(UserRole, "user_role"), default=UserRole.SUBMITTER, server_default="submitter"
+    )
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
 
@@ -311,6 +323,11 @@ class Review(Base):
     # rejected: NULL).
     text: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set on a row written by "undo": the review it took back (its own content restores the
+    # decision before that one, or is UNDONE when none remains).
+    undoes_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reviews.id", ondelete="SET NULL")
+    )
 
     image: Mapped[Image] = relationship(back_populates="reviews")
     caption: Mapped[Caption | None] = relationship()
@@ -351,3 +368,53 @@ class TrainingRun(Base):
     candidate_model_version: Mapped[ModelVersion | None] = relationship(
         foreign_keys=[candidate_model_version_id]
     )
+
+
+class WebhookStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its (next) attempt
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # out of attempts, or the URL is not allowed
+
+
+class Webhook(Base):
+    """A URL a user registered to receive signed events about their jobs."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    # The HMAC-SHA256 key for the X-Captioner-Signature header (needed in plain to sign).
+    secret: Mapped[str] = mapped_column(String(200))
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    owner: Mapped[User] = relationship()
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook (an outbox row): retried with backoff until delivered."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # One event of a kind per (webhook, job): recording it twice is a no-op.
+        UniqueConstraint("webhook_id", "event", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[WebhookStatus] = mapped_column(
+        _status(WebhookStatus, "webhook_status"), default=WebhookStatus.PENDING, index=True
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    response_status: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    webhook: Mapped[Webhook] = relationship()

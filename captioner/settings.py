@@ -112,6 +112,111 @@ class Settings(BaseSettings):
         default=None,
         description="Pin this model version name instead of the one marked active in the database.",
     )
+    # --- workers (issue 5) ---
+    model_checkpoint: Path | None = Field(
+        default=None,
+        description="Checkpoint directory workers caption with while no model version is active "
+        "in the database. Empty means `<checkpoint_dir>/default`.",
+    )
+    caption_max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Caption length cap in workers; empty means the model's own."
+    )
+    caption_num_beams: int = Field(default=1, ge=1, description="Beam width in workers (1 = greedy).")
+    caption_n_best: int = Field(default=3, ge=1, description="Candidates kept per image in workers.")
+    fetch_threads: int = Field(
+        default=8, ge=1, description="Threads a worker uses to fetch one batch's images from storage."
+    )
+    task_max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Retries (with exponential backoff) of a batch after a transient storage, "
+        "database or model error; each image's attempts are capped by `max_attempts` as well.",
+    )
+    task_soft_time_limit_seconds: int = Field(
+        default=1800,
+        ge=1,
+        description="Soft time limit of one caption batch (enforced by pools that support it).",
+    )
+    task_time_limit_seconds: int = Field(
+        default=2100,
+        ge=1,
+        description="Hard time limit of one caption batch (enforced by pools that support it).",
+    )
+    broker_visibility_timeout_seconds: int = Field(
+        default=7200,
+        ge=1,
+        description="Seconds before Redis re-delivers an unacknowledged message; keep it longer "
+        "than the longest task.",
+    )
+    sweep_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often Celery beat runs the sweeper."
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of a worker's Prometheus metrics endpoint; 0 turns it off.",
+    )
+
+    # --- dashboard: submission limits, URL fetching, webhooks, rate limits ---
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1,
+        description="Largest accepted HTTP request body (all files of one upload), in bytes; "
+        "a larger upload is refused with 413.",
+    )
+    max_submit_items: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most images (files, zip members, object keys or URLs) in one submission.",
+    )
+    zip_max_members: int = Field(
+        default=10_000, ge=1, description="Most members a submitted zip archive may contain."
+    )
+    zip_max_total_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024,
+        ge=1,
+        description="Largest total uncompressed size of a submitted zip archive, in bytes.",
+    )
+    zip_max_ratio: float = Field(
+        default=200.0,
+        gt=1,
+        description="Largest uncompressed/compressed size ratio of a zip member (zip bombs).",
+    )
+    url_fetch_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="Time limit for fetching one submitted image URL."
+    )
+    url_fetch_max_redirects: int = Field(
+        default=5, ge=0, description="Redirects followed (each re-checked) when fetching a URL."
+    )
+    url_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDR networks an operator trusts although they are private or "
+        "loopback (URL submission and webhooks), e.g. `[\"10.0.0.0/8\", \"hooks.internal\"]`.",
+    )
+    webhook_max_attempts: int = Field(
+        default=6, ge=1, description="Delivery attempts per webhook event before it is failed."
+    )
+    webhook_backoff_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Delay before the first webhook retry; doubled after each failed attempt.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Time limit for one webhook delivery request."
+    )
+    submit_rate_limit: str = Field(
+        default="60/minute",
+        description="Rate limit per user on submission endpoints (flask-limiter syntax).",
+    )
+    login_rate_limit: str = Field(
+        default="20/minute", description="Rate limit per client address on the login form."
+    )
+    rate_limit_storage_url: str = Field(
+        default="memory://",
+        description="Where rate-limit counters live: `memory://` (one process) or a "
+        "`redis://` URL shared by all web processes.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -137,6 +242,8 @@ class Settings(BaseSettings):
             self.storage_url = f"file://{data_dir / 'objects'}"
         if self.checkpoint_dir is None:
             self.checkpoint_dir = data_dir / "checkpoints"
+        if self.model_checkpoint is None:
+            self.model_checkpoint = self.checkpoint_dir / "default"
         return self
 
 

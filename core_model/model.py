@@ -342,12 +342,11 @@ class CaptionModel(nn.Module):
         B, P, _ = prefix.shape
         cache = KVCache(self.decoder.cfg, B, P + max_new, prefix.device, prefix.dtype)
         hidden = self.decoder(prefix, cache)
-        logp = F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
-        return cache, logp  # logp: (B, V) for the first caption token
+        return cache, self.decoder.logits(hidden[:, -1])  # (B, V): the first caption token
 
     def _step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         hidden = self.decoder(self.decoder.wte(tokens)[:, None, :], cache)
-        return F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
+        return self.decoder.logits(hidden[:, -1])  # (B, V) next-token logits
 
     def search(
         self, prefix: torch.Tensor, max_new: int, K: int = 1, min_new: int = 0, early_stop: bool = True
@@ -359,20 +358,20 @@ class CaptionModel(nn.Module):
         can be captured in a CUDA graph; finished beams never change, so results are identical.
         """
         B = prefix.shape[0]
-        cache, logp = self._prefill(prefix, max_new)
+        cache, logits = self._prefill(prefix, max_new)
         if K > 1:
             cache.repeat_rows(K)
-            logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
+            logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
         state = BeamState.start(B, K, max_new, prefix.device)
         for t in range(max_new):
             if t < min_new:
-                logp[:, self.eos_id] = float("-inf")
-            rows = state.advance(logp, t, self.eos_id)
+                logits[:, self.eos_id] = float("-inf")
+            rows = state.advance(logits, t, self.eos_id)
             if t + 1 == max_new or (early_stop and bool(state.finished.all())):
                 break
             if K > 1:
                 cache.reorder(rows)
-            logp = self._step(state.last_tokens(t), cache)
+            logits = self._step(state.last_tokens(t), cache)
         return state
 
     def _strip(self, ids: list[int]) -> list[int]:
@@ -396,9 +395,9 @@ class CaptionModel(nn.Module):
         dev = prefix.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(0 if seed is None else seed)
-        cache, logp = self._prefill(prefix, max_new)
+        cache, logits = self._prefill(prefix, max_new)
         cache.repeat_rows(n)
-        logp = logp.repeat_interleave(n, dim=0)  # (B*n, V)
+        logp = F.log_softmax(logits.float(), dim=-1).repeat_interleave(n, dim=0)  # (B*n, V)
         rows = B * n
         tokens = torch.full((rows, max_new), self.eos_id, dtype=torch.long, device=dev)
         total = torch.zeros(rows, device=dev)
@@ -414,7 +413,7 @@ class CaptionModel(nn.Module):
             done |= nxt == self.eos_id
             if bool(done.all()):
                 break
-            logp = self._step(nxt, cache)
+            logp = F.log_softmax(self._step(nxt, cache).float(), dim=-1)
         scores = (total / count.clamp(min=1)).view(B, n).tolist()
         toks = tokens.view(B, n, max_new).tolist()
         return [
@@ -448,28 +447,40 @@ class BeamState:
             torch.zeros(B, K, dtype=torch.bool, device=device),
         )
 
-    def advance(self, logp: torch.Tensor, t: int | torch.Tensor, eos_id: int) -> torch.Tensor:
-        """Take step t's log-probs (B*K, V); returns the parent row of each new beam (B*K,)."""
+    def advance(self, logits: torch.Tensor, t: int, eos_id: int) -> torch.Tensor:
+        """Take step t's next-token logits (B*K, V); returns the parent row of each new beam (B*K,)."""
         B, K = self.beam_sum.shape
-        V = logp.shape[-1]
-        done = self.finished.view(-1, 1)
-        only_eos = torch.full_like(logp, float("-inf"))
-        only_eos[:, eos_id] = 0.0
-        logp = torch.where(done, only_eos, logp)
+        if K == 1:
+            return self._advance_greedy(logits, t, eos_id)
+        V = logits.shape[-1]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        done = self.finished.view(-1)
+        logp.masked_fill_(done[:, None], float("-inf"))  # a finished beam's only extension:
+        logp[:, eos_id] = torch.where(done, 0.0, logp[:, eos_id])  # EOS, at no cost
         cand = (self.beam_sum.view(-1, 1) + logp).view(B, K * V)
         top_sum, top_idx = cand.topk(K, dim=-1)  # (B, K)
         parent = torch.div(top_idx, V, rounding_mode="floor")
         token = top_idx % V
         parent_done = self.finished.gather(1, parent)
         self.tokens = self.tokens.gather(1, parent[:, :, None].expand_as(self.tokens)).clone()
-        if isinstance(t, torch.Tensor):
-            self.tokens.index_copy_(2, t.view(1), token[:, :, None])
-        else:
-            self.tokens[:, :, t] = token
+        self.tokens[:, :, t] = token
         self.length = self.length.gather(1, parent) + (~parent_done).float()
         self.finished = parent_done | (token == eos_id)
         self.beam_sum = top_sum
         return (torch.arange(B, device=parent.device)[:, None] * K + parent).view(-1)
+
+    def _advance_greedy(self, logits: torch.Tensor, t: int, eos_id: int) -> torch.Tensor:
+        """K = 1: argmax and its log-probability, without materialising log-softmax (B, V)."""
+        lf = logits.float()
+        best, token = lf.max(dim=-1)  # (B,)
+        logp = -(lf - best[:, None]).exp().sum(dim=-1).log()  # log-softmax at the argmax, stably
+        done = self.finished[:, 0]
+        token = token.masked_fill(done, eos_id)
+        self.tokens[:, 0, t] = token
+        self.beam_sum += logp.masked_fill(done, 0.0)[:, None]
+        self.length += (~done).float()[:, None]
+        self.finished |= (token == eos_id)[:, None]
+        return torch.arange(token.shape[0], device=token.device)
 
     def last_tokens(self, t: int) -> torch.Tensor:
         return self.tokens[:, :, t].reshape(-1)

@@ -215,3 +215,63 @@ def bad_inputs():
     from captioner.testing import bad_input_corpus
 
     return bad_input_corpus()
+
+
+# --- dashboard: app, client, runner (used by test_api, test_ui, test_openapi, test_browser) ---
+
+
+@pytest.fixture
+def dashboard_settings(tmp_path, sqlite_url, _sqlite_template):
+    """Settings for a dashboard on a migrated SQLite database and a local object store."""
+    from captioner.settings import Settings
+
+    shutil.copyfile(_sqlite_template, sqlite_url.removeprefix("sqlite:///"))
+    return Settings(
+        data_dir=tmp_path / "var",
+        database_url=sqlite_url,
+        storage_url=f"file://{tmp_path / 'objects'}",
+        secret_key="test-secret",
+        submit_rate_limit="1000/minute",
+        login_rate_limit="1000/minute",
+    )
+
+
+@pytest.fixture
+def publisher():
+    """A fake publisher: `.captions` and `.tasks` list what the app would have sent."""
+
+    class Fake:
+        def __init__(self) -> None:
+            self.sent: list[tuple[int, list[int], bool]] = []
+            self.tasks: list[tuple[str, tuple]] = []
+
+        def captions(self, job_id, image_ids, *, interactive=False):
+            self.sent.append((job_id, list(image_ids), interactive))
+
+        def task(self, name, *args):
+            self.tasks.append((name, args))
+
+        def ids_for(self, job_id):
+            return sorted(i for j, ids, _ in self.sent if j == job_id for i in ids)
+
+    return Fake()
+
+
+@pytest.fixture
+def app(dashboard_settings, publisher):
+    from dashboard import create_app
+
+    app = create_app(dashboard_settings, publisher=publisher)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["captioner"].engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()

@@ -138,7 +138,7 @@ def test_beam_best_score_at_least_greedy(overfit, tiny_cfg, trained):
     greedy = model.generate(pixels, max_new_tokens=8)
     beam = model.generate(pixels, num_beams=4, max_new_tokens=8)
     for g, b in zip(greedy, beam):
-        assert b[0].score >= g[0].score - 1e-5
+        assert b[0].score >= g[0].score - 1e-4  # float32 noise across batch shapes
 
 
 def test_n_best_distinct_and_sorted(overfit):

@@ -1,0 +1,225 @@
+"""Webhooks: signed `job.completed` / `job.failed` events, delivered from an outbox with retries.
+
+Flow: whoever finishes jobs (the workers, after `jobs.finish_completed_jobs`) calls
+`record_job_events(session, job_ids)` in the same transaction; it writes one
+`WebhookDelivery` row per (webhook, event, job) -- recording twice is a no-op. After the
+commit it publishes `captioner.deliver_webhook(delivery_id)` for each (`publish_deliveries`).
+The task calls `deliver(session, delivery_id)`: it POSTs the JSON body with
+`X-Captioner-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>`; a
+2xx marks it delivered, anything else schedules the next attempt with exponential backoff
+(`next_attempt_at`, returned so the task can retry with that countdown) until
+`webhook_max_attempts`. URLs obey the same rules as URL submission (public addresses only,
+unless allow-listed in `url_allow_hosts`), checked again at every attempt; no redirects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from captioner.ingest import Resolver, UnsafeURL, check_url
+from captioner.models import (
+    Job,
+    JobStatus,
+    Webhook,
+    WebhookDelivery,
+    WebhookStatus,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from captioner.settings import Settings
+
+TASK_DELIVER_WEBHOOK = "captioner.deliver_webhook"
+EVENTS = ("job.completed", "job.failed")
+SIGNATURE_HEADER = "X-Captioner-Signature"
+EVENT_HEADER = "X-Captioner-Event"
+DELIVERY_HEADER = "X-Captioner-Delivery"
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header value for `body`: `sha256=<hex>`."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """Constant-time check of a received signature (what a receiver should do)."""
+    return hmac.compare_digest(sign(secret, body), signature or "")
+
+
+def job_event(job: Job) -> str:
+    """`job.failed` when no image of a finished job was captioned, else `job.completed`."""
+    if job.status == JobStatus.FINISHED and job.captioned_count == 0 and job.failed_count > 0:
+        return "job.failed"
+    return "job.completed"
+
+
+def job_payload(job: Job, event: str) -> dict[str, Any]:
+    return {
+        "event": event,
+        "job": {
+            "id": job.id,
+            "name": job.name,
+            "status": job.status.value,
+            "image_count": job.image_count,
+            "captioned_count": job.captioned_count,
+            "failed_count": job.failed_count,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        },
+    }
+
+
+def record_job_events(session: Session, job_ids: list[int]) -> list[int]:
+    """Outbox rows for finished jobs' owners' webhooks; returns the new delivery ids."""
+    created: list[int] = []
+    for job_id in job_ids:
+        job = session.get(Job, job_id)
+        if job is None or job.owner_id is None or job.status != JobStatus.FINISHED:
+            continue
+        event = job_event(job)
+        hooks = session.scalars(
+            select(Webhook).where(Webhook.owner_id == job.owner_id, Webhook.active.is_(True))
+        )
+        for hook in hooks:
+            if hook.events and event not in hook.events:
+                continue
+            exists = session.scalar(
+                select(WebhookDelivery.id).where(
+                    WebhookDelivery.webhook_id == hook.id,
+                    WebhookDelivery.event == event,
+                    WebhookDelivery.job_id == job.id,
+                )
+            )
+            if exists is not None:
+                continue
+            delivery = WebhookDelivery(
+                webhook_id=hook.id,
+                event=event,
+                job_id=job.id,
+                payload=job_payload(job, event),
+                status=WebhookStatus.PENDING,
+                next_attempt_at=utcnow(),
+            )
+            session.add(delivery)
+            session.flush()
+            created.append(delivery.id)
+    return created
+
+
+@dataclass(frozen=True)
+class Attempt:
+    delivery_id: int
+    status: WebhookStatus
+    retry_in_seconds: float | None = None  # set when another attempt is scheduled
+    error: str | None = None
+
+
+def _settings(settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    from captioner.settings import get_settings
+
+    return get_settings()
+
+
+def deliver(
+    session: Session,
+    delivery_id: int,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    resolver: Resolver | None = None,
+    post=None,
+) -> Attempt:
+    """One delivery attempt (idempotent for a delivered or failed row: it does nothing)."""
+    import requests
+
+    settings = _settings(settings)
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        return Attempt(delivery_id, WebhookStatus.FAILED, error="no such delivery")
+    if delivery.status != WebhookStatus.PENDING:
+        return Attempt(delivery_id, delivery.status)
+    hook = delivery.webhook
+    body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    delivery.attempts += 1
+    error = None
+    try:
+        check_url(hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver)
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(hook.secret, body),
+            EVENT_HEADER: delivery.event,
+            DELIVERY_HEADER: str(delivery.id),
+            "User-Agent": "captioner-webhooks/1",
+        }
+        poster = post or requests.post
+        response = poster(
+            hook.url,
+            data=body,
+            headers=headers,
+            timeout=settings.webhook_timeout_seconds,
+            allow_redirects=False,
+        )
+        delivery.response_status = response.status_code
+        if 200 <= response.status_code < 300:
+            delivery.status = WebhookStatus.DELIVERED
+            delivery.delivered_at = now or utcnow()
+            delivery.next_attempt_at = None
+            delivery.last_error = None
+            session.flush()
+            return Attempt(delivery_id, WebhookStatus.DELIVERED)
+        error = f"HTTP {response.status_code}"
+    except UnsafeURL as exc:
+        delivery.status = WebhookStatus.FAILED
+        delivery.last_error = exc.reason
+        delivery.next_attempt_at = None
+        session.flush()
+        return Attempt(delivery_id, WebhookStatus.FAILED, error=exc.reason)
+    except requests.RequestException as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    delivery.last_error = error
+    if delivery.attempts >= settings.webhook_max_attempts:
+        delivery.status = WebhookStatus.FAILED
+        delivery.next_attempt_at = None
+        session.flush()
+        return Attempt(delivery_id, WebhookStatus.FAILED, error=error)
+    delay = settings.webhook_backoff_seconds * 2 ** (delivery.attempts - 1)
+    delivery.next_attempt_at = (now or utcnow()) + timedelta(seconds=delay)
+    session.flush()
+    return Attempt(delivery_id, WebhookStatus.PENDING, retry_in_seconds=delay, error=error)
+
+
+def due_deliveries(session: Session, now: datetime | None = None) -> list[int]:
+    """Pending deliveries whose next attempt is due (for a sweeper to re-publish)."""
+    now = now or utcnow()
+    return list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.status == WebhookStatus.PENDING,
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .order_by(WebhookDelivery.id)
+        )
+    )
+
+
+def publish_deliveries(delivery_ids: list[int], settings: Settings | None = None) -> None:
+    """Send `captioner.deliver_webhook(delivery_id)` for each id (after the commit)."""
+    from captioner.ingest import send_task
+
+    for delivery_id in delivery_ids:
+        send_task(TASK_DELIVER_WEBHOOK, int(delivery_id), settings=settings)

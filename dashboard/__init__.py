@@ -1,0 +1,182 @@
+"""The Captioner dashboard: a Flask app factory with three blueprints.
+
+- `api`: JSON under `/api/v1` (APIFlask), with its OpenAPI document at `/api/openapi.json` and
+  browsable docs at `/api/docs` (Swagger UI served from the installed `swagger-ui-bundle`
+  package, never from a CDN);
+- `ui`: server-rendered pages (Jinja) with a little vanilla JS from `dashboard/static`;
+- `auth`: login/logout; API tokens and roles are checked in `dashboard.auth`.
+
+The web process only imports `captioner` (never torch) and enqueues work by task name after
+each commit, through `app.extensions["captioner"].publisher` (tests swap in a fake).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apiflask import APIFlask
+from apiflask.exceptions import HTTPError
+from flask import g, render_template, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from captioner.db import make_engine, make_sessionmaker
+from captioner.settings import Settings, get_settings
+from captioner.storage import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Sends work to the queue by task name. Failures are logged, not raised: SQL already holds
+    the work, and the sweeper re-publishes anything queued too long."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def captions(self, job_id: int, image_ids: list[int], *, interactive: bool = False) -> None:
+        from captioner.queue import publish_caption_batches
+
+        if not image_ids:
+            return
+        try:
+            publish_caption_batches(
+                job_id, image_ids, interactive=interactive, settings=self.settings
+            )
+        except Exception as exc:
+            if not _is_broker_error(exc):
+                raise
+            log.warning("could not publish job %s (%d images): %s", job_id, len(image_ids), exc)
+
+    def task(self, name: str, *args: Any) -> None:
+        from captioner.ingest import send_task
+
+        try:
+            send_task(name, *args, settings=self.settings)
+        except Exception as exc:
+            if not _is_broker_error(exc):
+                raise
+            log.warning("could not send task %s%r: %s", name, args, exc)
+
+
+def _is_broker_error(exc: BaseException) -> bool:
+    """Redis down or unreachable (kombu/redis errors, socket errors): the work is safe in SQL."""
+    root = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError | ConnectionError) or root in ("kombu", "redis", "celery")
+
+
+@dataclass
+class Captioner:
+    """Per-app state, in `app.extensions["captioner"]`."""
+
+    settings: Settings
+    sessionmaker: Any
+    engine: Any
+    publisher: Any
+    _store: ObjectStore | None = field(default=None)
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(settings=self.settings)
+        return self._store
+
+
+def create_app(settings: Settings | None = None, *, publisher: Any = None) -> APIFlask:
+    """Build the dashboard for `settings` (default: the process settings)."""
+    settings = settings or get_settings()
+    app = APIFlask(
+        __name__,
+        title="Captioner API",
+        version="1",
+        spec_path="/api/openapi.json",
+        docs_path="/api/docs",
+        docs_ui="swagger-ui",
+        json_errors=False,
+    )
+    app.config.update(
+        SECRET_KEY=settings.secret_key.get_secret_value(),
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SYNC_LOCAL_SPEC=False,
+        SWAGGER_UI_CSS="/api/docs/assets/swagger-ui.css",
+        SWAGGER_UI_BUNDLE_JS="/api/docs/assets/swagger-ui-bundle.js",
+        SWAGGER_UI_STANDALONE_PRESET_JS="/api/docs/assets/swagger-ui-standalone-preset.js",
+        DOCS_FAVICON="/static/favicon.svg",
+        SECURITY_SCHEMES={
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Personal API token"}
+        },
+    )
+    app.info = {
+        "description": "Submit image collections, follow their progress, review and export "
+        "captions. Authenticate with `Authorization: Bearer <personal API token>`."
+    }
+    engine = make_engine(settings.database_url)
+    app.extensions["captioner"] = Captioner(
+        settings=settings,
+        sessionmaker=make_sessionmaker(engine),
+        engine=engine,
+        publisher=publisher or Publisher(settings),
+    )
+
+    from dashboard import api, auth, ui
+
+    auth.init_app(app, settings)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ui.bp)
+
+    @app.teardown_appcontext
+    def _close_session(_exc) -> None:
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    @app.get("/api/docs/assets/<path:filename>")
+    @app.doc(hide=True)
+    def docs_assets(filename: str):
+        import swagger_ui_bundle
+
+        return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), filename)
+
+    @app.after_request
+    def _security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if not request.path.startswith("/api/docs"):
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+            )
+        return response
+
+    def _json_error(code: int, message: str, detail: Any = None, headers=None):
+        body = {"message": message, "detail": detail or {}}
+        return body, code, headers or {}
+
+    @app.errorhandler(HTTPError)
+    def _apiflask_error(error: HTTPError):
+        if _wants_json():
+            return _json_error(error.status_code, error.message, error.detail, error.headers)
+        return _html_error(error.status_code, error.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        if _wants_json():
+            headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+            return _json_error(error.code or 500, error.name, None, headers)
+        return _html_error(error.code or 500, error.name, error.description)
+
+    def _html_error(code: int, message: str, description: str | None = None):
+        return render_template("error.html", code=code, message=message, description=description), code
+
+    return app
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/")

@@ -1,0 +1,808 @@
+"""The JSON API, `/api/v1`: jobs, images, review, export, tokens, users, webhooks.
+
+Every endpoint is described by its schemas, so the OpenAPI document at `/api/openapi.json`
+is generated from this code. Errors are `{"message": ..., "detail": {...}}` with the status
+codes each endpoint lists (401 bad token, 403 role, 404 not visible, 409 conflict, 413 too
+large, 422 refused input with the reason in `message`).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+
+from apiflask import APIBlueprint, Schema, abort
+from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List, Nested, String
+from apiflask.validators import Length, OneOf, Range
+from flask import Response, current_app, stream_with_context
+from marshmallow import ValidationError, validates_schema
+from sqlalchemy import func, select
+
+from captioner import export, ingest, jobs, webhooks
+from captioner.images import ImageRejected, open_image
+from captioner.models import ApiToken, Image, ImageStatus, Job, User, UserRole, Webhook, utcnow
+from captioner.storage import ObjectNotFound, StorageError
+from dashboard import services
+from dashboard.auth import (
+    api_auth,
+    create_user,
+    current_user,
+    db,
+    limiter,
+    set_password,
+    submit_limit,
+)
+
+bp = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Captioner")
+
+AUTH = {"security": "bearerAuth"}
+E401 = {401: "Missing, invalid or revoked token"}
+E403 = {403: "Your role does not allow this"}
+E404 = {404: "Not found (or not yours)"}
+E409 = {409: "Conflict with the current state"}
+E413 = {413: "Upload too large"}
+E422 = {422: "Refused input; `message` says why"}
+E429 = {429: "Too many submissions; slow down"}
+
+# --- schemas -------------------------------------------------------------------------------
+
+
+class ProgressOut(Schema):
+    queued = Integer()
+    running = Integer()
+    captioned = Integer()
+    failed = Integer()
+    total = Integer()
+    done = Integer()
+    percent = Float()
+
+
+class JobOut(Schema):
+    id = Integer()
+    name = String()
+    source = String()
+    status = String()
+    priority = Integer()
+    options = Dict()
+    owner = String(allow_none=True)
+    image_count = Integer()
+    created_at = DateTime()
+    started_at = DateTime(allow_none=True)
+    finished_at = DateTime(allow_none=True)
+    progress = Nested(ProgressOut)
+
+
+class JobListOut(Schema):
+    items = List(Nested(JobOut))
+    total = Integer()
+
+
+class CandidateOut(Schema):
+    text = String()
+    score = Float(allow_none=True)
+
+
+class CaptionOut(Schema):
+    id = Integer()
+    text = String()
+    score = Float()
+    candidates = List(Nested(CandidateOut))
+    model_version_id = Integer()
+
+
+class ReviewOut(Schema):
+    id = Integer()
+    image_id = Integer()
+    decision = String()
+    text = String(allow_none=True)
+    caption_id = Integer(allow_none=True)
+    reviewer = String(allow_none=True)
+    created_at = DateTime()
+    undoes_id = Integer(allow_none=True)
+
+
+class ImageOut(Schema):
+    id = Integer()
+    job_id = Integer()
+    original_name = String()
+    status = String()
+    failure_reason = String(allow_none=True)
+    width = Integer(allow_none=True)
+    height = Integer(allow_none=True)
+    content_url = String()
+    caption = Nested(CaptionOut, allow_none=True)
+    review = Nested(ReviewOut, allow_none=True)
+
+
+class ImageListOut(Schema):
+    items = List(Nested(ImageOut))
+    total = Integer()
+
+
+class JobDetailOut(JobOut):
+    failures = List(Nested(ImageOut))
+
+
+class DecodingFields(Schema):
+    name = String(load_default="untitled", validate=Length(1, 200))
+    priority = Integer(load_default=0, validate=Range(-100, 100))
+    num_beams = Integer(load_default=3, validate=Range(1, 16))
+    n_best = Integer(load_default=3, validate=Range(1, 10))
+    recaption = Boolean(load_default=False)
+    interactive = Boolean(load_default=False)
+
+
+class JobCreateIn(DecodingFields):
+    keys = List(String(validate=Length(1, 1024)), validate=Length(1, 100_000))
+    prefix = String(validate=Length(0, 1024))
+    urls = List(String(validate=Length(1, 4096)), validate=Length(1, 100_000))
+
+    @validates_schema
+    def _one_source(self, data, **kwargs):
+        given = [k for k in ("keys", "prefix", "urls") if k in data]
+        if len(given) != 1:
+            raise ValidationError("give exactly one of keys, prefix or urls")
+
+
+class UploadIn(DecodingFields):
+    files = List(File(), load_default=list)
+    archive = File(metadata={"description": "A zip archive of images"})
+
+
+class IdsOut(Schema):
+    count = Integer()
+
+
+class QueueIn(Schema):
+    job_id = Integer(validate=Range(1, 2**31 - 1))
+    status = String(
+        load_default="unreviewed",
+        validate=OneOf(["unreviewed", "reviewed", "approved", "corrected", "rejected", "any"]),
+    )
+    min_score = Float(allow_nan=False)
+    max_score = Float(allow_nan=False)
+    q = String(validate=Length(0, 200))
+    limit = Integer(load_default=50, validate=Range(1, 500))
+    offset = Integer(load_default=0, validate=Range(0, 10_000_000))
+
+
+class ReviewIn(Schema):
+    decision = String(required=True, validate=OneOf(["approved", "corrected", "rejected"]))
+    text = String(validate=Length(1, 2000), allow_none=True)
+    caption_id = Integer(allow_none=True, validate=Range(1, 2**31 - 1))
+
+
+class HistoryOut(Schema):
+    items = List(Nested(ReviewOut))
+
+
+class BulkApproveIn(Schema):
+    min_score = Float(required=True, allow_nan=False)
+
+
+class ImagesQueryIn(Schema):
+    status = String(validate=OneOf([s.value for s in ImageStatus]))
+    limit = Integer(load_default=100, validate=Range(1, 1000))
+    offset = Integer(load_default=0, validate=Range(0, 10_000_000))
+
+
+class ExportIn(Schema):
+    job_id = Integer(validate=Range(1, 2**31 - 1))
+    format = String(load_default="jsonl", validate=OneOf(list(export.FORMATS)))
+    which = String(load_default="both", validate=OneOf(list(export.WHICH)))
+
+
+class TokenIn(Schema):
+    name = String(load_default="", validate=Length(0, 200))
+
+
+class TokenOut(Schema):
+    id = Integer()
+    name = String()
+    created_at = DateTime()
+    last_used_at = DateTime(allow_none=True)
+    revoked_at = DateTime(allow_none=True)
+    token = String(metadata={"description": "The plain token: shown only in the create response"})
+
+
+class TokenListOut(Schema):
+    items = List(Nested(TokenOut))
+
+
+class UserIn(Schema):
+    email = String(required=True, validate=Length(3, 320))
+    name = String(load_default="", validate=Length(0, 200))
+    password = String(required=True, validate=Length(8, 200))
+    role = String(load_default="submitter", validate=OneOf([r.value for r in UserRole]))
+
+
+class UserPatchIn(Schema):
+    name = String(validate=Length(0, 200))
+    password = String(validate=Length(8, 200))
+    role = String(validate=OneOf([r.value for r in UserRole]))
+
+
+class UserOut(Schema):
+    id = Integer()
+    email = String()
+    name = String()
+    role = String()
+    created_at = DateTime()
+
+
+class UserListOut(Schema):
+    items = List(Nested(UserOut))
+
+
+class WebhookIn(Schema):
+    url = String(required=True, validate=Length(1, 2000))
+    events = List(String(validate=OneOf(list(webhooks.EVENTS))), load_default=list)
+
+
+class WebhookOut(Schema):
+    id = Integer()
+    url = String()
+    events = List(String())
+    created_at = DateTime()
+    secret = String(metadata={"description": "HMAC key: shown only in the create response"})
+
+
+class WebhookListOut(Schema):
+    items = List(Nested(WebhookOut))
+
+
+class EmptyOut(Schema):
+    pass
+
+
+# --- serialisers ---------------------------------------------------------------------------
+
+
+def job_dict(session, job: Job) -> dict:
+    progress = jobs.job_progress(session, job.id)
+    return {
+        "id": job.id,
+        "name": job.name,
+        "source": job.source,
+        "status": job.status.value,
+        "priority": job.priority,
+        "options": {k: v for k, v in (job.options or {}).items() if k != "urls"},
+        "owner": job.owner.email if job.owner else None,
+        "image_count": job.image_count,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "progress": {
+            "queued": progress.queued,
+            "running": progress.running,
+            "captioned": progress.captioned,
+            "failed": progress.failed,
+            "total": progress.total,
+            "done": progress.done,
+            "percent": round(100.0 * progress.done / progress.total, 1) if progress.total else 0.0,
+        },
+    }
+
+
+def review_dict(review) -> dict | None:
+    if review is None:
+        return None
+    return {
+        "id": review.id,
+        "image_id": review.image_id,
+        "decision": review.decision.value,
+        "text": review.text,
+        "caption_id": review.caption_id,
+        "reviewer": review.reviewer.email if review.reviewer else None,
+        "created_at": review.created_at,
+        "undoes_id": review.undoes_id,
+    }
+
+
+def caption_dict(caption) -> dict | None:
+    if caption is None:
+        return None
+    return {
+        "id": caption.id,
+        "text": caption.text,
+        "score": caption.score,
+        "candidates": [
+            {"text": str(c.get("text", "")), "score": c.get("score")}
+            for c in (caption.candidates or [])
+            if isinstance(c, dict)
+        ],
+        "model_version_id": caption.model_version_id,
+    }
+
+
+def image_dict(session, image: Image, caption=..., review=...) -> dict:
+    if caption is ...:
+        caption = services.latest_caption(session, image.id)
+    if review is ...:
+        review = jobs.current_review(session, image.id)
+    return {
+        "id": image.id,
+        "job_id": image.job_id,
+        "original_name": image.original_name,
+        "status": image.status.value,
+        "failure_reason": image.failure_reason,
+        "width": image.width,
+        "height": image.height,
+        "content_url": f"/api/v1/images/{image.id}/content",
+        "caption": caption_dict(caption),
+        "review": review_dict(review),
+    }
+
+
+def _user() -> User:
+    user = current_user()
+    assert user is not None  # api_auth ran first
+    return user
+
+
+def _job_or_404(job_id: int) -> Job:
+    try:
+        return services.get_job(db(), _user(), job_id)
+    except services.NotFound:
+        abort(404, f"no job {job_id}")
+
+
+def _image_or_404(image_id: int) -> Image:
+    try:
+        return services.get_image(db(), _user(), image_id)
+    except services.NotFound:
+        abort(404, f"no image {image_id}")
+
+
+def _opts(data: dict) -> services.JobOptions:
+    return services.JobOptions(
+        name=data.get("name") or "untitled",
+        priority=data.get("priority", 0),
+        num_beams=data.get("num_beams", 3),
+        n_best=min(data.get("n_best", 3), data.get("num_beams", 3)),
+        recaption=data.get("recaption", False),
+        interactive=data.get("interactive", False),
+    )
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+@bp.post("/jobs")
+@api_auth()
+@limiter.limit(submit_limit)
+@bp.input(JobCreateIn, arg_name="data")
+@bp.output(JobOut, status_code=202)
+@bp.doc(summary="Submit object keys, a storage prefix or http(s) URLs", responses=E401 | E413 | E422 | E429, **AUTH)
+def create_job(data):
+    """Returns at once: a prefix is listed and URLs are fetched by background tasks."""
+    session = db()
+    try:
+        if "keys" in data:
+            job = services.submit_keys(session, _user(), _opts(data), data["keys"])
+        elif "prefix" in data:
+            job = services.submit_prefix(session, _user(), _opts(data), data["prefix"])
+        else:
+            job = services.submit_urls(session, _user(), _opts(data), data["urls"])
+    except ingest.SubmissionRejected as exc:
+        session.rollback()
+        abort(exc.status_code, exc.reason)
+    return job_dict(session, job)
+
+
+@bp.post("/jobs/upload")
+@api_auth()
+@limiter.limit(submit_limit)
+@bp.input(UploadIn, location="form_and_files", arg_name="data")
+@bp.output(JobOut, status_code=202)
+@bp.doc(summary="Upload image files and/or one zip archive", responses=E401 | E413 | E422 | E429, **AUTH)
+def upload_job(data):
+    """Every file (and zip member) is checked before anything is stored: one refused file
+    refuses the whole upload with its reason."""
+    settings = current_app.extensions["captioner"].settings
+    files: list[ingest.IncomingFile] = []
+    try:
+        for storage in data.get("files") or []:
+            content = storage.read(settings.max_image_bytes + 1)
+            name = storage.filename or "upload"
+            if len(content) > settings.max_image_bytes:
+                raise ingest.TooLarge(f"{name}: larger than {settings.max_image_bytes} bytes")
+            ingest.check_image_bytes(name, content, settings)
+            files.append(ingest.IncomingFile(name, content))
+        archive = data.get("archive")
+        if archive is not None:
+            files += ingest.read_zip(archive.read(), settings)
+        if not files:
+            raise ingest.SubmissionRejected("no files uploaded")
+        if len(files) > settings.max_submit_items:
+            raise ingest.SubmissionRejected(f"more than {settings.max_submit_items} images")
+    except ingest.SubmissionRejected as exc:
+        abort(exc.status_code, exc.reason)
+    source = f"zip:{archive.filename}" if archive is not None else "upload"
+    job = services.submit_files(db(), _user(), _opts(data), files, source)
+    return job_dict(db(), job)
+
+
+@bp.get("/jobs")
+@api_auth()
+@bp.input(Schema.from_dict({
+    "limit": Integer(load_default=50, validate=Range(1, 500)),
+    "offset": Integer(load_default=0, validate=Range(0, 10_000_000)),
+}, name="JobsQuery"), location="query", arg_name="query")
+@bp.output(JobListOut)
+@bp.doc(summary="Jobs you can see, newest first", responses=E401, **AUTH)
+def list_jobs(query):
+    session = db()
+    base = services.visible_jobs(_user())
+    total = session.scalar(select(func.count()).select_from(base.subquery()))
+    rows = session.scalars(
+        base.order_by(Job.id.desc()).limit(query["limit"]).offset(query["offset"])
+    )
+    return {"items": [job_dict(session, j) for j in rows], "total": total}
+
+
+@bp.get("/jobs/<int:job_id>")
+@api_auth()
+@bp.output(JobDetailOut)
+@bp.doc(summary="A job with live progress and its first failures", responses=E401 | E404, **AUTH)
+def get_job(job_id):
+    session = db()
+    job = _job_or_404(job_id)
+    failed = session.scalars(
+        select(Image)
+        .where(Image.job_id == job.id, Image.status == ImageStatus.FAILED)
+        .order_by(Image.id)
+        .limit(50)
+    )
+    return job_dict(session, job) | {"failures": [image_dict(session, i) for i in failed]}
+
+
+@bp.get("/jobs/<int:job_id>/images")
+@api_auth()
+@bp.input(ImagesQueryIn, location="query", arg_name="query")
+@bp.output(ImageListOut)
+@bp.doc(summary="A job's images with status, failure reason, caption and review", responses=E401 | E404, **AUTH)
+def job_images(job_id, query):
+    session = db()
+    job = _job_or_404(job_id)
+    base = select(Image).where(Image.job_id == job.id)
+    if query.get("status"):
+        base = base.where(Image.status == query["status"])
+    total = session.scalar(select(func.count()).select_from(base.subquery()))
+    rows = session.scalars(base.order_by(Image.id).limit(query["limit"]).offset(query["offset"]))
+    return {"items": [image_dict(session, i) for i in rows], "total": total}
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@api_auth()
+@bp.output(JobOut)
+@bp.doc(summary="Cancel a job: its queued images are not captioned", responses=E401 | E404 | E409, **AUTH)
+def cancel_job(job_id):
+    job = _job_or_404(job_id)
+    try:
+        services.cancel_job(db(), job)
+    except services.Conflict as exc:
+        abort(409, str(exc))
+    return job_dict(db(), job)
+
+
+@bp.post("/jobs/<int:job_id>/retry")
+@api_auth()
+@bp.output(IdsOut)
+@bp.doc(summary="Queue a job's failed images again", responses=E401 | E404, **AUTH)
+def retry_job(job_id):
+    job = _job_or_404(job_id)
+    return {"count": services.retry_failed(db(), job)}
+
+
+@bp.post("/jobs/<int:job_id>/approve-above")
+@api_auth("reviewer")
+@bp.input(BulkApproveIn, arg_name="data")
+@bp.output(IdsOut)
+@bp.doc(summary="Approve every unreviewed caption of a job scoring at least min_score", responses=E401 | E403 | E404, **AUTH)
+def approve_above(job_id, data):
+    job = _job_or_404(job_id)
+    return {"count": services.bulk_approve(db(), _user(), job, data["min_score"])}
+
+
+# --- images and review ---------------------------------------------------------------------
+
+
+@bp.get("/images/<int:image_id>")
+@api_auth()
+@bp.output(ImageOut)
+@bp.doc(summary="An image's status, caption (with n-best) and current review", responses=E401 | E404, **AUTH)
+def get_image(image_id):
+    return image_dict(db(), _image_or_404(image_id))
+
+
+@bp.get("/images/<int:image_id>/content")
+@api_auth()
+@bp.doc(
+    summary="The image's bytes",
+    responses={200: {"description": "The image file", "content": {"image/*": {}}}} | E401 | E404,
+    **AUTH,
+)
+def image_content(image_id):
+    image = _image_or_404(image_id)
+    store = current_app.extensions["captioner"].store
+    try:
+        data = store.get(image.storage_key)
+    except (ObjectNotFound, StorageError):
+        abort(404, "the image's bytes are not in storage")
+    try:
+        fmt = open_image(data, max_bytes=max(len(data), 1)).format or ""
+    except ImageRejected:
+        fmt = ""
+    mime = mimetypes.types_map.get("." + fmt.lower().replace("jpeg", "jpg").replace("mpo", "jpg"))
+    if not mime or not mime.startswith("image/"):
+        mime = "application/octet-stream"
+    response = Response(data, mimetype=mime)
+    response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@bp.get("/review/queue")
+@api_auth()
+@bp.input(QueueIn, location="query", arg_name="query")
+@bp.output(ImageListOut)
+@bp.doc(summary="Captions to review, least confident first, with filters", responses=E401, **AUTH)
+def review_queue(query):
+    session = db()
+    filters = {k: query.get(k) for k in ("job_id", "min_score", "max_score")}
+    total, rows = services.review_queue(
+        session,
+        _user(),
+        status=query["status"],
+        text=query.get("q"),
+        limit=query["limit"],
+        offset=query["offset"],
+        **filters,
+    )
+    items = [image_dict(session, image, caption, review) for image, caption, review in rows]
+    return {"items": items, "total": total}
+
+
+@bp.post("/images/<int:image_id>/reviews")
+@api_auth("reviewer")
+@bp.input(ReviewIn, arg_name="data")
+@bp.output(ReviewOut, status_code=201)
+@bp.doc(summary="Approve, correct or reject an image's caption", responses=E401 | E403 | E404 | E409, **AUTH)
+def add_review(image_id, data):
+    image = _image_or_404(image_id)
+    try:
+        review = services.review_image(
+            db(), _user(), image, data["decision"], data.get("text"), data.get("caption_id")
+        )
+    except jobs.LifecycleError as exc:
+        db().rollback()
+        abort(422, str(exc))
+    except services.Conflict as exc:
+        abort(409, str(exc))
+    return review_dict(review)
+
+
+@bp.get("/images/<int:image_id>/reviews")
+@api_auth()
+@bp.output(HistoryOut)
+@bp.doc(summary="Every review of the image, oldest first (who, when, what)", responses=E401 | E404, **AUTH)
+def review_history(image_id):
+    image = _image_or_404(image_id)
+    return {"items": [review_dict(r) for r in jobs.review_history(db(), image.id)]}
+
+
+@bp.post("/images/<int:image_id>/reviews/undo")
+@api_auth("reviewer")
+@bp.output(ReviewOut, status_code=201)
+@bp.doc(summary="Take back the current review (appends a restoring row)", responses=E401 | E403 | E404 | E409, **AUTH)
+def undo_review(image_id):
+    image = _image_or_404(image_id)
+    try:
+        return review_dict(services.undo_review(db(), _user(), image))
+    except services.Conflict as exc:
+        abort(409, str(exc))
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+@bp.get("/export")
+@api_auth()
+@bp.input(ExportIn, location="query", arg_name="query")
+@bp.doc(
+    summary="Export captions of a job (or of every job you can see)",
+    responses={
+        200: {
+            "description": "The export file",
+            "content": {
+                "application/x-ndjson": {},
+                "text/csv": {},
+                "application/json": {},
+            },
+        }
+    }
+    | E401
+    | E404,
+    **AUTH,
+)
+def export_captions(query):
+    user = _user()
+    job_id = query.get("job_id")
+    if job_id is not None:
+        _job_or_404(job_id)
+    owner = None if services.sees_all_jobs(user) else user.id
+    fmt, which = query["format"], query["which"]
+    session_factory = current_app.extensions["captioner"].sessionmaker
+
+    def generate():
+        with session_factory() as session:
+            rows = export.export_rows(session, job_id=job_id, owner_id=owner, which=which)
+            yield from export.render(rows, fmt, which)
+
+    extension = {"jsonl": "jsonl", "csv": "csv", "coco": "json"}[fmt]
+    name = f"captions-{'job' + str(job_id) if job_id else 'all'}-{which}.{extension}"
+    return Response(
+        stream_with_context(generate()),
+        content_type=export.CONTENT_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+# --- tokens, users, webhooks ---------------------------------------------------------------
+
+
+def token_dict(row: ApiToken, raw: str | None = None) -> dict:
+    data = {
+        "id": row.id,
+        "name": row.name,
+        "created_at": row.created_at,
+        "last_used_at": row.last_used_at,
+        "revoked_at": row.revoked_at,
+    }
+    if raw:
+        data["token"] = raw
+    return data
+
+
+@bp.get("/tokens")
+@api_auth()
+@bp.output(TokenListOut)
+@bp.doc(summary="Your API tokens (never the tokens themselves)", responses=E401, **AUTH)
+def list_tokens():
+    rows = db().scalars(select(ApiToken).where(ApiToken.user_id == _user().id).order_by(ApiToken.id))
+    return {"items": [token_dict(r) for r in rows]}
+
+
+@bp.post("/tokens")
+@api_auth()
+@bp.input(TokenIn, arg_name="data")
+@bp.output(TokenOut, status_code=201)
+@bp.doc(summary="Create a personal token; the response is the only time it is shown", responses=E401, **AUTH)
+def create_token(data):
+    raw, row = ApiToken.issue(_user().id, data.get("name", ""))
+    db().add(row)
+    db().commit()
+    return token_dict(row, raw)
+
+
+@bp.delete("/tokens/<int:token_id>")
+@api_auth()
+@bp.output(EmptyOut, status_code=204)
+@bp.doc(summary="Revoke one of your tokens", responses=E401 | E404, **AUTH)
+def revoke_token(token_id):
+    row = db().get(ApiToken, token_id)
+    if row is None or row.user_id != _user().id:
+        abort(404, f"no token {token_id}")
+    row.revoked_at = row.revoked_at or utcnow()
+    db().commit()
+    return ""
+
+
+def user_dict(user: User) -> dict:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "role": user.role.value,
+        "created_at": user.created_at,
+    }
+
+
+@bp.get("/me")
+@api_auth()
+@bp.output(UserOut)
+@bp.doc(summary="Who the token belongs to", responses=E401, **AUTH)
+def me():
+    return user_dict(_user())
+
+
+@bp.get("/users")
+@api_auth("admin")
+@bp.output(UserListOut)
+@bp.doc(summary="All users (admin)", responses=E401 | E403, **AUTH)
+def list_users():
+    return {"items": [user_dict(u) for u in db().scalars(select(User).order_by(User.id))]}
+
+
+@bp.post("/users")
+@api_auth("admin")
+@bp.input(UserIn, arg_name="data")
+@bp.output(UserOut, status_code=201)
+@bp.doc(summary="Create a user (admin)", responses=E401 | E403 | E409, **AUTH)
+def create_user_view(data):
+    from dashboard.auth import find_user
+
+    if find_user(db(), data["email"]) is not None:
+        abort(409, "a user with this email exists")
+    user = create_user(db(), data["email"], data["password"], role=data["role"], name=data["name"])
+    db().commit()
+    return user_dict(user)
+
+
+@bp.patch("/users/<int:user_id>")
+@api_auth("admin")
+@bp.input(UserPatchIn, arg_name="data")
+@bp.output(UserOut)
+@bp.doc(summary="Change a user's name, role or password (admin)", responses=E401 | E403 | E404, **AUTH)
+def update_user(user_id, data):
+    user = db().get(User, user_id)
+    if user is None:
+        abort(404, f"no user {user_id}")
+    if "name" in data:
+        user.name = data["name"]
+    if "role" in data:
+        user.role = UserRole(data["role"])
+        user.is_admin = user.role == UserRole.ADMIN
+    if "password" in data:
+        set_password(user, data["password"])
+    db().commit()
+    return user_dict(user)
+
+
+def webhook_dict(hook: Webhook, with_secret: bool = False) -> dict:
+    data = {"id": hook.id, "url": hook.url, "events": list(hook.events or []), "created_at": hook.created_at}
+    if with_secret:
+        data["secret"] = hook.secret
+    return data
+
+
+@bp.get("/webhooks")
+@api_auth()
+@bp.output(WebhookListOut)
+@bp.doc(summary="Your webhooks", responses=E401, **AUTH)
+def list_webhooks():
+    rows = db().scalars(
+        select(Webhook).where(Webhook.owner_id == _user().id, Webhook.active.is_(True)).order_by(Webhook.id)
+    )
+    return {"items": [webhook_dict(h) for h in rows]}
+
+
+@bp.post("/webhooks")
+@api_auth()
+@bp.input(WebhookIn, arg_name="data")
+@bp.output(WebhookOut, status_code=201)
+@bp.doc(summary="Register a URL for job.completed / job.failed events (signed; secret shown once)", responses=E401 | E422, **AUTH)
+def create_webhook(data):
+    settings = current_app.extensions["captioner"].settings
+    try:
+        url = ingest.check_url(data["url"], allow_hosts=settings.url_allow_hosts)
+    except ingest.SubmissionRejected as exc:
+        abort(422, exc.reason)
+    hook = Webhook(owner_id=_user().id, url=url, secret=webhooks.new_secret(), events=data["events"])
+    db().add(hook)
+    db().commit()
+    return webhook_dict(hook, with_secret=True)
+
+
+@bp.delete("/webhooks/<int:webhook_id>")
+@api_auth()
+@bp.output(EmptyOut, status_code=204)
+@bp.doc(summary="Remove one of your webhooks", responses=E401 | E404, **AUTH)
+def delete_webhook(webhook_id):
+    hook = db().get(Webhook, webhook_id)
+    if hook is None or hook.owner_id != _user().id or not hook.active:
+        abort(404, f"no webhook {webhook_id}")
+    hook.active = False
+    db().commit()
+    return ""
+

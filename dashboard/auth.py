@@ -1,0 +1,264 @@
+"""Accounts: password login (sessions), personal API tokens, roles, CSRF, rate limits.
+
+- Passwords are stored as werkzeug's salted scrypt hashes (`set_password` / `check_password`).
+- API requests authenticate with `Authorization: Bearer <token>` (only the token's SHA-256 is
+  stored) or, for the dashboard's own JavaScript, with the login session plus an
+  `X-CSRF-Token` header. A bad or revoked token is 401 even when a session exists.
+- Every state-changing request with a session (forms and JS) must carry the session's CSRF
+  token; token-authenticated API calls carry no cookies, so they need none.
+- Roles: admin (everything), reviewer (sees all jobs, reviews), submitter (own jobs only).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import urlsplit
+
+from apiflask import abort as api_abort
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from sqlalchemy import func, select
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from captioner.models import ApiToken, User, UserRole, utcnow
+
+bp = Blueprint("auth", __name__)
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+CSRF_HEADER = "X-CSRF-Token"
+
+limiter = Limiter(key_func=lambda: _rate_key(), default_limits=[])
+
+
+def init_app(app, settings) -> None:
+    app.config["RATELIMIT_STORAGE_URI"] = settings.rate_limit_storage_url
+    app.config["RATELIMIT_HEADERS_ENABLED"] = True
+    limiter.init_app(app)
+    app.before_request(_check_csrf)
+    app.context_processor(lambda: {"current_user": current_user(), "csrf_token": csrf_token})
+
+
+def _rate_key() -> str:
+    user = current_user()
+    return f"user:{user.id}" if user is not None else f"ip:{get_remote_address()}"
+
+
+def submit_limit() -> str:
+    return current_app.extensions["captioner"].settings.submit_rate_limit
+
+
+def login_limit() -> str:
+    return current_app.extensions["captioner"].settings.login_rate_limit
+
+
+# --- database session per request ----------------------------------------------------------
+
+
+def db():
+    """The request's SQLAlchemy session (closed at teardown; commit explicitly)."""
+    if "db" not in g:
+        g.db = current_app.extensions["captioner"].sessionmaker()
+    return g.db
+
+
+# --- passwords and users -------------------------------------------------------------------
+
+
+def set_password(user: User, password: str) -> None:
+    user.password_hash = generate_password_hash(password)
+
+
+def check_password(user: User | None, password: str) -> bool:
+    if user is None or not user.password_hash:
+        # Same work for unknown users, so timing does not reveal which emails exist.
+        check_password_hash(_DUMMY_HASH, password)
+        return False
+    return check_password_hash(user.password_hash, password)
+
+
+_DUMMY_HASH = generate_password_hash(secrets.token_hex(16))
+
+
+def create_user(
+    session, email: str, password: str | None, *, role: str = "submitter", name: str = ""
+) -> User:
+    """A new user (flushed). Email is stored lower-cased; role admin also sets is_admin."""
+    role = UserRole(role)
+    user = User(email=email.strip().lower(), name=name, role=role, is_admin=role == UserRole.ADMIN)
+    if password:
+        set_password(user, password)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def find_user(session, email: str) -> User | None:
+    return session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
+
+
+# --- who is asking -------------------------------------------------------------------------
+
+
+class BadToken(Exception):
+    pass
+
+
+def _user_from_token(header: str) -> User:
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise BadToken("use Authorization: Bearer <token>")
+    row = db().scalar(select(ApiToken).where(ApiToken.token_sha256 == ApiToken.hash(raw.strip())))
+    if row is None or row.revoked_at is not None:
+        raise BadToken("invalid or revoked token")
+    row.last_used_at = utcnow()
+    db().commit()
+    return row.user
+
+
+def current_user() -> User | None:
+    """The authenticated user of this request (token first, then session), cached in `g`."""
+    if "user" in g:
+        return g.user
+    user = None
+    g.token_error = None
+    g.via_token = False
+    header = request.headers.get("Authorization")
+    if header:
+        try:
+            user = _user_from_token(header)
+            g.via_token = True
+        except BadToken as exc:
+            g.token_error = str(exc)
+    elif session.get("user_id") is not None:
+        user = db().get(User, session["user_id"])
+        if user is not None and session.get("pw") != _password_marker(user):
+            user = None  # password changed since login: the session is void
+    g.user = user
+    return user
+
+
+def _password_marker(user: User) -> str:
+    return (user.password_hash or "")[-12:]
+
+
+def has_role(user: User | None, *roles: str) -> bool:
+    if user is None:
+        return False
+    return user.role == UserRole.ADMIN or user.role in roles
+
+
+def api_auth(*roles: str) -> Callable:
+    """API view decorator: 401 without a valid token/session, 403 without one of `roles`."""
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any):
+            user = current_user()
+            if user is None:
+                api_abort(
+                    401,
+                    g.get("token_error") or "authentication required",
+                    headers={"WWW-Authenticate": 'Bearer realm="captioner"'},
+                )
+            if roles and not has_role(user, *roles):
+                api_abort(403, "your role does not allow this")
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def login_required(*roles: str) -> Callable:
+    """UI view decorator: redirect to the login page, 403 without one of `roles`."""
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any):
+            user = current_user()
+            if user is None:
+                return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+            if roles and not has_role(user, *roles):
+                abort(403)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# --- CSRF ----------------------------------------------------------------------------------
+
+
+def csrf_token() -> str:
+    token = session.get("csrf")
+    if not token:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def _check_csrf() -> None:
+    if request.method in SAFE_METHODS:
+        return
+    if request.headers.get("Authorization"):
+        return  # token auth: no ambient credentials, nothing to forge
+    if request.path.startswith("/api/") and session.get("user_id") is None:
+        return  # unauthenticated API call: the view answers 401
+    sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token") or ""
+    expected = session.get("csrf") or ""
+    if not expected or not hmac.compare_digest(sent, expected):
+        if request.path.startswith("/api/"):
+            api_abort(403, "missing or wrong CSRF token")
+        abort(400, "missing or wrong CSRF token; reload the page and try again")
+
+
+# --- login / logout ------------------------------------------------------------------------
+
+
+def _safe_next(target: str | None) -> str:
+    if not target:
+        return url_for("ui.jobs")
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return url_for("ui.jobs")
+    return target
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(login_limit, methods=["POST"], key_func=get_remote_address)
+def login():
+    if request.method == "POST":
+        email = request.form.get("email", "")
+        password = request.form.get("password", "")
+        user = find_user(db(), email)
+        if check_password(user, password):
+            session.clear()
+            session["user_id"] = user.id
+            session["pw"] = _password_marker(user)
+            csrf_token()
+            return redirect(_safe_next(request.args.get("next")))
+        flash("Wrong email or password.", "error")
+        return render_template("login.html", email=email), 401
+    return render_template("login.html", email="")
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("auth.login"))

@@ -1,0 +1,282 @@
+"""Server-rendered pages. Forms post here (CSRF-checked); live parts of a page (job progress,
+the review queue, "try one image") call the JSON API from `static/*.js` with the session and
+an `X-CSRF-Token` header. All text goes through Jinja's autoescaping or `textContent`.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from sqlalchemy import select
+
+from captioner import export, ingest, webhooks
+from captioner.models import ApiToken, Image, ImageStatus, Job, User, UserRole, Webhook, utcnow
+from dashboard import services
+from dashboard.api import job_dict
+from dashboard.auth import (
+    create_user,
+    current_user,
+    db,
+    find_user,
+    limiter,
+    login_required,
+    set_password,
+    submit_limit,
+)
+
+bp = Blueprint("ui", __name__)
+
+
+@bp.get("/")
+def index():
+    return redirect(url_for("ui.jobs"))
+
+
+def _int(value: str | None, default: int, lo: int, hi: int) -> int:
+    try:
+        return max(lo, min(hi, int(value))) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+@bp.get("/jobs", endpoint="jobs")
+@login_required()
+def jobs_page():
+    session = db()
+    page = _int(request.args.get("page"), 1, 1, 100_000)
+    rows = session.scalars(
+        services.visible_jobs(current_user()).order_by(Job.id.desc()).limit(50).offset((page - 1) * 50)
+    )
+    return render_template("jobs.html", jobs=[job_dict(session, j) for j in rows], page=page)
+
+
+@bp.post("/jobs/new")
+@login_required()
+@limiter.limit(submit_limit)
+def submit():
+    settings = current_app.extensions["captioner"].settings
+    form = request.form
+    opts = services.JobOptions(
+        name=(form.get("name") or "untitled").strip()[:200] or "untitled",
+        priority=_int(form.get("priority"), 0, -100, 100),
+        num_beams=_int(form.get("num_beams"), 3, 1, 16),
+        n_best=_int(form.get("n_best"), 3, 1, 10),
+        recaption=bool(form.get("recaption")),
+    )
+    opts.n_best = min(opts.n_best, opts.num_beams)
+    session, user = db(), current_user()
+    try:
+        uploads = [f for f in request.files.getlist("files") if f and f.filename]
+        archive = request.files.get("archive")
+        if uploads or (archive and archive.filename):
+            files = []
+            for storage in uploads:
+                content = storage.read(settings.max_image_bytes + 1)
+                if len(content) > settings.max_image_bytes:
+                    raise ingest.TooLarge(f"{storage.filename}: too large")
+                ingest.check_image_bytes(storage.filename, content, settings)
+                files.append(ingest.IncomingFile(storage.filename, content))
+            source = "upload"
+            if archive and archive.filename:
+                files += ingest.read_zip(archive.read(), settings)
+                source = f"zip:{archive.filename}"
+            job = services.submit_files(session, user, opts, files, source)
+        elif form.get("keys", "").strip():
+            job = services.submit_keys(session, user, opts, form["keys"].split())
+        elif form.get("prefix", "").strip():
+            job = services.submit_prefix(session, user, opts, form["prefix"])
+        elif form.get("urls", "").strip():
+            job = services.submit_urls(session, user, opts, form["urls"].split())
+        else:
+            raise ingest.SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
+    except ingest.SubmissionRejected as exc:
+        session.rollback()
+        flash(f"Refused: {exc.reason}", "error")
+        return redirect(url_for("ui.jobs")), 303
+    flash(f"Job {job.id} submitted.", "ok")
+    return redirect(url_for("ui.job_detail", job_id=job.id), 303)
+
+
+def _job_or_404(job_id: int) -> Job:
+    try:
+        return services.get_job(db(), current_user(), job_id)
+    except services.NotFound:
+        abort(404)
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required()
+def job_detail(job_id: int):
+    session = db()
+    job = _job_or_404(job_id)
+    status = request.args.get("status") or None
+    if status not in (None, *[s.value for s in ImageStatus]):
+        status = None
+    page = _int(request.args.get("page"), 1, 1, 1_000_000)
+    query = select(Image).where(Image.job_id == job.id)
+    if status:
+        query = query.where(Image.status == status)
+    images = list(session.scalars(query.order_by(Image.id).limit(100).offset((page - 1) * 100)))
+    return render_template(
+        "job.html", job=job_dict(session, job), images=images, status=status, page=page
+    )
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@login_required()
+def cancel(job_id: int):
+    job = _job_or_404(job_id)
+    try:
+        services.cancel_job(db(), job)
+        flash(f"Job {job.id} cancelled.", "ok")
+    except services.Conflict as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("ui.job_detail", job_id=job_id), 303)
+
+
+@bp.post("/jobs/<int:job_id>/retry")
+@login_required()
+def retry(job_id: int):
+    job = _job_or_404(job_id)
+    n = services.retry_failed(db(), job)
+    flash(f"{n} failed images queued again.", "ok")
+    return redirect(url_for("ui.job_detail", job_id=job_id), 303)
+
+
+@bp.post("/jobs/<int:job_id>/approve-above")
+@login_required("reviewer")
+def approve_above(job_id: int):
+    job = _job_or_404(job_id)
+    try:
+        threshold = float(request.form.get("min_score", ""))
+    except ValueError:
+        flash("Give a number for the score threshold.", "error")
+        return redirect(url_for("ui.job_detail", job_id=job_id), 303)
+    n = services.bulk_approve(db(), current_user(), job, threshold)
+    flash(f"Approved {n} captions scoring {threshold:g} or more.", "ok")
+    return redirect(url_for("ui.job_detail", job_id=job_id), 303)
+
+
+@bp.get("/review")
+@login_required("reviewer")
+def review():
+    args = request.args
+    filters = {
+        "job_id": args.get("job_id", ""),
+        "status": args.get("status", "unreviewed"),
+        "min_score": args.get("min_score", ""),
+        "max_score": args.get("max_score", ""),
+        "q": args.get("q", ""),
+    }
+    return render_template("review.html", filters=filters)
+
+
+@bp.get("/try")
+@login_required()
+def try_one():
+    return render_template("try.html")
+
+
+@bp.get("/export")
+@login_required()
+def export_page():
+    session = db()
+    rows = session.scalars(services.visible_jobs(current_user()).order_by(Job.id.desc()).limit(200))
+    return render_template(
+        "export.html", jobs=list(rows), formats=export.FORMATS, which=export.WHICH
+    )
+
+
+@bp.route("/account", methods=["GET"])
+@login_required()
+def account():
+    session, user = db(), current_user()
+    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    hooks = session.scalars(
+        select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True))
+    )
+    return render_template("account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=None)
+
+
+@bp.post("/account/tokens")
+@login_required()
+def new_token():
+    session, user = db(), current_user()
+    raw, row = ApiToken.issue(user.id, (request.form.get("name") or "").strip()[:200])
+    session.add(row)
+    session.commit()
+    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    hooks = session.scalars(select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True)))
+    # Rendered directly (not redirected): the plain token exists only in this response.
+    return render_template("account.html", tokens=list(tokens), hooks=list(hooks), new_token=raw, new_secret=None)
+
+
+@bp.post("/account/tokens/<int:token_id>/revoke")
+@login_required()
+def revoke_token(token_id: int):
+    row = db().get(ApiToken, token_id)
+    if row is None or row.user_id != current_user().id:
+        abort(404)
+    row.revoked_at = row.revoked_at or utcnow()
+    db().commit()
+    flash("Token revoked.", "ok")
+    return redirect(url_for("ui.account"), 303)
+
+
+@bp.post("/account/webhooks")
+@login_required()
+def new_webhook():
+    session, user = db(), current_user()
+    settings = current_app.extensions["captioner"].settings
+    try:
+        url = ingest.check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
+    except ingest.SubmissionRejected as exc:
+        flash(f"Refused: {exc.reason}", "error")
+        return redirect(url_for("ui.account"), 303)
+    hook = Webhook(owner_id=user.id, url=url, secret=webhooks.new_secret(), events=[])
+    session.add(hook)
+    session.commit()
+    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    hooks = session.scalars(select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True)))
+    return render_template(
+        "account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=hook.secret
+    )
+
+
+@bp.route("/admin/users", methods=["GET", "POST"])
+@login_required("admin")
+def admin_users():
+    session = db()
+    if request.method == "POST":
+        form = request.form
+        email, password = form.get("email", "").strip(), form.get("password", "")
+        role = form.get("role", "submitter")
+        if role not in [r.value for r in UserRole] or "@" not in email or len(password) < 8:
+            flash("Give an email, a role and a password of at least 8 characters.", "error")
+        elif find_user(session, email) is not None:
+            flash("A user with this email exists.", "error")
+        else:
+            create_user(session, email, password, role=role, name=form.get("name", "")[:200])
+            session.commit()
+            flash(f"User {email} created.", "ok")
+        return redirect(url_for("ui.admin_users"), 303)
+    users = session.scalars(select(User).order_by(User.id))
+    return render_template("users.html", users=list(users), roles=[r.value for r in UserRole])
+
+
+@bp.post("/admin/users/<int:user_id>")
+@login_required("admin")
+def admin_update_user(user_id: int):
+    session = db()
+    user = session.get(User, user_id)
+    if user is None:
+        abort(404)
+    role = request.form.get("role")
+    if role in [r.value for r in UserRole]:
+        user.role = UserRole(role)
+        user.is_admin = user.role == UserRole.ADMIN
+    if len(request.form.get("password", "")) >= 8:
+        set_password(user, request.form["password"])
+    session.commit()
+    flash(f"User {user.email} updated.", "ok")
+    return redirect(url_for("ui.admin_users"), 303)
+

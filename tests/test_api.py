@@ -1,0 +1,434 @@
+"""The JSON API with Flask's test client: every endpoint's success and its 4xx cases."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from dashboard_helpers import PASSWORD, fake_caption, image_ids, login, make_user, make_zip, png
+from sqlalchemy import func, select
+
+from captioner.db import session_scope
+from captioner.models import Image, ImageStatus, Job, Review
+
+
+@pytest.fixture
+def users(app):
+    return {
+        "admin": make_user(app, "admin@example.com", "admin"),
+        "reviewer": make_user(app, "rev@example.com", "reviewer"),
+        "alice": make_user(app, "alice@example.com", "submitter"),
+        "bob": make_user(app, "bob@example.com", "submitter"),
+    }
+
+
+def upload(client, account, files=(), archive=None, **form):
+    data = {k: str(v) for k, v in form.items()}
+    data["files"] = [(io.BytesIO(content), name) for name, content in files]
+    if archive is not None:
+        data["archive"] = (io.BytesIO(archive), "photos.zip")
+    return client.post("/api/v1/jobs/upload", data=data, headers=account.headers, content_type="multipart/form-data")
+
+
+def count(app, model) -> int:
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def stored_objects(app) -> list[str]:
+    return list(app.extensions["captioner"].store.list(""))
+
+
+def test_web_process_never_imports_torch():
+    code = (
+        "import sys\nfrom dashboard import create_app\ncreate_app()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_bad_token_is_401_and_no_token_is_401(client, users):
+    assert client.get("/api/v1/jobs").status_code == 401
+    r = client.get("/api/v1/jobs", headers={"Authorization": "Bearer cap_nope"})
+    assert r.status_code == 401 and "invalid" in r.json["message"]
+    assert client.get("/api/v1/me", headers=users["alice"].headers).json["email"] == "alice@example.com"
+
+
+def test_revoked_token_is_401(client, users):
+    alice = users["alice"]
+    created = client.post("/api/v1/tokens", json={"name": "laptop"}, headers=alice.headers)
+    assert created.status_code == 201 and created.json["token"].startswith("cap_")
+    new = {"Authorization": f"Bearer {created.json['token']}"}
+    assert client.get("/api/v1/me", headers=new).status_code == 200
+    listed = client.get("/api/v1/tokens", headers=alice.headers).json["items"]
+    assert all("token" not in t for t in listed)  # shown once, never listed
+    assert client.delete(f"/api/v1/tokens/{created.json['id']}", headers=alice.headers).status_code == 204
+    assert client.get("/api/v1/me", headers=new).status_code == 401
+    # Another user cannot revoke alice's token.
+    assert client.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=users["bob"].headers).status_code == 404
+
+
+def test_upload_files_creates_job_and_publishes_after_commit(app, client, users, publisher):
+    r = upload(client, users["alice"], files=[("a.png", png()), ("b.png", png((0, 0, 255)))], name="two", n_best=2)
+    assert r.status_code == 202, r.json
+    job = r.json
+    assert job["name"] == "two" and job["progress"]["queued"] == 2 and job["options"]["n_best"] == 2
+    assert publisher.ids_for(job["id"]) == image_ids(app, job["id"])
+    detail = client.get(f"/api/v1/jobs/{job['id']}", headers=users["alice"].headers).json
+    assert detail["progress"]["total"] == 2
+
+
+def test_zip_upload_and_progress_and_images(app, client, users):
+    archive = make_zip({"x/one.png": png(), "two.png": png((1, 2, 3)), "__MACOSX/._two.png": b"junk"})
+    r = upload(client, users["alice"], archive=archive)
+    assert r.status_code == 202, r.json
+    job_id = r.json["id"]
+    assert r.json["source"] == "zip:photos.zip"
+    fake_caption(app, job_id)
+    detail = client.get(f"/api/v1/jobs/{job_id}", headers=users["alice"].headers).json
+    assert detail["status"] == "finished" and detail["progress"]["percent"] == 100.0
+    images = client.get(f"/api/v1/jobs/{job_id}/images", headers=users["alice"].headers).json
+    assert {i["original_name"] for i in images["items"]} == {"one.png", "two.png"}
+    first = images["items"][0]
+    assert first["caption"]["text"].startswith("a photo of")
+    content = client.get(first["content_url"], headers=users["alice"].headers)
+    assert content.status_code == 200 and content.mimetype == "image/png" and content.data[:4] == b"\x89PNG"
+
+
+def test_other_submitters_job_is_404(app, client, users):
+    job_id = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
+    [image_id] = image_ids(app, job_id)
+    bob = users["bob"].headers
+    for path in (f"/api/v1/jobs/{job_id}", f"/api/v1/jobs/{job_id}/images", f"/api/v1/images/{image_id}",
+                 f"/api/v1/images/{image_id}/content", f"/api/v1/images/{image_id}/reviews",
+                 f"/api/v1/export?job_id={job_id}"):
+        assert client.get(path, headers=bob).status_code == 404, path
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bob).status_code == 404
+    assert client.post(f"/api/v1/jobs/{job_id}/retry", headers=bob).status_code == 404
+    assert client.get("/api/v1/jobs", headers=bob).json["total"] == 0
+    # A reviewer sees every job.
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=users["reviewer"].headers).status_code == 200
+
+
+def test_oversize_upload_is_413(app, client, users):
+    settings = app.extensions["captioner"].settings
+    app.config["MAX_CONTENT_LENGTH"] = 50_000
+    r = upload(client, users["alice"], files=[("big.png", png() + b"\0" * 60_000)])
+    assert r.status_code == 413
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    settings_small = settings.model_copy(update={"max_image_bytes": 20})
+    app.extensions["captioner"].settings = settings_small
+    r = upload(client, users["alice"], files=[("a.png", png())])
+    assert r.status_code == 413 and "larger than 20 bytes" in r.json["message"]
+    assert count(app, Job) == 0 and stored_objects(app) == []
+
+
+def test_unsupported_file_is_422_with_reason(app, client, users, bad_inputs):
+    pdf = bad_inputs["document.pdf.jpg"][0]
+    r = upload(client, users["alice"], files=[("ok.png", png()), ("doc.jpg", pdf)])
+    assert r.status_code == 422 and r.json["message"] == "doc.jpg: unsupported format PDF"
+    r = upload(client, users["alice"], files=[("bomb.png", bad_inputs["bomb_40000x40000.png"][0])])
+    assert r.status_code == 422 and "image too large" in r.json["message"]
+    assert count(app, Job) == 0 and count(app, Image) == 0 and stored_objects(app) == []
+
+
+def _zip_with_symlink() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ok.png", png())
+        info = zipfile.ZipInfo("link.png")
+        info.create_system = 3
+        info.external_attr = (0o120777 << 16)
+        z.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def _zip_bomb() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("ok.png", png())
+        z.writestr("bomb.png", b"\0" * (20 * 1024 * 1024))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "archive, reason",
+    [
+        (lambda: make_zip({"ok.png": png(), "../../evil.png": png()}), "path escapes"),
+        (lambda: make_zip({"/abs/evil.png": png()}), "absolute path"),
+        (_zip_with_symlink, "symbolic link"),
+        (_zip_bomb, "compression ratio"),
+        (lambda: b"PK\x03\x04 not really a zip", "not a valid zip"),
+        (lambda: make_zip({"notes.txt": b"hello"}), "notes.txt: not an image"),
+    ],
+    ids=["zip-slip", "absolute", "symlink", "bomb", "corrupt", "not-image"],
+)
+def test_hostile_zips_are_422_and_store_nothing(app, client, users, archive, reason):
+    r = upload(client, users["alice"], archive=archive())
+    assert r.status_code == 422 and reason in r.json["message"], r.json
+    assert count(app, Job) == 0 and count(app, Image) == 0 and stored_objects(app) == []
+
+
+def test_zip_member_count_cap(app, client, users):
+    app.extensions["captioner"].settings = app.extensions["captioner"].settings.model_copy(update={"zip_max_members": 2})
+    r = upload(client, users["alice"], archive=make_zip({f"{i}.png": png((i, 0, 0)) for i in range(3)}))
+    assert r.status_code == 422 and "3 members > limit 2" in r.json["message"]
+
+
+def test_bulk_keys_accepted_in_one_call(app, client, users, publisher):
+    keys = [f"bulk/{i:05d}.jpg" for i in range(10_000)]
+    r = client.post("/api/v1/jobs", json={"name": "bulk", "keys": keys}, headers=users["alice"].headers)
+    assert r.status_code == 202 and r.json["image_count"] == 10_000
+    assert len(publisher.ids_for(r.json["id"])) == 10_000
+    bad = client.post("/api/v1/jobs", json={"keys": ["../etc/passwd"]}, headers=users["alice"].headers)
+    assert bad.status_code == 422 and "invalid object key" in bad.json["message"]
+    both = client.post("/api/v1/jobs", json={"keys": ["a.jpg"], "urls": ["https://example.com/a.jpg"]}, headers=users["alice"].headers)
+    assert both.status_code == 422
+
+
+def test_prefix_is_enumerated_in_background(client, users, publisher):
+    r = client.post("/api/v1/jobs", json={"prefix": "photos/2024/"}, headers=users["alice"].headers)
+    assert r.status_code == 202 and r.json["image_count"] == 0
+    assert publisher.tasks == [("captioner.enumerate_prefix", (r.json["id"],))]
+    outside = client.post("/api/v1/jobs", json={"prefix": "s3://other/x/"}, headers=users["alice"].headers)
+    assert outside.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://[::1]/a.png",
+     "http://localhost:8080/a.png", "file:///etc/passwd", "gopher://example.com/", "http://10.1.2.3/a.jpg"],
+)
+def test_private_urls_refused_at_submit(app, client, users, url, publisher):
+    r = client.post("/api/v1/jobs", json={"urls": ["https://example.com/ok.jpg", url]}, headers=users["alice"].headers)
+    assert r.status_code == 422 and "refused URL" in r.json["message"]
+    assert count(app, Job) == 0 and publisher.tasks == []
+
+
+def test_public_urls_go_to_background_fetch(client, users, publisher):
+    r = client.post("/api/v1/jobs", json={"urls": ["https://example.com/a.jpg"]}, headers=users["alice"].headers)
+    assert r.status_code == 202 and "urls" not in r.json["options"]
+    assert publisher.tasks == [("captioner.fetch_urls", (r.json["id"],))]
+
+
+def test_cancel_and_retry(app, client, users, publisher):
+    alice = users["alice"].headers
+    job_id = upload(client, users["alice"], files=[("a.png", png()), ("b.png", png((5, 5, 5)))]).json["id"]
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=alice)
+    assert r.status_code == 200 and r.json["status"] == "cancelled" and r.json["progress"]["failed"] == 2
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=alice).status_code == 409
+    images = client.get(f"/api/v1/jobs/{job_id}/images?status=failed", headers=alice).json["items"]
+    assert {i["failure_reason"] for i in images} == {"job cancelled"}
+    before = len(publisher.sent)
+    r = client.post(f"/api/v1/jobs/{job_id}/retry", headers=alice)
+    assert r.json["count"] == 2 and len(publisher.sent) == before + 1
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=alice).json["progress"]["queued"] == 2
+
+
+def test_identical_images_reuse_the_active_models_caption(app, client, users, publisher):
+    first = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
+    fake_caption(app, first, texts=["a red square"])
+    again = upload(client, users["bob"], files=[("copy.png", png())]).json
+    assert again["status"] == "finished" and again["progress"]["captioned"] == 1
+    assert publisher.ids_for(again["id"]) == []
+    [image] = client.get(f"/api/v1/jobs/{again['id']}/images", headers=users["bob"].headers).json["items"]
+    assert image["caption"]["text"] == "a red square"
+    forced = upload(client, users["bob"], files=[("copy.png", png())], recaption="true").json
+    assert forced["progress"]["queued"] == 1 and len(publisher.ids_for(forced["id"])) == 1
+
+
+def _captioned_job(app, client, owner, n=3):
+    files = [(f"img{i}.png", png((i * 40, 10, 10))) for i in range(n)]
+    job_id = upload(client, owner, files=files).json["id"]
+    fake_caption(app, job_id, texts=[f"caption {i}" for i in range(n)], scores=[-0.2, -2.0, -1.0][:n])
+    return job_id
+
+
+def test_review_queue_order_filters_and_roles(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"])
+    rev = users["reviewer"].headers
+    queue = client.get("/api/v1/review/queue", headers=rev).json
+    assert [i["caption"]["score"] for i in queue["items"]] == [-2.0, -1.0, -0.2]
+    assert queue["total"] == 3
+    ranged = client.get(f"/api/v1/review/queue?job_id={job_id}&min_score=-1.5&max_score=-0.5", headers=rev).json
+    assert [i["caption"]["text"] for i in ranged["items"]] == ["caption 2"]
+    found = client.get("/api/v1/review/queue?q=caption%200", headers=rev).json
+    assert [i["caption"]["text"] for i in found["items"]] == ["caption 0"]
+    # A submitter cannot review.
+    image_id = queue["items"][0]["id"]
+    r = client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=users["alice"].headers)
+    assert r.status_code == 403
+
+
+def test_approve_correct_reject_history_and_undo(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"])
+    rev = users["reviewer"].headers
+    items = client.get(f"/api/v1/review/queue?job_id={job_id}", headers=rev).json["items"]
+    a, b, c = (i["id"] for i in items)
+    r = client.post(f"/api/v1/images/{a}/reviews", json={"decision": "approved"}, headers=rev)
+    assert r.status_code == 201 and r.json["text"] == "caption 1" and r.json["reviewer"] == "rev@example.com"
+    r = client.post(f"/api/v1/images/{b}/reviews", json={"decision": "corrected", "text": "a dog"}, headers=rev)
+    assert r.json["decision"] == "corrected" and r.json["text"] == "a dog"
+    assert client.post(f"/api/v1/images/{c}/reviews", json={"decision": "rejected"}, headers=rev).json["text"] is None
+    assert client.post(f"/api/v1/images/{c}/reviews", json={"decision": "corrected"}, headers=rev).status_code == 422
+    assert client.get("/api/v1/review/queue", headers=rev).json["total"] == 0
+    assert client.get("/api/v1/review/queue?status=corrected", headers=rev).json["items"][0]["id"] == b
+    # Correct again, then undo twice: back to the first correction, then to unreviewed.
+    client.post(f"/api/v1/images/{b}/reviews", json={"decision": "corrected", "text": "a big dog"}, headers=rev)
+    undo = client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev)
+    assert undo.status_code == 201 and undo.json["decision"] == "corrected" and undo.json["text"] == "a dog"
+    undo = client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev)
+    assert undo.json["decision"] == "undone"
+    assert client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev).status_code == 409
+    history = client.get(f"/api/v1/images/{b}/reviews", headers=rev).json["items"]
+    assert [h["decision"] for h in history] == ["corrected", "corrected", "corrected", "undone"]
+    assert [h["text"] for h in history] == ["a dog", "a big dog", "a dog", None]
+    assert [i["id"] for i in client.get("/api/v1/review/queue", headers=rev).json["items"]] == [b]
+
+
+def test_bulk_approve_above_threshold(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"])
+    rev = users["reviewer"].headers
+    r = client.post(f"/api/v1/jobs/{job_id}/approve-above", json={"min_score": -1.0}, headers=rev)
+    assert r.json["count"] == 2
+    left = client.get("/api/v1/review/queue", headers=rev).json["items"]
+    assert [i["caption"]["score"] for i in left] == [-2.0]
+    assert client.post(f"/api/v1/jobs/{job_id}/approve-above", json={"min_score": -1.0}, headers=users["alice"].headers).status_code == 403
+
+
+def test_export_formats_and_visibility(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"], n=2)
+    rev = users["reviewer"].headers
+    items = client.get("/api/v1/review/queue", headers=rev).json["items"]
+    client.post(f"/api/v1/images/{items[0]['id']}/reviews", json={"decision": "corrected", "text": "=HYPERLINK(\"x\")"}, headers=rev)
+    alice = users["alice"].headers
+    jsonl = client.get(f"/api/v1/export?job_id={job_id}&format=jsonl&which=both", headers=alice)
+    rows = [json.loads(line) for line in jsonl.data.decode().splitlines()]
+    assert jsonl.status_code == 200 and len(rows) == 2
+    assert {r["reviewed_caption"] for r in rows} == {'=HYPERLINK("x")', None}
+    csv_text = client.get(f"/api/v1/export?job_id={job_id}&format=csv&which=reviewed", headers=alice).data.decode()
+    assert "'=HYPERLINK" in csv_text and csv_text.count("\r\n") == 2
+    coco = client.get("/api/v1/export?format=coco&which=model", headers=alice).json
+    assert len(coco["images"]) == 2 and {a["caption"] for a in coco["annotations"]} == {"caption 0", "caption 1"}
+    assert client.get("/api/v1/export?format=coco", headers=users["bob"].headers).json["images"] == []
+    assert client.get("/api/v1/export?format=xml", headers=alice).status_code == 422
+
+
+def test_users_admin_only(app, client, users):
+    body = {"email": "new@example.com", "password": "long enough pw", "role": "reviewer"}
+    assert client.post("/api/v1/users", json=body, headers=users["alice"].headers).status_code == 403
+    r = client.post("/api/v1/users", json=body, headers=users["admin"].headers)
+    assert r.status_code == 201 and r.json["role"] == "reviewer"
+    assert client.post("/api/v1/users", json=body, headers=users["admin"].headers).status_code == 409
+    r = client.patch(f"/api/v1/users/{r.json['id']}", json={"role": "submitter"}, headers=users["admin"].headers)
+    assert r.json["role"] == "submitter"
+    assert len(client.get("/api/v1/users", headers=users["admin"].headers).json["items"]) == 5
+
+
+def test_webhook_registration_refuses_private_urls(client, users):
+    alice = users["alice"].headers
+    for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/", "ftp://example.com/"):
+        r = client.post("/api/v1/webhooks", json={"url": url}, headers=alice)
+        assert r.status_code == 422, url
+    r = client.post("/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=alice)
+    assert r.status_code == 201 and len(r.json["secret"]) > 20
+    assert "secret" not in client.get("/api/v1/webhooks", headers=alice).json["items"][0]
+    assert client.delete(f"/api/v1/webhooks/{r.json['id']}", headers=users["bob"].headers).status_code == 404
+    assert client.delete(f"/api/v1/webhooks/{r.json['id']}", headers=alice).status_code == 204
+
+
+def test_script_caption_is_json_text(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"], n=1)
+    [image_id] = image_ids(app, job_id)
+    rev = users["reviewer"].headers
+    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "corrected", "text": "<script>alert(1)</script>"}, headers=rev)
+    r = client.get(f"/api/v1/images/{image_id}", headers=rev)
+    assert r.mimetype == "application/json" and r.json["review"]["text"] == "<script>alert(1)</script>"
+
+
+def test_submission_rate_limit(app, client, users):
+    from captioner.settings import Settings
+
+    settings: Settings = app.extensions["captioner"].settings
+    app.extensions["captioner"].settings = settings.model_copy(update={"submit_rate_limit": "2/minute"})
+    codes = [client.post("/api/v1/jobs", json={"keys": [f"k{i}.jpg"]}, headers=users["alice"].headers).status_code for i in range(3)]
+    assert codes == [202, 202, 429]
+    # The limit is per user: bob is not slowed down by alice.
+    assert client.post("/api/v1/jobs", json={"keys": ["b.jpg"]}, headers=users["bob"].headers).status_code == 202
+
+
+def test_session_api_calls_need_csrf(app, client, users):
+    assert client.post("/login", data={"email": "alice@example.com", "password": PASSWORD}).status_code == 400
+    assert login(client, "alice@example.com").status_code == 302
+    assert client.post("/api/v1/jobs", json={"keys": ["a.jpg"]}).status_code == 403
+    with client.session_transaction() as s:
+        token = s["csrf"]
+    r = client.post("/api/v1/jobs", json={"keys": ["a.jpg"]}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 202
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        assert session.scalar(select(Job.owner_id)) == users["alice"].id
+
+
+def test_reviews_record_reviewer(app, client, users):
+    job_id = _captioned_job(app, client, users["alice"], n=1)
+    [image_id] = image_ids(app, job_id, ImageStatus.CAPTIONED)
+    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=users["admin"].headers)
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        assert session.scalar(select(Review.reviewer_id)) == users["admin"].id
+
+
+def test_cli_submit_wait_and_export_through_a_live_server(app, users, tmp_path, monkeypatch):
+    """`captioner submit DIR --wait` and `captioner export` against the app on a real socket."""
+    import threading
+
+    from click.testing import CliRunner
+    from werkzeug.serving import make_server
+
+    from captioner.cli import cli
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png((i, 9, 9)))
+    monkeypatch.setenv("CAPTIONER_TOKEN", users["alice"].token)
+    from dashboard_helpers import fake_caption as caption_now
+
+    original = app.extensions["captioner"].publisher.captions
+
+    def publish_and_caption(job_id, ids, interactive=False):  # a worker that answers at once
+        original(job_id, ids, interactive=interactive)
+        threading.Timer(0.3, caption_now, args=(app, job_id)).start()
+
+    monkeypatch.setattr(app.extensions["captioner"].publisher, "captions", publish_and_caption)
+    try:
+        result = CliRunner().invoke(cli, ["submit", str(folder), "--server", url, "--wait"])
+        assert result.exit_code == 0, result.output
+        assert "3 captioned, 0 failed" in result.output
+        job_id = int(result.output.split()[1])
+        out = tmp_path / "e.jsonl"
+        result = CliRunner().invoke(cli, ["export", str(job_id), "--format", "jsonl", "--server", url, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert len(out.read_text().splitlines()) == 3
+        bad = CliRunner().invoke(cli, ["export", "999", "--server", url], env={"CAPTIONER_TOKEN": "cap_wrong"})
+        assert bad.exit_code != 0 and "401" in bad.output
+    finally:
+        server.shutdown()
+
+
+def test_cli_user_create(dashboard_settings, client):
+    from click.testing import CliRunner
+
+    from captioner.cli import cli
+
+    result = CliRunner().invoke(cli, ["user", "create", "boss@example.com", "--role", "admin", "--password", "long password",
+                                      "--url", dashboard_settings.database_url])
+    assert result.exit_code == 0, result.output
+    assert login(client, "boss@example.com", "long password").status_code == 302

@@ -1,0 +1,110 @@
+"""Server-rendered pages: login, CSRF on forms, roles, and text rendered as text."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from dashboard_helpers import csrf, fake_caption, image_ids, login, make_user, make_zip, png
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def accounts(app):
+    return {
+        "admin": make_user(app, "admin@example.com", "admin"),
+        "reviewer": make_user(app, "rev@example.com", "reviewer"),
+        "alice": make_user(app, "alice@example.com", "submitter"),
+    }
+
+
+def test_pages_need_login(client):
+    r = client.get("/jobs")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert client.get("/login").status_code == 200
+
+
+def test_wrong_password_and_open_redirect(client, accounts):
+    assert login(client, "alice@example.com", "wrong").status_code == 401
+    client.get("/login")
+    r = client.post("/login?next=https://evil.example/", data={"email": "alice@example.com", "password": "correct horse battery", "csrf_token": csrf(client)})
+    assert r.status_code == 302 and r.headers["Location"] == "/jobs"
+
+
+def test_submit_zip_from_the_form_and_watch_job(app, client, accounts, publisher):
+    login(client, "alice@example.com")
+    data = {"csrf_token": csrf(client), "name": "holiday", "archive": (io.BytesIO(make_zip({"a.png": png()})), "h.zip")}
+    r = client.post("/jobs/new", data=data, content_type="multipart/form-data")
+    assert r.status_code == 303
+    job_page = client.get(r.headers["Location"])
+    assert b"holiday" in job_page.data and b'id="job-progress"' in job_page.data
+    # Without the CSRF token the form is refused and nothing is created.
+    r = client.post("/jobs/new", data={"name": "x", "keys": "a.jpg"})
+    assert r.status_code == 400
+    assert len(client.get("/api/v1/jobs", headers=accounts["alice"].headers).json["items"]) == 1
+
+
+def test_refused_upload_is_flashed(client, accounts):
+    login(client, "alice@example.com")
+    data = {"csrf_token": csrf(client), "archive": (io.BytesIO(make_zip({"../x.png": png()})), "bad.zip")}
+    r = client.post("/jobs/new", data=data, content_type="multipart/form-data", follow_redirects=True)
+    assert b"path escapes the archive" in r.data
+
+
+def test_script_caption_renders_as_text_everywhere(app, client, accounts):
+    login(client, "alice@example.com")
+    data = {"csrf_token": csrf(client), "name": XSS, "files": [(io.BytesIO(png()), XSS + ".png")]}
+    client.post("/jobs/new", data=data, content_type="multipart/form-data")
+    [job] = client.get("/api/v1/jobs", headers=accounts["alice"].headers).json["items"]
+    fake_caption(app, job["id"], texts=[XSS])
+    [image_id] = image_ids(app, job["id"])
+    rev = accounts["reviewer"].headers
+    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "corrected", "text": XSS}, headers=rev)
+    pages = ["/jobs", f"/jobs/{job['id']}", "/review", "/export", "/account", "/try"]
+    for path in pages:
+        body = client.get(path).data.decode()
+        assert XSS not in body, path
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in client.get(f"/jobs/{job['id']}").data.decode()
+    # Every page forbids inline script, so even a slip could not run.
+    assert "script-src 'self'" in client.get("/jobs").headers["Content-Security-Policy"]
+    # The review page fills text with textContent only.
+    js = client.get("/static/review.js").data.decode()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js
+
+
+def test_roles_on_pages(client, accounts):
+    login(client, "alice@example.com")
+    assert client.get("/review").status_code == 403
+    assert client.get("/admin/users").status_code == 403
+    client.post("/logout", data={"csrf_token": csrf(client)})
+    login(client, "rev@example.com")
+    assert client.get("/review").status_code == 200
+
+
+def test_admin_creates_user_and_token_shown_once(client, accounts):
+    login(client, "admin@example.com")
+    r = client.post("/admin/users", data={"csrf_token": csrf(client), "email": "new@example.com", "password": "long enough", "role": "reviewer"}, follow_redirects=True)
+    assert b"new@example.com" in r.data
+    r = client.post("/account/tokens", data={"csrf_token": csrf(client), "name": "cli"})
+    token = r.data.decode().split('<pre id="new-token">')[1].split("</pre>")[0]
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json["email"] == "admin@example.com"
+    assert token not in client.get("/account").data.decode()
+
+
+def test_cancel_retry_and_bulk_approve_forms(app, client, accounts):
+    login(client, "rev@example.com")
+    token = csrf(client)
+    client.post("/jobs/new", data={"csrf_token": token, "files": [(io.BytesIO(png()), "a.png")]}, content_type="multipart/form-data")
+    [job] = client.get("/api/v1/jobs", headers=accounts["reviewer"].headers).json["items"]
+    fake_caption(app, job["id"], scores=[-0.1])
+    r = client.post(f"/jobs/{job['id']}/approve-above", data={"csrf_token": token, "min_score": "-1"}, follow_redirects=True)
+    assert b"Approved 1 captions" in r.data
+
+
+def test_api_docs_are_served_locally(client):
+    page = client.get("/api/docs").data.decode()
+    assert "/api/docs/assets/swagger-ui-bundle.js" in page and "cdn." not in page
+    assert client.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
+    spec = client.get("/api/openapi.json").json
+    assert "/api/v1/jobs" in spec["paths"] and "/api/v1/review/queue" in spec["paths"]

@@ -1,0 +1,93 @@
+"""Webhooks: HMAC signatures, outbox idempotence, address rules, retries with backoff."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from captioner import jobs, webhooks
+from captioner.models import User, Webhook, WebhookDelivery, WebhookStatus
+from captioner.settings import Settings
+
+
+@pytest.fixture
+def receiver():
+    """A loopback receiver; answers with the codes in `codes` (then 200) and keeps requests."""
+    received, codes = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(codes.pop(0) if codes else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received, codes
+    server.shutdown()
+
+
+def finished_job(session, url):
+    user = User(email="o@example.com")
+    session.add(user)
+    session.flush()
+    hook = Webhook(owner_id=user.id, url=url, secret="s3cret", events=[])
+    session.add(hook)
+    job = jobs.create_job(session, "j", owner_id=user.id)
+    [image_id] = jobs.submit_images(session, job.id, ["a.jpg"])
+    jobs.claim_images(session, worker_id="w", lease_seconds=60)
+    jobs.fail_image(session, image_id, "broken")
+    jobs.finish_completed_jobs(session)
+    session.expire_all()
+    return job
+
+
+def test_sign_and_verify():
+    body = b'{"event":"job.completed"}'
+    signature = webhooks.sign("k", body)
+    assert signature.startswith("sha256=") and webhooks.verify("k", body, signature)
+    assert not webhooks.verify("k", body + b" ", signature) and not webhooks.verify("other", body, signature)
+
+
+def test_delivery_signed_to_allow_listed_loopback(session, receiver):
+    url, received, _ = receiver
+    job = finished_job(session, url)
+    ids = webhooks.record_job_events(session, [job.id])
+    assert len(ids) == 1 and webhooks.record_job_events(session, [job.id]) == []  # idempotent
+    settings = Settings(url_allow_hosts=["127.0.0.1"])
+    attempt = webhooks.deliver(session, ids[0], settings=settings)
+    assert attempt.status == WebhookStatus.DELIVERED
+    [(headers, body)] = received
+    assert webhooks.verify("s3cret", body, headers["X-Captioner-Signature"])
+    payload = json.loads(body)
+    assert payload["event"] == "job.failed" and payload["job"]["failed_count"] == 1
+    assert webhooks.deliver(session, ids[0], settings=settings).status == WebhookStatus.DELIVERED
+    assert len(received) == 1  # delivered rows are not sent again
+
+
+def test_loopback_refused_without_allow_list(session, receiver):
+    url, received, _ = receiver
+    job = finished_job(session, url)
+    [delivery_id] = webhooks.record_job_events(session, [job.id])
+    attempt = webhooks.deliver(session, delivery_id, settings=Settings())
+    assert attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error and received == []
+
+
+def test_retries_with_exponential_backoff_then_fail(session, receiver):
+    url, received, codes = receiver
+    codes.extend([500, 503, 500])
+    job = finished_job(session, url)
+    [delivery_id] = webhooks.record_job_events(session, [job.id])
+    settings = Settings(url_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3)
+    delays = [webhooks.deliver(session, delivery_id, settings=settings).retry_in_seconds for _ in range(2)]
+    assert delays == [5, 10]
+    last = webhooks.deliver(session, delivery_id, settings=settings)
+    assert last.status == WebhookStatus.FAILED and last.error == "HTTP 500"
+    assert session.get(WebhookDelivery, delivery_id).attempts == 3 and len(received) == 3

@@ -1,0 +1,442 @@
+"""Celery tasks: `caption_batch` (the caption path) and `sweep` (the safety net).
+
+`caption_batch(job_id, image_ids)`, step by step; each step's way out is named and logged:
+
+1. resolve the model version that should caption now (swap models between batches if a new one
+   was promoted) -- `model unavailable` if there is none: nothing is claimed, the task retries;
+2. claim the images (queued -> running, with a lease) -- `nothing to claim` if another worker or
+   an earlier delivery of this message already took or finished them (a duplicate is a no-op);
+3. fetch their bytes from the object store on a thread pool, decode them safely and preprocess;
+   a missing or undecodable image is failed alone with its reason; a transient storage error
+   gives that image back for a retry;
+4. run the model once on the whole batch -- a model error gives the batch back for a retry;
+5. in one transaction: keep only images whose lease this worker still holds (`lost lease`
+   otherwise: the sweeper handed them to someone else), upsert captions (never over a reviewed
+   one), mark images captioned / failed, finish the job if it is done -- `batch done`;
+6. transient errors (database, storage, model) retry with exponential backoff up to
+   `Settings.task_max_retries` -- `gave up` after that, leaving the images to the sweeper; every
+   claim counts an attempt, and images past `Settings.max_attempts` are failed, so nothing
+   loops forever.
+
+`sweep()` re-publishes images whose lease expired or that sat queued too long (their message was
+lost: Redis flushed, worker killed), fails images past the attempt cap, and finishes jobs whose
+images are all done. SQL is the source of truth, so sweeping is always safe to repeat.
+
+torch is imported only when a batch first needs the model (`workers.model_runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from captioner import jobs
+from captioner.db import make_engine, make_sessionmaker, session_scope
+from captioner.images import ImageRejected, decode_image
+from captioner.models import Image, ImageStatus, Job, utcnow
+from captioner.queue import TASK_CAPTION_BATCH, TASK_SWEEP, publish_caption_batches
+from captioner.settings import Settings, get_settings
+from captioner.storage import InvalidKey, ObjectNotFound, open_store
+from workers import metrics
+from workers.model_runtime import ModelRuntime, ModelUnavailable
+
+log = logging.getLogger("captioner.worker")
+
+NOT_FOUND_REASON = "image file not found in storage"
+STORAGE_GAVE_UP_REASON = "could not read the image from storage after {attempts} attempts: {error}"
+MODEL_REJECTED_REASON = "could not prepare the image for the model: {error}"
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying (database, storage or model); `image_ids` to retry."""
+
+    def __init__(self, message: str, image_ids: list[int]) -> None:
+        super().__init__(message)
+        self.image_ids = image_ids
+
+
+# --- per-process resources ------------------------------------------------------------------
+
+
+class _Resources:
+    """Engine, session factory, object store and model runtime of one worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.store = open_store(settings.storage_url, settings)
+        self.runtime = ModelRuntime(settings)
+        self.fetch_pool = ThreadPoolExecutor(
+            max_workers=settings.fetch_threads, thread_name_prefix="fetch"
+        )
+
+
+_resources_lock = threading.Lock()
+_resources_by_key: dict[tuple[str, str], _Resources] = {}
+
+
+def resources(settings: Settings | None = None) -> _Resources:
+    settings = settings or get_settings()
+    key = (settings.database_url, settings.storage_url)
+    with _resources_lock:
+        res = _resources_by_key.get(key)
+        if res is None:
+            res = _resources_by_key[key] = _Resources(settings)
+        return res
+
+
+def _worker_id(task) -> str:
+    hostname = getattr(task.request, "hostname", None) or socket.gethostname()
+    return f"{hostname}/{os.getpid()}"
+
+
+def _backoff(retries: int) -> float:
+    """Seconds before retry number `retries + 1`: 1, 2, 4, ... up to 60, with jitter."""
+    return min(60.0, 2.0**retries) * random.uniform(0.75, 1.25)
+
+
+def _is_transient_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+# --- caption_batch --------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """What came of fetching and decoding one image."""
+
+    pixels: Any = None  # a preprocessed tensor (3, H, W)
+    width: int | None = None
+    height: int | None = None
+    reason: str | None = None  # permanent failure, for people
+    reason_kind: str = ""  # metrics label
+    transient: str | None = None  # transient failure: retry
+
+
+@dataclass
+class BatchOutcome:
+    claimed: list[int] = field(default_factory=list)
+    captioned: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    retry: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    model_version_id: int | None = None
+
+
+def _prepare(store, key: str, settings: Settings, preprocess) -> _Prepared:
+    try:
+        data = store.get(key)
+    except (ObjectNotFound, InvalidKey) as exc:
+        kind = "not_found" if isinstance(exc, ObjectNotFound) else "invalid_key"
+        reason = NOT_FOUND_REASON if kind == "not_found" else f"invalid storage key: {exc}"
+        return _Prepared(reason=reason, reason_kind=kind)
+    except Exception as exc:  # network, throttling, disk: retried, never swallowed
+        return _Prepared(transient=f"{type(exc).__name__}: {exc}")
+    try:
+        image = decode_image(
+            data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+        )
+    except ImageRejected as exc:
+        return _Prepared(reason=exc.reason, reason_kind=type(exc).__name__)
+    try:
+        pixels = preprocess(image)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _Prepared(
+            reason=MODEL_REJECTED_REASON.format(error=exc), reason_kind="preprocess"
+        )
+    return _Prepared(pixels=pixels, width=image.width, height=image.height)
+
+
+def run_caption_batch(
+    job_id: int, image_ids: list[int], *, worker_id: str, settings: Settings, retrying: bool
+) -> BatchOutcome:
+    """One batch, start to end (see the module docstring). Raises TransientError to retry."""
+    import torch
+
+    res = resources(settings)
+    out = BatchOutcome()
+    ids = sorted({int(i) for i in image_ids})
+
+    # 1. The model that should caption now (a new promotion is picked up here).
+    try:
+        with session_scope(res.sessions) as s:
+            wanted = res.runtime.wanted(s)
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable resolving the model: {exc}", ids) from exc
+    loaded = res.runtime.ensure(wanted)
+    out.model_version_id = loaded.version_id
+
+    # 2. Claim. On a retry, first give back what this worker still holds from the last try.
+    try:
+        with session_scope(res.sessions) as s:
+            if retrying:
+                jobs.requeue_images(s, ids, worker_id=worker_id)
+            out.claimed = jobs.claim_images(
+                s,
+                worker_id=worker_id,
+                lease_seconds=settings.lease_seconds,
+                image_ids=ids,
+                job_id=job_id,
+                max_attempts=settings.max_attempts,
+            )
+            rows = s.execute(
+                select(Image.id, Image.storage_key, Image.attempts).where(
+                    Image.id.in_(out.claimed or [-1])
+                )
+            ).all()
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable while claiming: {exc}", ids) from exc
+    if not out.claimed:
+        return out
+    keys = {image_id: key for image_id, key, _ in rows}
+    attempts = {image_id: n for image_id, _, n in rows}
+
+    # 3. Fetch, decode and preprocess concurrently; each image's trouble stays its own.
+    preprocess = loaded.captioner.preprocess
+    futures = {
+        image_id: res.fetch_pool.submit(_prepare, res.store, keys[image_id], settings, preprocess)
+        for image_id in out.claimed
+    }
+    prepared = {image_id: future.result() for image_id, future in futures.items()}
+    good = [i for i in out.claimed if prepared[i].pixels is not None]
+
+    # 4. The model, once for the whole batch.
+    results: dict[int, list] = {}
+    if good:
+        started = time.perf_counter()
+        try:
+            pixels = torch.stack([prepared[i].pixels for i in good]).to(loaded.captioner.device)
+            hyps = loaded.captioner.caption_tensors(pixels, res.runtime.decode_options())
+        except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
+            _give_back(res, out.claimed, worker_id)
+            raise TransientError(f"model failed on the batch: {exc}", ids) from exc
+        metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
+        results = dict(zip(good, hyps, strict=True))
+
+    # 5. Save, fenced by the lease: only images this worker still holds are written.
+    try:
+        with session_scope(res.sessions) as s:
+            held = set(
+                jobs.extend_lease(
+                    s, out.claimed, worker_id=worker_id, lease_seconds=settings.lease_seconds
+                )
+            )
+            out.lost = [i for i in out.claimed if i not in held]
+            give_back = []
+            for image_id in out.claimed:
+                if image_id not in held:
+                    continue
+                p = prepared[image_id]
+                if image_id in results and results[image_id]:
+                    cands = results[image_id]
+                    jobs.complete_image(
+                        s,
+                        image_id=image_id,
+                        model_version_id=loaded.version_id,
+                        text=cands[0].text,
+                        score=float(cands[0].score),
+                        candidates=[{"text": c.text, "score": float(c.score)} for c in cands],
+                        width=p.width,
+                        height=p.height,
+                    )
+                    out.captioned.append(image_id)
+                elif p.transient is not None:
+                    if attempts[image_id] >= settings.max_attempts:
+                        reason = STORAGE_GAVE_UP_REASON.format(
+                            attempts=attempts[image_id], error=p.transient
+                        )
+                        jobs.fail_image(s, image_id, reason)
+                        out.failed[image_id] = reason
+                        metrics.IMAGES_FAILED.labels(reason="storage").inc()
+                    else:
+                        give_back.append(image_id)
+                else:
+                    reason = p.reason or "the model produced no caption"
+                    if jobs.fail_image(s, image_id, reason):
+                        out.failed[image_id] = reason
+                        metrics.IMAGES_FAILED.labels(reason=p.reason_kind or "no_caption").inc()
+            if give_back:
+                out.retry = jobs.requeue_images(s, give_back, worker_id=worker_id)
+            if jobs.job_progress(s, job_id).is_complete:
+                jobs.finish_completed_jobs(s)
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable while saving: {exc}", ids) from exc
+    metrics.IMAGES_CAPTIONED.inc(len(out.captioned))
+    return out
+
+
+def _give_back(res: _Resources, image_ids: list[int], worker_id: str) -> None:
+    """Release this worker's claims (best effort: if the database is down, leases expire)."""
+    try:
+        with session_scope(res.sessions) as s:
+            jobs.requeue_images(s, image_ids, worker_id=worker_id)
+    except OperationalError:
+        log.warning("could not give back %d images; their leases will expire", len(image_ids))
+
+
+@shared_task(name=TASK_CAPTION_BATCH, bind=True, max_retries=None, acks_late=True)
+def caption_batch(self, job_id: int, image_ids: list[int]) -> dict[str, Any]:
+    """Caption one chunk of a job's images. Messages carry ids only; running twice is a no-op."""
+    settings = get_settings()
+    worker_id = _worker_id(self)
+    retries = self.request.retries or 0
+    started = time.perf_counter()
+    try:
+        out = run_caption_batch(
+            job_id, image_ids, worker_id=worker_id, settings=settings, retrying=retries > 0
+        )
+    except (TransientError, ModelUnavailable) as exc:
+        retry_ids = exc.image_ids if isinstance(exc, TransientError) else list(image_ids)
+        if retries >= settings.task_max_retries:
+            metrics.BATCHES.labels(outcome="gave_up").inc()
+            log.error(
+                "gave up: job %s, %d images after %d retries (%s); the sweeper re-publishes them",
+                job_id, len(retry_ids), retries, exc,
+            )
+            return {"outcome": "gave_up", "error": str(exc)}
+        countdown = _backoff(retries)
+        metrics.BATCHES.labels(outcome="retry").inc()
+        log.warning(
+            "retrying: job %s, %d images in %.1fs (retry %d of %d): %s",
+            job_id, len(retry_ids), countdown, retries + 1, settings.task_max_retries, exc,
+        )
+        raise self.retry(args=(job_id, retry_ids), countdown=countdown, exc=exc) from None
+    except SoftTimeLimitExceeded:
+        _give_back(resources(settings), list(image_ids), worker_id)
+        metrics.BATCHES.labels(outcome="time_limit").inc()
+        log.error("time limit: job %s, gave %d images back", job_id, len(image_ids))
+        raise
+    except Exception as exc:
+        if _is_transient_db_error(exc) and retries < settings.task_max_retries:
+            metrics.BATCHES.labels(outcome="retry").inc()
+            log.warning("retrying: job %s, database error: %s", job_id, exc)
+            raise self.retry(countdown=_backoff(retries), exc=exc) from None
+        metrics.BATCHES.labels(outcome="error").inc()
+        log.exception("error: job %s batch failed; leases expire and the sweeper retries", job_id)
+        raise
+    elapsed = time.perf_counter() - started
+    metrics.BATCH_SECONDS.observe(elapsed)
+    if not out.claimed:
+        metrics.BATCHES.labels(outcome="nothing_to_claim").inc()
+        log.info("nothing to claim: job %s, %d ids already taken or done", job_id, len(image_ids))
+        return {"outcome": "nothing_to_claim"}
+    if out.lost:
+        log.warning("lost lease: job %s, %d images now held by another worker", job_id, len(out.lost))
+    if out.retry:
+        # The images are back in the queue (SQL); a new message for them, after a pause.
+        log.warning("retrying: job %s, %d images had transient storage errors", job_id, len(out.retry))
+        if retries < settings.task_max_retries:
+            self.retry(
+                args=(job_id, out.retry), countdown=_backoff(retries), throw=False
+            )
+    metrics.BATCHES.labels(outcome="done").inc()
+    log.info(
+        "batch done: job %s, %d claimed, %d captioned, %d failed, %d retried, %d lost, "
+        "model version %s, %.2fs",
+        job_id, len(out.claimed), len(out.captioned), len(out.failed), len(out.retry),
+        len(out.lost), out.model_version_id, elapsed,
+    )
+    return {
+        "outcome": "done",
+        "captioned": len(out.captioned),
+        "failed": len(out.failed),
+        "retried": len(out.retry),
+        "lost": len(out.lost),
+    }
+
+
+# --- sweep ----------------------------------------------------------------------------------
+
+
+def _fail_queued_past_cap(session, max_attempts: int) -> list[int]:
+    """Queued images already claimed `max_attempts` times can never be claimed again: fail them."""
+    rows = session.execute(
+        update(Image)
+        .where(Image.status == ImageStatus.QUEUED, Image.attempts >= max_attempts)
+        .values(
+            status=ImageStatus.FAILED,
+            failure_reason=jobs.LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
+            lease_owner=None,
+            lease_until=None,
+            finished_at=utcnow(),
+        )
+        .returning(Image.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(rows.scalars())
+
+
+def run_sweep(settings: Settings | None = None) -> dict[str, int]:
+    """One sweep (see the module docstring); publishes only after its transaction commits."""
+    settings = settings or get_settings()
+    res = resources(settings)
+    with session_scope(res.sessions) as s:
+        expired = jobs.release_expired_leases(s, max_attempts=settings.max_attempts)
+        capped = _fail_queued_past_cap(s, settings.max_attempts)
+        stale = jobs.requeue_stale_queued(s, older_than_seconds=settings.queued_timeout_seconds)
+        groups = jobs.group_by_job(s, sorted(set(expired) | set(stale)))
+        priorities = dict(
+            s.execute(select(Job.id, Job.priority).where(Job.id.in_(list(groups) or [-1]))).all()
+        )
+        finished = jobs.finish_completed_jobs(s)
+    published = 0
+    for job_id, ids in groups.items():
+        published += publish_caption_batches(
+            job_id, ids, interactive=priorities.get(job_id, 0) > 0, settings=settings
+        )
+    summary = {
+        "expired": len(expired),
+        "stale": len(stale),
+        "failed_past_cap": len(capped),
+        "messages": published,
+        "jobs_finished": len(finished),
+    }
+    if any(summary.values()):
+        log.info("sweep: %s", summary)
+    return summary
+
+
+@shared_task(name=TASK_SWEEP)
+def sweep() -> dict[str, int]:
+    return run_sweep()
+
+
+# --- worker lifecycle: every exit path named and logged --------------------------------------
+
+
+@worker_ready.connect
+def _on_worker_ready(sender=None, **_kwargs) -> None:
+    settings = get_settings()
+    port = metrics.start_metrics_server(settings.metrics_port)
+    log.info(
+        "worker ready: %s pid %d, device %s, batch size %d, metrics %s",
+        getattr(sender, "hostname", "?"), os.getpid(), settings.device, settings.batch_size,
+        f"on port {port}" if port else "off",
+    )
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(sig=None, how=None, exitcode=None, **_kwargs) -> None:
+    log.info("worker stopping: signal %s, %s shutdown, exit code %s", sig, how, exitcode)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_kwargs) -> None:
+    log.info("worker stopped: pid %d", os.getpid())
