@@ -368,6 +368,67 @@ def complete_image(
     )
 
 
+@dataclass
+class CaptionRow:
+    """One image's caption, for `complete_images`."""
+
+    image_id: int
+    text: str
+    score: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+
+
+def complete_images(session: Session, model_version_id: int, rows: Sequence[CaptionRow]) -> None:
+    """`complete_image` for a whole batch in two statements: one multi-row caption upsert
+    (never over a reviewed caption) and one executemany UPDATE of the images."""
+    if not rows:
+        return
+    now = utcnow()
+    insert = _dialect_insert(session)(Caption).values(
+        [
+            {
+                "image_id": r.image_id,
+                "model_version_id": model_version_id,
+                "text": r.text,
+                "score": r.score,
+                "candidates": r.candidates,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for r in rows
+        ]
+    )
+    unreviewed = ~exists().where(Review.caption_id == literal_column("captions.id"))
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[Caption.image_id, Caption.model_version_id],
+            set_={
+                "text": insert.excluded.text,
+                "score": insert.excluded.score,
+                "candidates": insert.excluded.candidates,
+                "updated_at": insert.excluded.updated_at,
+            },
+            where=unreviewed,
+        )
+    )
+    done = {
+        "status": ImageStatus.CAPTIONED,
+        "failure_reason": None,
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": now,
+    }
+    session.execute(
+        update(Image),
+        [
+            {"id": r.image_id, **done, **({"width": r.width, "height": r.height} if r.width else {})}
+            for r in rows
+        ],
+    )
+
+
 def fail_image(session: Session, image_id: int, reason: str) -> bool:
     """Mark an image failed with a reason a person can read; returns False if it was captioned.
 

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     )
     caption_num_beams: int = Field(default=1, ge=1, description="Beam width in workers (1 = greedy).")
     caption_n_best: int = Field(default=3, ge=1, description="Candidates kept per image in workers.")
+    gpu_decode: bool = Field(
+        default=True,
+        description="On a CUDA worker, decode plain RGB/greyscale JPEGs on the GPU (nvJPEG) in "
+        "batches; other images, and any the GPU cannot decode, take the CPU path.",
+    )
     fetch_threads: int = Field(
         default=8, ge=1, description="Threads a worker uses to fetch one batch's images from storage."
     )
@@ -216,6 +221,34 @@ class Settings(BaseSettings):
         default="memory://",
         description="Where rate-limit counters live: `memory://` (one process) or a "
         "`redis://` URL shared by all web processes.",
+    )
+
+    # --- running it: the embedded stack (`captioner run`), logs (issue 8) ---
+    dashboard_host: str = Field(
+        default="127.0.0.1",
+        description="Address the dashboard of `captioner run` / `captioner serve` listens on; "
+        "`0.0.0.0` makes it reachable from other machines.",
+    )
+    dashboard_port: int = Field(
+        default=5000,
+        ge=1,
+        le=65535,
+        description="Port the dashboard of `captioner run` / `captioner serve` listens on.",
+    )
+    embedded_redis_port: int = Field(
+        default=6390,
+        ge=1,
+        le=65535,
+        description="Port of the private Redis that `captioner run` starts for itself (it must "
+        "differ from any other Redis on the machine); ignored by deployments.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines as plain text or as one JSON object per line (with `job_id` and "
+        "`image_id` when a line is about them).",
+    )
+    log_level: str = Field(
+        default="INFO", description="Lowest level logged: DEBUG, INFO, WARNING or ERROR."
     )
 
     @field_validator("device")

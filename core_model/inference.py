@@ -56,21 +56,69 @@ class DecodeOptions:
     seed: int | None = None
 
 
-class ImageCaptioner:
-    """Loads a checkpoint (or takes a built model) and captions lists of images or paths."""
+def max_batch_for_memory(model, free_bytes: int, max_new_tokens: int, num_beams: int = 1,
+                         dtype_bytes: int = 2, headroom: float = 0.5) -> int:
+    """Largest batch whose KV cache and activations fit in `headroom` of `free_bytes`.
 
-    def __init__(self, model, device: str | torch.device = "auto", batch_size: int = 32, meta=None):
+    Per image: the decoder's KV cache (2 x layers x (prefix + new tokens) x width x beams),
+    the vocabulary-sized logits of each row (float32, a few live copies), and the encoder's
+    activations (tokens x width x depth-independent working set, about 24 live tensors).
+    """
+    cfg = model.cfg
+    dec = cfg.decoder_config
+    T = cfg.n_prefix_tokens + max_new_tokens
+    kv = 2 * dec.n_layer * T * dec.n_embd * dtype_bytes * num_beams
+    logits = 4 * dec.vocab_size * 4 * num_beams
+    enc = model.encoder
+    n_tokens = getattr(getattr(enc, "patch_embed", None), "num_patches", 196) + 1
+    acts = 24 * n_tokens * enc.num_features * dtype_bytes
+    per_image = kv + logits + acts
+    return max(1, int(free_bytes * headroom) // per_image)
+
+
+class ImageCaptioner:
+    """Loads a checkpoint (or takes a built model) and captions lists of images or paths.
+
+    On CUDA, greedy and beam decoding go through `FastGenerator` (bf16, CUDA graphs): batches
+    are padded to `batch_size` so one captured graph serves every batch of a run.
+    """
+
+    def __init__(
+        self,
+        model,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        meta=None,
+        fast: bool | None = None,
+    ):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.meta = meta or {}
         self.batch_size = batch_size
         self.preprocess = Preprocessor.for_encoder(model.encoder)
         self.tokenizer = CaptionTokenizer(model.cfg.decoder_config.vocab_size)
+        self.fast = None
+        if fast or (fast is None and self.device.type == "cuda"):
+            from .fastgen import FastGenerator
+
+            self.fast = FastGenerator(self.model)
+        if self.device.type == "cuda":  # no more per batch than free GPU memory holds
+            free, _ = torch.cuda.mem_get_info(self.device)
+            fit = max_batch_for_memory(self.model, free, self.model.cfg.max_caption_tokens)
+            self.batch_size = max(1, min(batch_size, fit))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32):
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32,
+                        fast: bool | None = None):
         model, meta = load_checkpoint(path, device="cpu")
-        return cls(model, device=device, batch_size=batch_size, meta=meta)
+        return cls(model, device=device, batch_size=batch_size, meta=meta, fast=fast)
+
+    def tensor_preprocessor(self):
+        """Device-side resize + normalise for images decoded on the device (same data config)."""
+        from .preprocess import data_config
+        from .tensor_preprocess import TensorPreprocessor
+
+        return TensorPreprocessor(data_config(self.model.encoder), self.device)
 
     def caption(
         self,
@@ -97,7 +145,7 @@ class ImageCaptioner:
         for start in range(0, len(tensors), self.batch_size):
             chunk = tensors[start : start + self.batch_size]
             pixels = torch.stack([t for _, t in chunk]).to(self.device)
-            for (i, _), hyps in zip(chunk, self.caption_tensors(pixels, opts)):
+            for (i, _), hyps in zip(chunk, self.caption_tensors(pixels, opts), strict=False):
                 results[i].candidates = hyps
             if progress is not None:
                 progress.update(len(chunk))  # type: ignore[attr-defined]
@@ -107,8 +155,11 @@ class ImageCaptioner:
     def caption_tensors(self, pixels: torch.Tensor, options: DecodeOptions | None = None) -> list[list[Candidate]]:
         """Preprocessed pixels (B, 3, H, W) -> candidates per image, best first."""
         o = options or DecodeOptions()
+        if self.fast is not None and not o.do_sample:
+            return self._decode_hyps(self._fast_generate(pixels, o))
+        dtype = next(self.model.parameters()).dtype
         hyps = self.model.generate(
-            pixels,
+            pixels.to(self.device, dtype),
             num_beams=o.num_beams,
             n_best=o.n_best,
             max_new_tokens=o.max_new_tokens,
@@ -118,6 +169,24 @@ class ImageCaptioner:
             top_p=o.top_p,
             seed=o.seed,
         )
+        return self._decode_hyps(hyps)
+
+    def _fast_generate(self, pixels: torch.Tensor, o: DecodeOptions) -> list:
+        """Fixed-shape chunks of batch_size (the last one padded), so graphs are reused."""
+        out: list = []
+        bs = self.batch_size
+        for start in range(0, len(pixels), bs):
+            chunk = pixels[start : start + bs]
+            n = len(chunk)
+            if n < bs:
+                pad = chunk[-1:].expand(bs - n, *chunk.shape[1:])
+                chunk = torch.cat([chunk, pad])
+            hyps = self.fast.generate(chunk, num_beams=o.num_beams, n_best=o.n_best,
+                                      max_new_tokens=o.max_new_tokens)
+            out.extend(hyps[:n])
+        return out
+
+    def _decode_hyps(self, hyps: list) -> list[list[Candidate]]:
         out = []
         for per_image in hyps:
             cands, seen = [], set()

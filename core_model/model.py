@@ -417,7 +417,7 @@ class CaptionModel(nn.Module):
         scores = (total / count.clamp(min=1)).view(B, n).tolist()
         toks = tokens.view(B, n, max_new).tolist()
         return [
-            self._best([Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b])], n)
+            self._best([Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b], strict=False)], n)
             for b in range(B)
         ]
 

@@ -137,7 +137,7 @@ def test_beam_best_score_at_least_greedy(overfit, tiny_cfg, trained):
         pixels = torch.randn(6, 3, 160, 160)
     greedy = model.generate(pixels, max_new_tokens=8)
     beam = model.generate(pixels, num_beams=4, max_new_tokens=8)
-    for g, b in zip(greedy, beam):
+    for g, b in zip(greedy, beam, strict=False):
         assert b[0].score >= g[0].score - 1e-4  # float32 noise across batch shapes
 
 
@@ -172,7 +172,7 @@ def test_batched_greedy_equals_one_at_a_time(overfit):
     model, _, pixels, _ = overfit
     batched = model.generate(pixels)
     single = [model.generate(pixels[i : i + 1])[0] for i in range(len(pixels))]
-    for x, y in zip(batched, single):
+    for x, y in zip(batched, single, strict=False):
         assert x[0].tokens == y[0].tokens
         assert x[0].score == pytest.approx(y[0].score, abs=1e-4)
 

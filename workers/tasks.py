@@ -1,4 +1,5 @@
-"""Celery tasks: `caption_batch` (the caption path) and `sweep` (the safety net).
+"""Celery tasks: `caption_batch` (the caption path), `sweep` (the safety net) and the maintenance
+tasks `enumerate_prefix`, `fetch_urls` (submissions too big for a request) and `deliver_webhook`.
 
 `caption_batch(job_id, image_ids)`, step by step; each step's way out is named and logged:
 
@@ -19,8 +20,13 @@
    loops forever.
 
 `sweep()` re-publishes images whose lease expired or that sat queued too long (their message was
-lost: Redis flushed, worker killed), fails images past the attempt cap, and finishes jobs whose
-images are all done. SQL is the source of truth, so sweeping is always safe to repeat.
+lost: Redis flushed, worker killed), fails images past the attempt cap, finishes jobs whose
+images are all done, and re-sends webhook deliveries that are overdue (their message was lost).
+SQL is the source of truth, so sweeping is always safe to repeat.
+
+Whoever finishes jobs (a batch, the sweeper) records their webhook events in the same
+transaction (`webhooks.record_job_events`, an outbox) and publishes the deliveries after the
+commit; a delivery whose message is lost is re-sent by the sweeper.
 
 torch is imported only when a batch first needs the model (`workers.model_runtime`).
 """
@@ -35,21 +41,25 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from captioner import jobs
+from captioner import ingest, jobs, webhooks
 from captioner.db import make_engine, make_sessionmaker, session_scope
-from captioner.images import ImageRejected, decode_image
+from captioner.images import ImageRejected, decode_image, open_image
+from captioner.ingest import TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS
 from captioner.models import Image, ImageStatus, Job, utcnow
 from captioner.queue import TASK_CAPTION_BATCH, TASK_SWEEP, publish_caption_batches
 from captioner.settings import Settings, get_settings
 from captioner.storage import InvalidKey, ObjectNotFound, open_store
+from captioner.webhooks import TASK_DELIVER_WEBHOOK
 from workers import metrics
 from workers.model_runtime import ModelRuntime, ModelUnavailable
 
@@ -123,6 +133,7 @@ class _Prepared:
     """What came of fetching and decoding one image."""
 
     pixels: Any = None  # a preprocessed tensor (3, H, W)
+    jpeg: bytes | None = None  # bytes left for the batched device decoder
     width: int | None = None
     height: int | None = None
     reason: str | None = None  # permanent failure, for people
@@ -138,9 +149,11 @@ class BatchOutcome:
     retry: list[int] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
     model_version_id: int | None = None
+    finished_jobs: list[int] = field(default_factory=list)
+    deliveries: list[int] = field(default_factory=list)  # webhook deliveries recorded
 
 
-def _prepare(store, key: str, settings: Settings, preprocess) -> _Prepared:
+def _prepare(store, key: str, settings: Settings, preprocess, device_jpeg: bool = False) -> _Prepared:
     try:
         data = store.get(key)
     except (ObjectNotFound, InvalidKey) as exc:
@@ -149,6 +162,27 @@ def _prepare(store, key: str, settings: Settings, preprocess) -> _Prepared:
         return _Prepared(reason=reason, reason_kind=kind)
     except Exception as exc:  # network, throttling, disk: retried, never swallowed
         return _Prepared(transient=f"{type(exc).__name__}: {exc}")
+    header = _device_decodable(data, settings) if device_jpeg else None
+    if header is not None:
+        return _Prepared(jpeg=data, width=header.width, height=header.height)
+    return _decode_on_cpu(data, settings, preprocess)
+
+
+def _device_decodable(data: bytes, settings: Settings):
+    """The header of a plain RGB or greyscale JPEG, within limits and not rotated by EXIF
+    (nvJPEG gives the same pixels as the CPU path); None sends it to the CPU path."""
+    try:
+        header = open_image(
+            data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+        )
+    except ImageRejected:
+        return None  # the CPU path names the reason
+    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+        return None
+    return header if header.getexif().get(0x0112, 1) == 1 else None
+
+
+def _decode_on_cpu(data: bytes, settings: Settings, preprocess) -> _Prepared:
     try:
         image = decode_image(
             data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
@@ -162,6 +196,25 @@ def _prepare(store, key: str, settings: Settings, preprocess) -> _Prepared:
             reason=MODEL_REJECTED_REASON.format(error=exc), reason_kind="preprocess"
         )
     return _Prepared(pixels=pixels, width=image.width, height=image.height)
+
+
+def _decode_jpegs_on_device(prepared: dict[int, _Prepared], captioner, settings: Settings) -> None:
+    """Decode the batch's device-decodable JPEGs in one nvJPEG call; fall back per image."""
+    from core_model.tensor_preprocess import decode_jpegs
+
+    ids = [i for i, p in prepared.items() if p.jpeg is not None]
+    if not ids:
+        return
+    decoded = decode_jpegs([prepared[i].jpeg for i in ids], captioner.device)
+    ok = [(i, t) for i, t in zip(ids, decoded, strict=True) if t is not None]
+    if ok:
+        pixels = captioner.tensor_preprocessor()([t for _, t in ok])
+        for (i, _), px in zip(ok, pixels, strict=True):
+            prepared[i].pixels, prepared[i].jpeg = px, None
+    for i in ids:
+        if prepared[i].jpeg is not None:  # nvJPEG refused it: the CPU path decides
+            p = _decode_on_cpu(prepared[i].jpeg, settings, captioner.preprocess)
+            prepared[i] = p
 
 
 def run_caption_batch(
@@ -210,11 +263,16 @@ def run_caption_batch(
 
     # 3. Fetch, decode and preprocess concurrently; each image's trouble stays its own.
     preprocess = loaded.captioner.preprocess
+    device_jpeg = settings.gpu_decode and loaded.captioner.device.type == "cuda"
     futures = {
-        image_id: res.fetch_pool.submit(_prepare, res.store, keys[image_id], settings, preprocess)
+        image_id: res.fetch_pool.submit(
+            _prepare, res.store, keys[image_id], settings, preprocess, device_jpeg
+        )
         for image_id in out.claimed
     }
     prepared = {image_id: future.result() for image_id, future in futures.items()}
+    if device_jpeg:
+        _decode_jpegs_on_device(prepared, loaded.captioner, settings)
     good = [i for i in out.claimed if prepared[i].pixels is not None]
 
     # 4. The model, once for the whole batch.
@@ -222,7 +280,8 @@ def run_caption_batch(
     if good:
         started = time.perf_counter()
         try:
-            pixels = torch.stack([prepared[i].pixels for i in good]).to(loaded.captioner.device)
+            dev = loaded.captioner.device
+            pixels = torch.stack([prepared[i].pixels.to(dev, non_blocking=True) for i in good])
             hyps = loaded.captioner.caption_tensors(pixels, res.runtime.decode_options())
         except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
             _give_back(res, out.claimed, worker_id)
@@ -240,21 +299,22 @@ def run_caption_batch(
             )
             out.lost = [i for i in out.claimed if i not in held]
             give_back = []
+            rows: list[jobs.CaptionRow] = []
             for image_id in out.claimed:
                 if image_id not in held:
                     continue
                 p = prepared[image_id]
                 if image_id in results and results[image_id]:
                     cands = results[image_id]
-                    jobs.complete_image(
-                        s,
-                        image_id=image_id,
-                        model_version_id=loaded.version_id,
-                        text=cands[0].text,
-                        score=float(cands[0].score),
-                        candidates=[{"text": c.text, "score": float(c.score)} for c in cands],
-                        width=p.width,
-                        height=p.height,
+                    rows.append(
+                        jobs.CaptionRow(
+                            image_id=image_id,
+                            text=cands[0].text,
+                            score=float(cands[0].score),
+                            candidates=[{"text": c.text, "score": float(c.score)} for c in cands],
+                            width=p.width,
+                            height=p.height,
+                        )
                     )
                     out.captioned.append(image_id)
                 elif p.transient is not None:
@@ -272,14 +332,31 @@ def run_caption_batch(
                     if jobs.fail_image(s, image_id, reason):
                         out.failed[image_id] = reason
                         metrics.IMAGES_FAILED.labels(reason=p.reason_kind or "no_caption").inc()
+            jobs.complete_images(s, loaded.version_id, rows)  # one upsert + one update per batch
             if give_back:
                 out.retry = jobs.requeue_images(s, give_back, worker_id=worker_id)
             if jobs.job_progress(s, job_id).is_complete:
-                jobs.finish_completed_jobs(s)
+                out.finished_jobs = jobs.finish_completed_jobs(s)
+                out.deliveries = webhooks.record_job_events(s, out.finished_jobs)
     except OperationalError as exc:
         raise TransientError(f"database unavailable while saving: {exc}", ids) from exc
+    _publish_deliveries(out.deliveries, settings)
     metrics.IMAGES_CAPTIONED.inc(len(out.captioned))
     return out
+
+
+def _publish_deliveries(delivery_ids: list[int], settings: Settings) -> None:
+    """Send the webhook deliveries just committed. If the broker is down they stay pending in
+    SQL and the sweeper re-sends them once they are overdue."""
+    if not delivery_ids:
+        return
+    try:
+        webhooks.publish_deliveries(delivery_ids, settings=settings)
+    except (OSError, KombuOperationalError) as exc:
+        log.warning(
+            "could not publish %d webhook deliveries (the sweeper re-sends them): %s",
+            len(delivery_ids), exc,
+        )
 
 
 def _give_back(res: _Resources, image_ids: list[int], worker_id: str) -> None:
@@ -396,17 +473,26 @@ def run_sweep(settings: Settings | None = None) -> dict[str, int]:
             s.execute(select(Job.id, Job.priority).where(Job.id.in_(list(groups) or [-1]))).all()
         )
         finished = jobs.finish_completed_jobs(s)
+        recorded = webhooks.record_job_events(s, finished)
+        # Deliveries whose attempt is overdue by a grace period (so one whose retry message is
+        # merely waiting out its countdown is not sent twice): their message was lost.
+        grace = timedelta(seconds=max(settings.sweep_interval_seconds, 30))
+        overdue = webhooks.due_deliveries(s, now=utcnow() - grace)
     published = 0
     for job_id, ids in groups.items():
         published += publish_caption_batches(
             job_id, ids, interactive=priorities.get(job_id, 0) > 0, settings=settings
         )
+    deliveries = sorted(set(recorded) | set(overdue))
+    _publish_deliveries(deliveries, settings)
     summary = {
         "expired": len(expired),
         "stale": len(stale),
         "failed_past_cap": len(capped),
         "messages": published,
         "jobs_finished": len(finished),
+        "webhooks_recorded": len(recorded),
+        "webhooks_resent": len(set(overdue) - set(recorded)),
     }
     if any(summary.values()):
         log.info("sweep: %s", summary)
@@ -416,6 +502,71 @@ def run_sweep(settings: Settings | None = None) -> dict[str, int]:
 @shared_task(name=TASK_SWEEP)
 def sweep() -> dict[str, int]:
     return run_sweep()
+
+
+# --- maintenance: background ingestion and webhook deliveries --------------------------------
+
+
+@shared_task(name=TASK_ENUMERATE_PREFIX, bind=True, max_retries=None, acks_late=True)
+def enumerate_prefix(self, job_id: int) -> dict[str, Any]:
+    """List a job's S3 prefix page by page, queuing and publishing each page (idempotent:
+    keys already in the job are not added twice)."""
+    settings = get_settings()
+    res = resources(settings)
+    try:
+        n = ingest.run_enumerate_prefix(
+            job_id, session_factory=res.sessions, store=res.store, settings=settings
+        )
+    except Exception as exc:
+        if _is_transient_db_error(exc) and (self.request.retries or 0) < settings.task_max_retries:
+            log.warning("retrying: enumerate prefix of job %s, database error: %s", job_id, exc)
+            raise self.retry(countdown=_backoff(self.request.retries or 0), exc=exc) from None
+        log.exception("error: enumerating the prefix of job %s failed", job_id)
+        raise
+    log.info("prefix enumerated: job %s, %d images queued", job_id, n)
+    return {"outcome": "done", "images": n}
+
+
+@shared_task(name=TASK_FETCH_URLS, bind=True, max_retries=None, acks_late=True)
+def fetch_urls(self, job_id: int) -> dict[str, Any]:
+    """Fetch a job's URLs into the store, queuing and publishing them in chunks (idempotent:
+    URLs already in the job are skipped)."""
+    settings = get_settings()
+    res = resources(settings)
+    try:
+        n = ingest.run_fetch_urls(
+            job_id, session_factory=res.sessions, store=res.store, settings=settings
+        )
+    except Exception as exc:
+        if _is_transient_db_error(exc) and (self.request.retries or 0) < settings.task_max_retries:
+            log.warning("retrying: fetch URLs of job %s, database error: %s", job_id, exc)
+            raise self.retry(countdown=_backoff(self.request.retries or 0), exc=exc) from None
+        log.exception("error: fetching the URLs of job %s failed", job_id)
+        raise
+    log.info("URLs fetched: job %s, %d images queued", job_id, n)
+    return {"outcome": "done", "images": n}
+
+
+def run_deliver_webhook(delivery_id: int, settings: Settings | None = None) -> webhooks.Attempt:
+    """One delivery attempt, committed."""
+    settings = settings or get_settings()
+    res = resources(settings)
+    with session_scope(res.sessions) as s:
+        return webhooks.deliver(s, delivery_id, settings=settings)
+
+
+@shared_task(name=TASK_DELIVER_WEBHOOK, bind=True, max_retries=None, acks_late=True)
+def deliver_webhook(self, delivery_id: int) -> dict[str, Any]:
+    """POST one signed webhook event; a failed attempt retries after the delivery's backoff,
+    until `Settings.webhook_max_attempts` (counted in SQL, so a re-sent message changes nothing)."""
+    attempt = run_deliver_webhook(delivery_id)
+    log.info(
+        "webhook delivery %s: %s%s", delivery_id, attempt.status.value,
+        f" ({attempt.error})" if attempt.error else "",
+    )
+    if attempt.retry_in_seconds is not None:
+        raise self.retry(countdown=attempt.retry_in_seconds) from None
+    return {"outcome": attempt.status.value, "error": attempt.error}
 
 
 # --- worker lifecycle: every exit path named and logged --------------------------------------
