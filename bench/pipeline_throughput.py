@@ -79,7 +79,7 @@ def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, a
     redis.Redis.from_url(redis_url).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.update(
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         CAPTIONER_DATA_DIR=str(root / "var"),
         CAPTIONER_DATABASE_URL=database_url,
         CAPTIONER_REDIS_URL=redis_url,

@@ -55,6 +55,25 @@ def test_cuda_graph_path_matches_plain_path_within_bf16(model):
             assert f[0].score == pytest.approx(p[0].score, abs=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)")
+def test_pipelined_search_many_matches_one_at_a_time(model):
+    fast = FastGenerator(copy.deepcopy(model).cuda())
+    batches = [torch.randn(6, 3, 160, 160, device="cuda") for _ in range(3)]
+    one = [fast.search(b, max_new_tokens=8).tokens.clone() for b in batches]
+    many = [st.tokens for st in fast.search_many(batches, max_new_tokens=8)]
+    assert len(many) == 3
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_search_many_on_cpu_yields_each_batch(model):
+    fast = FastGenerator(copy.deepcopy(model))
+    batches = [torch.randn(2, 3, 160, 160) for _ in range(3)]
+    out = [st.tokens.clone() for st in fast.search_many(batches, max_new_tokens=5)]
+    ref = [fast.search(b, max_new_tokens=5).tokens for b in batches]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
 def test_image_captioner_fast_mode_pads_and_matches_plain(model):
     from core_model.inference import DecodeOptions, ImageCaptioner
 
