@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 services:
 	@bash scripts/ensure-services.sh
 
+# The whole stack on this machine (private Redis, SQLite, local objects, dashboard, worker, beat);
+# Ctrl-C stops it. Options: make run RUN_ARGS="--port 8080 --redis-port 6391" (or --untrained).
 run: $(STAMP)
-	@test -d $(MODEL_DIR)/untrained-tiny || $(VENV)/bin/captioner init-model --preset tiny --out $(MODEL_DIR)/untrained-tiny
-	@echo "NOTE: this model is freshly initialised and UNTRAINED: its captions are noise."
-	@$(VENV)/bin/captioner caption captioner/sample/* --checkpoint $(MODEL_DIR)/untrained-tiny --n-best 1
+	@exec $(VENV)/bin/captioner run $(RUN_ARGS)
 
 test: $(STAMP) services
 	@$(PY) -m pytest

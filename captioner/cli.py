@@ -86,6 +86,8 @@ def init_model(preset_name, out, seed):
 def _register() -> None:
     from captioner.cli_client import export, submit, user
     from captioner.cli_db import db
+    from captioner.cli_models import model, retrain_cmd
+    from captioner.cli_run import run, serve
     from captioner.cli_worker import beat, worker
 
     cli.add_command(db)
@@ -94,6 +96,10 @@ def _register() -> None:
     cli.add_command(submit)
     cli.add_command(export)
     cli.add_command(user)
+    cli.add_command(model)
+    cli.add_command(retrain_cmd)
+    cli.add_command(run)
+    cli.add_command(serve)
 
 
 _register()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 
 import click
 
@@ -19,11 +18,11 @@ DEFAULT_CAPTION_QUEUES = "caption.interactive,caption,maintenance"
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    # Text or JSON (CAPTIONER_LOG_FORMAT), with job/image ids; Celery logs through it too.
+    from captioner.logging import configure_logging, install_celery_logging
+
+    configure_logging(level=level)
+    install_celery_logging(level=level)
 
 
 @click.command()

@@ -141,6 +141,9 @@ class User(Base):
     role: Mapped[UserRole] = mapped_column(
         _status(UserRole, "user_role"), default=UserRole.SUBMITTER, server_default="submitter"
     )
+    # Set by an admin: this reviewer's reviews are left out of future training runs (and of the
+    # held-out evaluation set); NULL means they count.
+    training_excluded_at: Mapped[datetime | None]
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
 
@@ -361,6 +364,10 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # 1 while the run is queued or running, NULL once it ended. UNIQUE, so a second open run
+    # cannot be inserted (NULLs never conflict): one run at a time, however many beat
+    # processes or "retrain now" clicks race (captioner.retrain.maybe_start_run).
+    open_lock: Mapped[int | None] = mapped_column(unique=True)
 
     base_model_version: Mapped[ModelVersion | None] = relationship(
         foreign_keys=[base_model_version_id]

@@ -251,6 +251,95 @@ class Settings(BaseSettings):
         default="INFO", description="Lowest level logged: DEBUG, INFO, WARNING or ERROR."
     )
 
+    # --- the learning loop: retraining, the evaluation gate, the model registry (issue 7) ---
+    retrain_schedule: str = Field(
+        default="0 2 * * *",
+        description="When Celery beat checks whether to retrain: a crontab line (minute hour "
+        "day-of-month month day-of-week, UTC). Default: nightly at 02:00.",
+    )
+    min_new_reviews: int = Field(
+        default=100,
+        ge=1,
+        description="A scheduled run starts only when at least this many reviews arrived since "
+        "the last finished run (\"retrain now\" ignores it).",
+    )
+    holdout_share: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of newly reviewed images put, by a hash of their id, into the frozen "
+        "held-out evaluation set (never trained on).",
+    )
+    holdout_max_images: int = Field(
+        default=2000, ge=1, description="Most held-out images a run evaluates on (oldest first)."
+    )
+    max_reviewer_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="No single reviewer may supply more than this share of a run's reviewed "
+        "training examples; the excess (their oldest reviews) is left out.",
+    )
+    retrain_max_examples: int = Field(
+        default=20_000, ge=1, description="Most reviewed examples one run trains on (newest first)."
+    )
+    promote_margin: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="The candidate is promoted only if its held-out score beats the active "
+        "version's by at least this much.",
+    )
+    anchor_tolerance: float = Field(
+        default=0.02,
+        ge=0.0,
+        description="The candidate is promoted only if its anchor-set score is at most this "
+        "much below the active version's (the regression guard).",
+    )
+    gate_metric: Literal["exact_match", "cider", "bleu_4", "rouge_l"] = Field(
+        default="exact_match", description="The metric the evaluation gate compares."
+    )
+    anchor_data: str = Field(
+        default="",
+        description="Anchor (regression guard) examples besides the held-out approvals: a data "
+        "spec (`synthetic`, `jsonl:PATH`, `csv:PATH`, `karpathy:PATH`); empty means none.",
+    )
+    anchor_split: str = Field(default="test", description="Split of `anchor_data` used.")
+    anchor_size: int = Field(default=300, ge=1, description="Most anchor examples evaluated.")
+    replay_data: str = Field(
+        default="",
+        description="Original training data replayed during fine-tuning against forgetting "
+        "(a data spec like `anchor_data`); empty means only reviews are trained on.",
+    )
+    replay_ratio: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Replayed original examples per reviewed training example.",
+    )
+    finetune_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Optimizer steps of a fine-tuning run; 0 means `finetune_epochs` decide.",
+    )
+    finetune_epochs: int = Field(
+        default=3, ge=1, description="Passes over the training examples of a fine-tuning run."
+    )
+    finetune_lr: float = Field(default=3e-4, gt=0, description="Peak learning rate of fine-tuning.")
+    finetune_batch_size: int = Field(default=32, ge=1, description="Examples per fine-tuning step.")
+    finetune_warmup_steps: int = Field(
+        default=10, ge=0, description="Linear warmup steps of fine-tuning."
+    )
+    training_device: str = Field(
+        default="",
+        description="Device of the training worker (`cpu`, `cuda`, `cuda:N`); empty means CUDA "
+        "when available.",
+    )
+    training_run_timeout_seconds: int = Field(
+        default=6 * 3600,
+        ge=60,
+        description="An open run older than this is marked failed (its worker was lost), so "
+        "the next one can start.",
+    )
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

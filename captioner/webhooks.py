@@ -85,7 +85,9 @@ def record_job_events(session: Session, job_ids: list[int]) -> list[int]:
     """Outbox rows for finished jobs' owners' webhooks; returns the new delivery ids."""
     created: list[int] = []
     for job_id in job_ids:
-        job = session.get(Job, job_id)
+        # Fresh from the database: `finish_completed_jobs` updates jobs in bulk, so a Job
+        # already in this session's identity map would still show its old status.
+        job = session.get(Job, job_id, populate_existing=True)
         if job is None or job.owner_id is None or job.status != JobStatus.FINISHED:
             continue
         event = job_event(job)

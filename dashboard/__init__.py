@@ -21,6 +21,7 @@ from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
 from flask import g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from captioner.db import make_engine, make_sessionmaker
 from captioner.settings import Settings, get_settings
@@ -122,12 +123,21 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
         publisher=publisher or Publisher(settings),
     )
 
-    from dashboard import api, auth, ui
+    # `<int:...>` in every route is a database id: numbers past the INTEGER range every backend
+    # shares don't match (404) instead of overflowing the database driver (500).
+    app.url_map.converters["int"] = IdConverter
+
+    from dashboard import api, auth, ops, ui
 
     auth.init_app(app, settings)
+    ops.init_app(app)  # /metrics and /health
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ui.bp)
+    from dashboard import training
+
+    app.register_blueprint(training.api_bp)  # the learning loop: models and training runs
+    app.register_blueprint(training.ui_bp)
 
     @app.teardown_appcontext
     def _close_session(_exc) -> None:
@@ -176,6 +186,17 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
         return render_template("error.html", code=code, message=message, description=description), code
 
     return app
+
+
+class IdConverter(IntegerConverter):
+    """`int` for ids: 0 .. 2**31 - 1."""
+
+    def __init__(self, map, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max", MAX_ID)
+        super().__init__(map, *args, **kwargs)
+
+
+MAX_ID = 2**31 - 1
 
 
 def _wants_json() -> bool:

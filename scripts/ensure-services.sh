@@ -25,4 +25,10 @@ if ! up 5672; then
     echo "starting RabbitMQ"
     rabbitmq-server -detached || true
 fi
+# Chromium for the browser tests (Playwright drives Debian's package, never its own download).
+if ! command -v chromium >/dev/null; then
+    echo "installing Chromium"
+    command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+        || echo "ensure-services: could not install chromium (the browser tests need it)" >&2
+fi
 exit 0

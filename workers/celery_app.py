@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from celery import Celery
 
 from captioner.ingest import TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS
-from captioner.queue import QUEUE_MAINTENANCE, TASK_SWEEP, celery_config
+from captioner.queue import QUEUE_MAINTENANCE, QUEUE_TRAIN, TASK_SWEEP, celery_config
+from captioner.retrain import TASK_MAYBE_RETRAIN, TASK_TRAIN_RUN
 from captioner.settings import get_settings
 from captioner.webhooks import TASK_DELIVER_WEBHOOK
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app whose tasks live in `workers.tasks`."""
     settings = settings or get_settings()
-    app = Celery("captioner", include=["workers.tasks"])
+    app = Celery("captioner", include=["workers.tasks", "workers.training"])
     conf = celery_config(settings)
     # Background ingestion and webhook deliveries run on the maintenance queue, like the sweep.
     maintenance = {"queue": QUEUE_MAINTENANCE, "routing_key": QUEUE_MAINTENANCE}
@@ -41,6 +42,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         name: maintenance
         for name in (TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS, TASK_DELIVER_WEBHOOK)
     }
+    # The learning loop: the retrain check is light (maintenance); training has its own queue.
+    conf["task_routes"][TASK_MAYBE_RETRAIN] = maintenance
+    conf["task_routes"][TASK_TRAIN_RUN] = {"queue": QUEUE_TRAIN, "routing_key": QUEUE_TRAIN}
     # The visibility timeout must outlast the hard limit, whatever the operator configured.
     conf["broker_transport_options"]["visibility_timeout"] = max(
         settings.broker_visibility_timeout_seconds, settings.task_time_limit_seconds * 2
@@ -71,9 +75,33 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
                     "expires": settings.sweep_interval_seconds,
                 },
             },
+            "maybe-retrain": {
+                "task": TASK_MAYBE_RETRAIN,
+                "schedule": retrain_schedule(settings.retrain_schedule),
+                "options": {"queue": QUEUE_MAINTENANCE, "routing_key": QUEUE_MAINTENANCE},
+            },
         },
         timezone="UTC",
         enable_utc=True,
     )
     app.conf.update(conf)
     return app
+
+
+def retrain_schedule(line: str):
+    """A Celery crontab from a five-field crontab line (minute hour day month weekday)."""
+    from celery.schedules import crontab
+
+    fields = line.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"retrain_schedule {line!r}: expected five crontab fields (minute hour day month weekday)"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )

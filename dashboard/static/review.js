@@ -46,10 +46,14 @@
 
   function current() { return state.items[state.index]; }
 
+  let historyLoads = 0;
   async function loadHistory(item) {
     const list = $("review-history");
     list.replaceChildren();
+    const load = ++historyLoads;
     const data = await C.api("GET", `/api/v1/images/${item.id}/reviews`);
+    // Moving on quickly (j, k) starts newer loads: a late answer for another image is dropped.
+    if (load !== historyLoads) return;
     for (const r of data.items) {
       const li = C.el("li");
       li.append(C.el("span", r.decision, "decision-" + r.decision), " by ", C.el("span", r.reviewer || "?"),

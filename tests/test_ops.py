@@ -1,0 +1,223 @@
+"""Operating signals: `/metrics` (computed from SQL and Redis at scrape time), `/health`
+(database, Redis, storage; 503 when one fails) and JSON log lines with job and image ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import socket
+
+import pytest
+import redis
+from dashboard_helpers import fake_caption, make_user, png
+from prometheus_client.parser import text_string_to_metric_families
+from workers_fixtures import redis_url_with_db
+
+from captioner import jobs
+from captioner.db import session_scope
+from captioner.logging import JsonFormatter, TextFormatter, log_context, make_handler
+from captioner.models import Caption, Review, ReviewDecision, TrainingRun, TrainingStatus
+
+OPS_REDIS_DB = 12
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def samples(body: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def ops_redis():
+    url = redis_url_with_db(OPS_REDIS_DB)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url, client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def ops_app(dashboard_settings, publisher, ops_redis):
+    from dashboard import create_app
+
+    app = create_app(dashboard_settings.model_copy(update={"redis_url": ops_redis[0]}), publisher=publisher)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["captioner"].engine.dispose()
+
+
+def submit(client, account, n: int, green: int) -> int:
+    """A job of `n` distinct images (distinct across jobs too: same bytes would be reused)."""
+    data = {"files": [(io.BytesIO(png((10 * i, green, 0))), f"{i}.png") for i in range(n)], "name": "m"}
+    r = client.post("/api/v1/jobs/upload", data=data, headers=account.headers, content_type="multipart/form-data")
+    assert r.status_code == 202, r.json
+    return r.json["id"]
+
+
+def test_metrics_expose_queue_throughput_latency_failures_reviews_training(ops_app, ops_redis):
+    client = ops_app.test_client()
+    admin = make_user(ops_app, "admin@example.com", "admin")
+    captioned_job = submit(client, admin, 3, green=0)
+    ids = fake_caption(ops_app, captioned_job)
+    failing_job = submit(client, admin, 2, green=100)
+    sessions = ops_app.extensions["captioner"].sessionmaker
+    with session_scope(sessions) as session:
+        failing = jobs.claim_images(session, worker_id="w", lease_seconds=60, job_id=failing_job)
+        jobs.fail_image(session, failing[0], "image file not found in storage")
+        jobs.fail_image(session, failing[1], "could not prepare the image for the model: boom")
+        caption = session.query(Caption).filter_by(image_id=ids[0]).one()
+        session.add(Review(image_id=ids[0], caption_id=caption.id, reviewer_id=admin.id,
+                           decision=ReviewDecision.APPROVED, text=caption.text))
+        session.add(Review(image_id=ids[1], reviewer_id=admin.id, decision=ReviewDecision.CORRECTED,
+                           text="a red square"))
+        session.add(TrainingRun(status=TrainingStatus.PROMOTED))
+        session.add(TrainingRun(status=TrainingStatus.FAILED, error="out of memory"))
+        jobs.finish_completed_jobs(session)
+    # Three messages waiting in the bulk queue, one in a priority sibling list kombu uses.
+    ops_redis[1].lpush("caption", "a", "b")
+    ops_redis[1].lpush("caption\x06\x163", "c")
+
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    got = samples(r.get_data(as_text=True))
+
+    assert got[("captioner_queue_depth", (("queue", "caption"),))] == 3
+    assert got[("captioner_queue_depth", (("queue", "train"),))] == 0
+    assert got[("captioner_images", (("status", "captioned"),))] == 3
+    assert got[("captioner_images", (("status", "failed"),))] == 2
+    assert got[("captioner_images", (("status", "queued"),))] == 0
+    assert got[("captioner_images_finished_total", (("status", "captioned"),))] == 3
+    assert got[("captioner_images_per_second", ())] == pytest.approx(3 / 300)
+    # Latency histogram over the captioned images: every one is counted in +Inf.
+    assert got[("captioner_caption_latency_seconds_gcount", ())] == 3
+    assert got[("captioner_caption_latency_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert got[("captioner_images_failed", (("reason", "not_found"),))] == 1
+    assert got[("captioner_images_failed", (("reason", "preprocess"),))] == 1
+    assert got[("captioner_reviews_total", (("decision", "approved"),))] == 1
+    assert got[("captioner_reviews_total", (("decision", "corrected"),))] == 1
+    assert got[("captioner_reviews_last_hour", ())] == 2
+    assert got[("captioner_training_runs", (("status", "promoted"),))] == 1
+    assert got[("captioner_training_runs", (("status", "failed"),))] == 1
+    assert got[("captioner_jobs", (("status", "finished"),))] == 2
+    assert got[("captioner_model_versions", (("status", "active"),))] == 1
+    assert got[("captioner_metrics_source_up", (("source", "database"),))] == 1
+    assert got[("captioner_metrics_source_up", (("source", "redis"),))] == 1
+
+    # Computed at scrape time: a new caption shows up in the next scrape.
+    fake_caption(ops_app, submit(client, admin, 1, green=200))
+    again = samples(client.get("/metrics").get_data(as_text=True))
+    assert again[("captioner_images", (("status", "captioned"),))] == 4
+
+
+def test_metrics_still_answer_when_redis_is_down(dashboard_settings, publisher):
+    from dashboard import create_app
+
+    settings = dashboard_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
+    app = create_app(settings, publisher=publisher)
+    try:
+        r = app.test_client().get("/metrics")
+        assert r.status_code == 200
+        got = samples(r.get_data(as_text=True))
+        assert math.isnan(got[("captioner_queue_depth", (("queue", "caption"),))])
+        assert got[("captioner_metrics_source_up", (("source", "redis"),))] == 0
+        assert got[("captioner_metrics_source_up", (("source", "database"),))] == 1
+        assert got[("captioner_images", (("status", "queued"),))] == 0
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_health_reports_each_check_and_is_200_when_all_pass(ops_app):
+    r = ops_app.test_client().get("/health")
+    assert r.status_code == 200, r.json
+    assert r.json["status"] == "ok"
+    assert set(r.json["checks"]) == {"database", "redis", "storage"}
+    assert all(check["ok"] for check in r.json["checks"].values())
+    assert r.json["checks"]["database"]["detail"] == "sqlite"
+
+
+def test_health_is_503_naming_redis_when_redis_is_unreachable(dashboard_settings, publisher):
+    from dashboard import create_app
+
+    port = closed_port()
+    settings = dashboard_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    app = create_app(settings, publisher=publisher)
+    try:
+        r = app.test_client().get("/health")
+        assert r.status_code == 503
+        checks = r.json["checks"]
+        assert r.json["status"] == "failing"
+        assert checks["redis"]["ok"] is False and "Connection" in checks["redis"]["error"]
+        assert checks["database"]["ok"] is True and checks["storage"]["ok"] is True
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_health_is_503_when_the_database_is_unreachable(dashboard_settings, publisher, ops_redis):
+    from dashboard import create_app
+
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{closed_port()}/none?connect_timeout=2"
+    settings = dashboard_settings.model_copy(update={"database_url": url, "redis_url": ops_redis[0]})
+    app = create_app(settings, publisher=publisher)
+    try:
+        r = app.test_client().get("/health")
+        assert r.status_code == 503
+        assert r.json["checks"]["database"]["ok"] is False
+        assert r.json["checks"]["redis"]["ok"] is True
+        metrics = samples(app.test_client().get("/metrics").get_data(as_text=True))
+        assert metrics[("captioner_metrics_source_up", (("source", "database"),))] == 0
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_failure_reasons_become_a_small_label_set():
+    from dashboard.ops import failure_kind
+
+    assert failure_kind("image file not found in storage") == "not_found"
+    assert failure_kind("gave up after 3 attempts (worker lost or timed out each time)") == "lease_exhausted"
+    assert failure_kind("could not read the image from storage after 5 attempts: timeout") == "storage"
+    assert failure_kind("something nobody foresaw") == "other"
+    assert failure_kind(None) == "other"
+
+
+def test_json_log_lines_carry_job_and_image_ids():
+    stream = io.StringIO()
+    logger = logging.getLogger("captioner.test_ops")
+    handler = make_handler("json", stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        with log_context(job_id=7, image_ids=[1, 2]):
+            logger.info("batch %s done", "x", extra={"image_id": 2})
+        logger.info("no context")
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "batch x done" and first["level"] == "INFO"
+    assert first["job_id"] == 7 and first["image_id"] == 2 and first["image_ids"] == [1, 2]
+    assert first["logger"] == "captioner.test_ops" and first["ts"].endswith("Z")
+    assert "job_id" not in second and "image_id" not in second
+    assert "ValueError: bad" in third["exc"]
+    assert isinstance(JsonFormatter(), logging.Formatter) and isinstance(TextFormatter(), logging.Formatter)
+
+
+def test_text_log_lines_name_the_job():
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    record.job_id = 5
+    assert TextFormatter().format(record).endswith("hello [job=5]")
