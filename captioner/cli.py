@@ -88,6 +88,7 @@ def _register() -> None:
     from captioner.cli_db import db
     from captioner.cli_models import model, retrain_cmd
     from captioner.cli_run import run, serve
+    from captioner.cli_train import eval_cmd, train_cmd
     from captioner.cli_worker import beat, worker
 
     cli.add_command(db)
@@ -98,6 +99,8 @@ def _register() -> None:
     cli.add_command(user)
     cli.add_command(model)
     cli.add_command(retrain_cmd)
+    cli.add_command(train_cmd, name="train")
+    cli.add_command(eval_cmd, name="eval")
     cli.add_command(run)
     cli.add_command(serve)
 

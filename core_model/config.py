@@ -57,6 +57,7 @@ class ModelConfig:
     mapper_hidden: int = 0  # hidden width of the projection MLP (0 = 2 * embed_dim)
     n_prefix_tokens: int = 5  # prefix vectors handed to GPT-2 before the caption tokens
     prefix_source: Literal["pooled", "patches"] = "pooled"  # refiner sees the pooled vector only, or every patch
+    prefix_keeps_patches: bool = False  # "patches": GPT-2 also sees the refined patch tokens after the prefix
     refiner_layers: int = 2  # nn.TransformerEncoder layers over the prefix (0 = off)
     refiner_heads: int = 8  # attention heads in the refiner (must divide decoder width)
     dropout: float = 0.1  # dropout in the mapper and refiner
@@ -71,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"prefix_source must be 'pooled' or 'patches', not {self.prefix_source!r}")
         if self.prefix_source == "patches" and self.refiner_layers < 1:
             raise ValueError("prefix_source='patches' needs refiner_layers >= 1 to attend across patches")
+        if self.prefix_keeps_patches and self.prefix_source != "patches":
+            raise ValueError("prefix_keeps_patches needs prefix_source='patches'")
         if self.n_prefix_tokens < 1:
             raise ValueError("n_prefix_tokens must be >= 1")
         dec = self.decoder_config

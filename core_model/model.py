@@ -201,7 +201,8 @@ class PrefixMapper(nn.Module):
             return prefix
         if self.patch_proj is not None:  # attend across the prefix and every encoder token
             tokens = self.patch_proj(features)  # (B, N, C)
-            return self.refiner(torch.cat([prefix, tokens], dim=1))[:, :P]
+            refined = self.refiner(torch.cat([prefix, tokens], dim=1))  # (B, P + N, C)
+            return refined if self.cfg.prefix_keeps_patches else refined[:, :P]
         return self.refiner(prefix)
 
 
@@ -263,10 +264,12 @@ class CaptionModel(nn.Module):
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
         return self.mapper(features)
 
-    def make_labels(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def make_labels(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, prefix_len: int | None = None
+    ) -> torch.Tensor:
         """Labels aligned with [prefix, caption]: -100 at every prefix and padding position."""
         B, T = input_ids.shape
-        P = self.cfg.n_prefix_tokens
+        P = prefix_len or self.cfg.n_prefix_tokens
         pad = torch.arange(T, device=input_ids.device)[None, :] >= lengths[:, None]
         text = input_ids.masked_fill(pad, IGNORE_INDEX)
         prefix = torch.full((B, P), IGNORE_INDEX, dtype=input_ids.dtype, device=input_ids.device)
@@ -292,7 +295,7 @@ class CaptionModel(nn.Module):
         prefix = self.prefix(features)  # (B, P, C)
         x = torch.cat([prefix, self.decoder.wte(input_ids)], dim=1)  # (B, P + T, C)
         hidden = self.decoder(x)
-        labels = self.make_labels(input_ids, lengths)
+        labels = self.make_labels(input_ids, lengths, prefix.shape[1])
         # position i predicts label i + 1
         shifted = labels[:, 1:]
         keep = shifted != IGNORE_INDEX

@@ -215,3 +215,21 @@ def test_preprocess_uses_the_encoders_data_config():
     assert x.shape == (3, 160, 160)
     assert torch.allclose(x[0], torch.tensor(1.0)) and torch.allclose(x[1], torch.tensor(-1.0))
     assert torch.allclose(x[2], torch.tensor(51 / 255 / 0.5 - 1.0), atol=1e-5)
+
+
+def test_prefix_can_keep_the_patch_tokens(tiny_cfg):
+    """GPT-2 may attend to every refined patch token, not only the n_prefix_tokens summary."""
+    cfg = tiny_cfg.replace(prefix_source="patches", refiner_layers=1, prefix_keeps_patches=True,
+                           decoder={**tiny_cfg.decoder, "n_positions": 160})
+    model = CaptionModel(cfg)
+    feats = model.encode(torch.randn(2, 3, 160, 160))
+    prefix = model.prefix(feats)
+    assert prefix.shape[1] == cfg.n_prefix_tokens + feats.shape[1]
+    tok = CaptionTokenizer()
+    input_ids, lengths = _batch(tok, 24)
+    _, loss = model(input_ids[:2], lengths[:2], features=feats)
+    assert torch.isfinite(loss)
+    out = model.eval().generate(features=feats, max_new_tokens=4)
+    assert len(out) == 2 and all(len(h[0].tokens) <= 4 for h in out)
+    with pytest.raises(ValueError, match="prefix_keeps_patches"):
+        tiny_cfg.replace(prefix_keeps_patches=True)

@@ -47,6 +47,14 @@ def seeded(app):
         s.flush()
         ids = {"job_id": job.id, "token_id": spare.id, "webhook_id": hook.id, "user_id": other.id}
     ids["image_id"] = fake_caption(app, ids["job_id"])[0]
+    with session_scope(app.extensions["captioner"].sessionmaker) as s:  # the learning loop's rows
+        from captioner.models import ModelVersion, TrainingRun
+
+        ids["version_id"] = s.query(ModelVersion.id).order_by(ModelVersion.id).first()[0]
+        run = TrainingRun(params={"trigger": "manual"})
+        s.add(run)
+        s.flush()
+        ids["run_id"] = run.id
     return Seeded(admin.token, ids)
 
 
