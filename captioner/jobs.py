@@ -305,11 +305,17 @@ def save_caption(
         "created_at": now,
         "updated_at": now,
     }
-    insert = _dialect_insert(session)(Caption).values(**values)
+    statement = _caption_upsert(session, [values]).returning(Caption.id)
+    return session.execute(statement).first() is not None
+
+
+def _caption_upsert(session: Session, rows: list[dict[str, Any]]):
+    """INSERT captions ... ON CONFLICT (image, model version) DO UPDATE, unless reviewed."""
+    insert = _dialect_insert(session)(Caption).values(rows)
     # The conflicting (existing) row is `captions` inside ON CONFLICT ... WHERE; a plain
     # `Caption.id` here would add `captions` to the subquery's FROM and match ANY reviewed caption.
     unreviewed = ~exists().where(Review.caption_id == literal_column("captions.id"))
-    statement = insert.on_conflict_do_update(
+    return insert.on_conflict_do_update(
         index_elements=[Caption.image_id, Caption.model_version_id],
         set_={
             "text": insert.excluded.text,
@@ -318,8 +324,7 @@ def save_caption(
             "updated_at": insert.excluded.updated_at,
         },
         where=unreviewed,
-    ).returning(Caption.id)
-    return session.execute(statement).first() is not None
+    )
 
 
 def _dialect_insert(session: Session):
@@ -386,33 +391,19 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
     if not rows:
         return
     now = utcnow()
-    insert = _dialect_insert(session)(Caption).values(
-        [
-            {
-                "image_id": r.image_id,
-                "model_version_id": model_version_id,
-                "text": r.text,
-                "score": r.score,
-                "candidates": r.candidates,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for r in rows
-        ]
-    )
-    unreviewed = ~exists().where(Review.caption_id == literal_column("captions.id"))
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=[Caption.image_id, Caption.model_version_id],
-            set_={
-                "text": insert.excluded.text,
-                "score": insert.excluded.score,
-                "candidates": insert.excluded.candidates,
-                "updated_at": insert.excluded.updated_at,
-            },
-            where=unreviewed,
-        )
-    )
+    rows_values = [
+        {
+            "image_id": r.image_id,
+            "model_version_id": model_version_id,
+            "text": r.text,
+            "score": r.score,
+            "candidates": r.candidates,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for r in rows
+    ]
+    session.execute(_caption_upsert(session, rows_values))
     done = {
         "status": ImageStatus.CAPTIONED,
         "failure_reason": None,
