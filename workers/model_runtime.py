@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from captioner.models import ModelStatus, ModelVersion
+from captioner.registry import local_checkpoint
 
 if TYPE_CHECKING:
     from captioner.settings import Settings
@@ -42,27 +43,6 @@ class LoadedModel:
     version_name: str
     checkpoint: str
     captioner: ImageCaptioner
-
-
-def _local_checkpoint(uri: str, settings: Settings, version_name: str) -> Path:
-    """A local directory holding the checkpoint at `uri` (downloaded once for s3:// URIs)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if uri.startswith("s3://"):
-        from captioner.storage import open_store
-
-        target = Path(settings.checkpoint_dir or ".") / ".cache" / version_name
-        if (target / "config.json").exists():
-            return target
-        store = open_store(uri, settings)
-        tmp = target.with_name(target.name + ".partial")
-        for key in store.list(""):
-            path = tmp / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(store.get(key))
-        tmp.rename(target)
-        return target
-    return Path(uri)
 
 
 def default_version_name(checkpoint: Path) -> str:
@@ -166,7 +146,7 @@ class ModelRuntime:
 
         from core_model.inference import ImageCaptioner
 
-        path = _local_checkpoint(uri, self.settings, name)
+        path = local_checkpoint(uri, self.settings, name)
         # Drop the old model before loading the new one, so two never share the GPU.
         self._loaded = None
         if torch.cuda.is_available():
