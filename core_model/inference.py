@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +114,13 @@ class ImageCaptioner:
         model, meta = load_checkpoint(path, device="cpu")
         return cls(model, device=device, batch_size=batch_size, meta=meta, fast=fast)
 
+    @functools.cached_property
     def tensor_preprocessor(self):
-        """Device-side resize + normalise for images decoded on the device (same data config)."""
-        from .preprocess import data_config
+        """Device-side resize + normalise for images decoded on the device (same data config);
+        built once, on first use."""
         from .tensor_preprocess import TensorPreprocessor
 
-        return TensorPreprocessor(data_config(self.model.encoder), self.device)
+        return TensorPreprocessor(self.preprocess.cfg, self.device)
 
     def caption(
         self,

@@ -208,7 +208,7 @@ def _decode_jpegs_on_device(prepared: dict[int, _Prepared], captioner, settings:
     decoded = decode_jpegs([prepared[i].jpeg for i in ids], captioner.device)
     ok = [(i, t) for i, t in zip(ids, decoded, strict=True) if t is not None]
     if ok:
-        pixels = captioner.tensor_preprocessor()([t for _, t in ok])
+        pixels = captioner.tensor_preprocessor([t for _, t in ok])
         for (i, _), px in zip(ok, pixels, strict=True):
             prepared[i].pixels, prepared[i].jpeg = px, None
     for i in ids:
@@ -507,44 +507,38 @@ def sweep() -> dict[str, int]:
 # --- maintenance: background ingestion and webhook deliveries --------------------------------
 
 
+def _run_ingest(task, job_id: int, what: str, done: str, run) -> dict[str, Any]:
+    """One ingest step (`run(job_id, session_factory=, store=, settings=)`), retried on
+    transient database errors; every other failure is logged and raised."""
+    settings = get_settings()
+    res = resources(settings)
+    retries = task.request.retries or 0
+    try:
+        n = run(job_id, session_factory=res.sessions, store=res.store, settings=settings)
+    except Exception as exc:
+        if _is_transient_db_error(exc) and retries < settings.task_max_retries:
+            log.warning("retrying: %s of job %s, database error: %s", what, job_id, exc)
+            raise task.retry(countdown=_backoff(retries), exc=exc) from None
+        log.exception("error: %s of job %s failed", what, job_id)
+        raise
+    log.info("%s: job %s, %d images queued", done, job_id, n)
+    return {"outcome": "done", "images": n}
+
+
 @shared_task(name=TASK_ENUMERATE_PREFIX, bind=True, max_retries=None, acks_late=True)
 def enumerate_prefix(self, job_id: int) -> dict[str, Any]:
     """List a job's S3 prefix page by page, queuing and publishing each page (idempotent:
     keys already in the job are not added twice)."""
-    settings = get_settings()
-    res = resources(settings)
-    try:
-        n = ingest.run_enumerate_prefix(
-            job_id, session_factory=res.sessions, store=res.store, settings=settings
-        )
-    except Exception as exc:
-        if _is_transient_db_error(exc) and (self.request.retries or 0) < settings.task_max_retries:
-            log.warning("retrying: enumerate prefix of job %s, database error: %s", job_id, exc)
-            raise self.retry(countdown=_backoff(self.request.retries or 0), exc=exc) from None
-        log.exception("error: enumerating the prefix of job %s failed", job_id)
-        raise
-    log.info("prefix enumerated: job %s, %d images queued", job_id, n)
-    return {"outcome": "done", "images": n}
+    return _run_ingest(
+        self, job_id, "enumerating the prefix", "prefix enumerated", ingest.run_enumerate_prefix
+    )
 
 
 @shared_task(name=TASK_FETCH_URLS, bind=True, max_retries=None, acks_late=True)
 def fetch_urls(self, job_id: int) -> dict[str, Any]:
     """Fetch a job's URLs into the store, queuing and publishing them in chunks (idempotent:
     URLs already in the job are skipped)."""
-    settings = get_settings()
-    res = resources(settings)
-    try:
-        n = ingest.run_fetch_urls(
-            job_id, session_factory=res.sessions, store=res.store, settings=settings
-        )
-    except Exception as exc:
-        if _is_transient_db_error(exc) and (self.request.retries or 0) < settings.task_max_retries:
-            log.warning("retrying: fetch URLs of job %s, database error: %s", job_id, exc)
-            raise self.retry(countdown=_backoff(self.request.retries or 0), exc=exc) from None
-        log.exception("error: fetching the URLs of job %s failed", job_id)
-        raise
-    log.info("URLs fetched: job %s, %d images queued", job_id, n)
-    return {"outcome": "done", "images": n}
+    return _run_ingest(self, job_id, "fetching the URLs", "URLs fetched", ingest.run_fetch_urls)
 
 
 def run_deliver_webhook(delivery_id: int, settings: Settings | None = None) -> webhooks.Attempt:
