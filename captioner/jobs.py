@@ -441,20 +441,27 @@ def fail_image(session: Session, image_id: int, reason: str) -> bool:
     return rows.first() is not None
 
 
-def requeue_images(session: Session, image_ids: Sequence[int], *, worker_id: str) -> list[int]:
-    """Give back images this worker holds but will not finish (shutdown, transient error)."""
+def _back_to_queue(session: Session, *where, now: datetime) -> list[int]:
+    """Images matching `where` go back to queued, lease cleared; their sorted ids."""
     rows = session.execute(
         update(Image)
-        .where(
-            Image.id.in_(list(image_ids)),
-            Image.status == ImageStatus.RUNNING,
-            Image.lease_owner == worker_id,
-        )
-        .values(status=ImageStatus.QUEUED, lease_owner=None, lease_until=None, queued_at=utcnow())
+        .where(*where)
+        .values(status=ImageStatus.QUEUED, lease_owner=None, lease_until=None, queued_at=now)
         .returning(Image.id)
         .execution_options(synchronize_session=False)
     )
     return sorted(rows.scalars())
+
+
+def requeue_images(session: Session, image_ids: Sequence[int], *, worker_id: str) -> list[int]:
+    """Give back images this worker holds but will not finish (shutdown, transient error)."""
+    return _back_to_queue(
+        session,
+        Image.id.in_(list(image_ids)),
+        Image.status == ImageStatus.RUNNING,
+        Image.lease_owner == worker_id,
+        now=utcnow(),
+    )
 
 
 # --- sweeper --------------------------------------------------------------------------------
@@ -478,14 +485,7 @@ def release_expired_leases(
         )
         .execution_options(synchronize_session=False)
     )
-    rows = session.execute(
-        update(Image)
-        .where(expired, Image.attempts < max_attempts)
-        .values(status=ImageStatus.QUEUED, lease_owner=None, lease_until=None, queued_at=now)
-        .returning(Image.id)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted(rows.scalars())
+    return _back_to_queue(session, expired, Image.attempts < max_attempts, now=now)
 
 
 def requeue_stale_queued(
