@@ -38,16 +38,13 @@ from captioner.models import (
     UserRole,
     utcnow,
 )
+from dashboard.api import AUTH, E401, E403, E409
 from dashboard.auth import api_auth, current_user, db, login_required
 
 api_bp = APIBlueprint("training_api", __name__, url_prefix="/api/v1", tag="Learning loop")
 ui_bp = Blueprint("training_ui", __name__)
 
-AUTH = {"security": "bearerAuth"}
-E401 = {401: "Missing, invalid or revoked token"}
-E403 = {403: "Your role does not allow this"}
 E404 = {404: "Not found"}
-E409 = {409: "Conflict with the current state"}
 E422 = {422: "Refused; `message` says why"}
 
 
