@@ -131,6 +131,16 @@ class Settings(BaseSettings):
     fetch_threads: int = Field(
         default=8, ge=1, description="Threads a worker uses to fetch one batch's images from storage."
     )
+    worker_pipeline_depth: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Caption batches one `captioner worker` process works on at once (Celery "
+        "`threads` pool, one model shared): the next batch is fetched and decoded, and the last "
+        "one saved, while the model runs; the model step itself is one batch at a time. Empty "
+        "means 2 on CUDA and 1 (`solo` pool) on the CPU, where decoding and the model compete "
+        "for the same cores.",
+    )
     task_max_retries: int = Field(
         default=5,
         ge=0,

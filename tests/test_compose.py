@@ -155,7 +155,7 @@ def test_deployment_has_the_parts_the_design_names():
 
     gpu = SERVICES["worker-gpu0"]
     argv = command_of(gpu)
-    assert "--pool=solo" in argv and "--concurrency=1" in argv
+    assert "--pool=threads" in argv and "--concurrency=2" in argv  # pipelined batches
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert len(device["device_ids"]) == 1  # one worker per GPU

@@ -7,12 +7,15 @@ Nothing here imports torch or loads a model: the model is loaded lazily by the f
 Delivery, for batches that may run for minutes on a GPU:
 - late acknowledgement: a message is acknowledged after its task returns, so a worker that
   dies mid-batch leaves it unacknowledged (and `task_reject_on_worker_lost` re-queues it);
-- prefetch 1: a worker holds one message at a time, so queued work stays visible to the others
-  (and an interactive message is not stuck behind a prefetched bulk one);
+- prefetch multiplier 1: a worker holds one message per pool slot -- one for a `solo` worker,
+  the pipeline depth for a pipelined (`threads`) one, so its next batch arrives and is fetched
+  while the current one runs the model -- and queued work stays visible to the others (an
+  interactive message waits behind at most the batches a worker has already started);
 - the Redis visibility timeout outlasts the hard time limit, so a slow batch is not re-delivered
   while it still runs. None of this is relied on for correctness: SQL leases and the sweeper are.
-- time limits: enforced by the prefork pool only; GPU workers use `--pool solo` (one process
-  per device, no fork after CUDA init), where a batch's lease is the limit that counts.
+- time limits: enforced by the prefork pool only; GPU workers use `--pool solo`, or `threads`
+  when pipelined (one process per device, no fork after CUDA init), where a batch's lease is
+  the limit that counts.
 """
 
 from __future__ import annotations

@@ -1,11 +1,25 @@
 """The model a worker process captions with: loaded lazily, once, and swapped on promotion.
 
-A worker asks `ModelRuntime.current(session)` before every batch. That is one small SELECT:
+A worker asks `ModelRuntime.wanted(session)` before every batch, then captions inside
+`ModelRuntime.use(wanted)`. The question is one small SELECT:
 which model version is active (or pinned by `Settings.active_model`)? If it is the one already
 loaded, nothing else happens; if a newer version was promoted, its checkpoint is loaded and
 replaces the old one, between batches, without restarting the process. When the database has
 no active version, the checkpoint named by `Settings.model_checkpoint` is used, registered as a
 (non-active) `ModelVersion` row so its captions have a version to belong to.
+
+A pipelined worker (`CAPTIONER_WORKER_PIPELINE_DEPTH` > 1, Celery `threads` pool) runs several
+batches at once in one process, all sharing this runtime:
+
+- `use(wanted)` hands a batch the model to caption with and holds it until the batch leaves the
+  block. A switch to another version waits until no batch holds the current one, and batches
+  wait while a model loads: two models never share the GPU, and no batch sees its model
+  replaced under it. A batch whose `wanted` was read before the one that loaded the current
+  model is stale and takes the current model instead of switching back.
+- `model_lock`: one batch at a time does device work (nvJPEG decode, the host-to-device copy,
+  the model). On CUDA the fast path captures CUDA graphs, during which no other thread may
+  touch the device; on the CPU two batches would only fight over the same cores. Fetching,
+  CPU decoding and saving are outside it, so they overlap with another batch's model run.
 
 torch is imported here, never at the import of `workers.tasks`, so the sweeper and beat run
 without it.
@@ -15,6 +29,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,12 +95,18 @@ def register_checkpoint(session: Session, checkpoint: Path) -> ModelVersion:
 
 
 class ModelRuntime:
-    """One per worker process. Thread-safe enough for a solo pool (one batch at a time)."""
+    """One per worker process, shared by the batches it runs at once (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._loaded: LoadedModel | None = None
-        self._lock = threading.Lock()
+        self._loaded_as_of = float("-inf")  # when the `wanted` that chose `_loaded` was read
+        self._cond = threading.Condition()
+        self._users = 0  # batches inside `use()`, all holding `_loaded`
+        self._switching = False  # a load is in progress (`_loaded` is None meanwhile)
+        self._switches_waiting = 0  # batches waiting for the users to leave, to switch
+        # One batch at a time runs device work and the model (see the module docstring).
+        self.model_lock = threading.Lock()
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -118,28 +141,81 @@ class ModelRuntime:
         """The model to caption the next batch with, (re)loading it if the active one changed."""
         return self.ensure(self.wanted(session))
 
-    def ensure(self, wanted: tuple[int, str, str]) -> LoadedModel:
+    def ensure(self, wanted: tuple[int, str, str], as_of: float | None = None) -> LoadedModel:
         """Load the model `wanted` (from `wanted()`) unless it is the one already loaded.
 
-        Separate from `wanted` so a caller can end its transaction before a slow load.
+        Separate from `wanted` so a caller can end its transaction before a slow load. It does
+        not hold the model: a batch that captions with it uses `use()`.
         """
+        with self.use(wanted, as_of) as loaded:
+            return loaded
+
+    @contextmanager
+    def use(self, wanted: tuple[int, str, str], as_of: float | None = None) -> Iterator[LoadedModel]:
+        """The model `wanted` (loaded or switched to first if needed), held until the block ends.
+
+        `as_of`: the `time.monotonic()` taken before `wanted` was read (default: now). If the
+        loaded model was chosen by a later read, `wanted` is stale and the loaded model is used.
+        """
+        loaded = self._acquire(wanted, time.monotonic() if as_of is None else as_of)
+        try:
+            yield loaded
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def _acquire(self, wanted: tuple[int, str, str], as_of: float) -> LoadedModel:
         version_id, name, uri = wanted
-        with self._lock:
-            loaded = self._loaded
-            if loaded is not None and loaded.version_id == version_id:
-                return loaded
-            self._loaded = self._load(version_id, name, uri)
-            if loaded is None:
-                log.info("model loaded: version %s (%s) from %s", name, version_id, uri)
-            else:
-                log.info(
-                    "model switched: version %s (%s) -> %s (%s), without restart",
-                    loaded.version_name,
-                    loaded.version_id,
-                    name,
-                    version_id,
-                )
-            return self._loaded
+        waiting_to_switch = False
+        with self._cond:
+            try:
+                while True:
+                    if not self._switching:
+                        loaded = self._loaded
+                        fits = loaded is not None and (
+                            loaded.version_id == version_id or as_of < self._loaded_as_of
+                        )
+                        if fits:
+                            # A batch waiting to switch goes first (no new users of the old one).
+                            if waiting_to_switch or not self._switches_waiting:
+                                self._users += 1
+                                return loaded
+                        elif self._users == 0:
+                            self._switching = True  # ours to load
+                            break
+                        elif not waiting_to_switch:
+                            waiting_to_switch = True
+                            self._switches_waiting += 1
+                    self._cond.wait()
+            finally:
+                if waiting_to_switch:
+                    self._switches_waiting -= 1
+                    self._cond.notify_all()  # batches held back for this switch look again
+        previous = self._loaded
+        try:
+            new = self._load(version_id, name, uri)
+        except BaseException:
+            with self._cond:
+                self._switching = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._loaded, self._loaded_as_of = new, as_of
+            self._switching = False
+            self._users += 1
+            self._cond.notify_all()
+        if previous is None:
+            log.info("model loaded: version %s (%s) from %s", name, version_id, uri)
+        else:
+            log.info(
+                "model switched: version %s (%s) -> %s (%s), without restart",
+                previous.version_name,
+                previous.version_id,
+                name,
+                version_id,
+            )
+        return new
 
     def _load(self, version_id: int, name: str, uri: str) -> LoadedModel:
         import torch

@@ -10,7 +10,8 @@ tasks `enumerate_prefix`, `fetch_urls` (submissions too big for a request) and `
 3. fetch their bytes from the object store on a thread pool, decode them safely and preprocess;
    a missing or undecodable image is failed alone with its reason; a transient storage error
    gives that image back for a retry;
-4. run the model once on the whole batch -- a model error gives the batch back for a retry;
+4. run the model once on the whole batch (on CUDA its CPU-decoded pixels go through one pinned
+   buffer and a non-blocking copy) -- a model error gives the batch back for a retry;
 5. in one transaction: keep only images whose lease this worker still holds (`lost lease`
    otherwise: the sweeper handed them to someone else), upsert captions (never over a reviewed
    one), mark images captioned / failed, finish the job if it is done -- `batch done`;
@@ -18,6 +19,18 @@ tasks `enumerate_prefix`, `fetch_urls` (submissions too big for a request) and `
    `Settings.task_max_retries` -- `gave up` after that, leaving the images to the sweeper; every
    claim counts an attempt, and images past `Settings.max_attempts` are failed, so nothing
    loops forever.
+
+A pipelined worker (`CAPTIONER_WORKER_PIPELINE_DEPTH`, default 2 on CUDA: Celery's `threads`
+pool, prefetching one message per slot) runs that many batches at once in one process, sharing
+one model: while one batch is in step 4, the next one claims, fetches and decodes (step 3)
+and the previous one saves (step 5). What they share is thread-safe: `resources()` is built
+once under a lock; every step opens its own SQLAlchemy session (the engine's pool is
+thread-safe); the fetch pool, the object store clients and the prometheus metrics are
+thread-safe. Steps 2 to 4 hold the model through `ModelRuntime.use` (a switch to a newly
+promoted version waits until no batch holds the old one, and batches wait while a model
+loads), and step 4 -- every device call: the nvJPEG decode, the pinned host-to-device copy,
+the model -- runs under `ModelRuntime.model_lock`, one batch at a time. A batch is still one
+message with its own leases, so retries, kill -9 recovery and duplicates work as before.
 
 `sweep()` re-publishes images whose lease expired or that sat queued too long (their message was
 lost: Redis flushed, worker killed), fails images past the attempt cap, finishes jobs whose
@@ -82,7 +95,8 @@ class TransientError(RuntimeError):
 
 
 class _Resources:
-    """Engine, session factory, object store and model runtime of one worker process."""
+    """Engine, session factory, object store and model runtime of one worker process, shared
+    by every batch it runs at once (each is thread-safe; see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -217,25 +231,19 @@ def _decode_jpegs_on_device(prepared: dict[int, _Prepared], captioner, settings:
             prepared[i] = p
 
 
-def run_caption_batch(
-    job_id: int, image_ids: list[int], *, worker_id: str, settings: Settings, retrying: bool
-) -> BatchOutcome:
-    """One batch, start to end (see the module docstring). Raises TransientError to retry."""
-    import torch
-
-    res = resources(settings)
-    out = BatchOutcome()
-    ids = sorted({int(i) for i in image_ids})
-
-    # 1. The model that should caption now (a new promotion is picked up here).
-    try:
-        with session_scope(res.sessions) as s:
-            wanted = res.runtime.wanted(s)
-    except OperationalError as exc:
-        raise TransientError(f"database unavailable resolving the model: {exc}", ids) from exc
-    loaded = res.runtime.ensure(wanted)
-    out.model_version_id = loaded.version_id
-
+def _claim_prepare_and_caption(
+    res: _Resources,
+    loaded,
+    job_id: int,
+    ids: list[int],
+    out: BatchOutcome,
+    *,
+    worker_id: str,
+    settings: Settings,
+    retrying: bool,
+) -> tuple[dict[int, _Prepared], dict[int, int], dict[int, list]] | None:
+    """Steps 2 to 4 of a batch with the model `loaded`: (prepared, attempts, results), or None
+    when there was nothing to claim."""
     # 2. Claim. On a retry, first give back what this worker still holds from the last try.
     try:
         with session_scope(res.sessions) as s:
@@ -257,11 +265,12 @@ def run_caption_batch(
     except OperationalError as exc:
         raise TransientError(f"database unavailable while claiming: {exc}", ids) from exc
     if not out.claimed:
-        return out
+        return None
     keys = {image_id: key for image_id, key, _ in rows}
     attempts = {image_id: n for image_id, _, n in rows}
 
-    # 3. Fetch, decode and preprocess concurrently; each image's trouble stays its own.
+    # 3. Fetch, decode and preprocess concurrently; each image's trouble stays its own. In a
+    # pipelined worker this overlaps with another batch's model step.
     preprocess = loaded.captioner.preprocess
     device_jpeg = settings.gpu_decode and loaded.captioner.device.type == "cuda"
     futures = {
@@ -271,23 +280,86 @@ def run_caption_batch(
         for image_id in out.claimed
     }
     prepared = {image_id: future.result() for image_id, future in futures.items()}
-    if device_jpeg:
-        _decode_jpegs_on_device(prepared, loaded.captioner, settings)
-    good = [i for i in out.claimed if prepared[i].pixels is not None]
 
-    # 4. The model, once for the whole batch.
+    # 4. Device work and the model, once for the whole batch, one batch at a time.
     results: dict[int, list] = {}
-    if good:
-        started = time.perf_counter()
-        try:
-            dev = loaded.captioner.device
-            pixels = torch.stack([prepared[i].pixels.to(dev, non_blocking=True) for i in good])
-            hyps = loaded.captioner.caption_tensors(pixels, res.runtime.decode_options())
-        except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
-            _give_back(res, out.claimed, worker_id)
-            raise TransientError(f"model failed on the batch: {exc}", ids) from exc
-        metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
-        results = dict(zip(good, hyps, strict=True))
+    failure: Exception | None = None
+    with res.runtime.model_lock:
+        if device_jpeg:
+            _decode_jpegs_on_device(prepared, loaded.captioner, settings)
+        good = [i for i in out.claimed if prepared[i].pixels is not None]
+        if good:
+            started = time.perf_counter()
+            try:
+                pixels = _device_batch([prepared[i].pixels for i in good], loaded.captioner.device)
+                hyps = loaded.captioner.caption_tensors(pixels, res.runtime.decode_options())
+            except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
+                failure = exc
+            else:
+                metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
+                results = dict(zip(good, hyps, strict=True))
+    if failure is not None:
+        _give_back(res, out.claimed, worker_id)
+        raise TransientError(f"model failed on the batch: {failure}", ids) from failure
+    return prepared, attempts, results
+
+
+def _device_batch(tensors: list, device):
+    """One (B, 3, H, W) batch of preprocessed pixels on `device`, in the order given.
+
+    On CUDA the CPU-decoded tensors are stacked straight into one pinned (page-locked) buffer
+    and sent with one `non_blocking` copy (a copy from pageable memory is synchronous), while
+    those nvJPEG decoded are already there. On the CPU: one `torch.stack`, as always.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return torch.stack([t.to(device, non_blocking=True) for t in tensors])
+    on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    if not on_host:
+        return torch.stack(tensors)
+    first = tensors[on_host[0]]
+    staging = torch.empty((len(on_host), *first.shape), dtype=first.dtype, pin_memory=True)
+    torch.stack([tensors[i] for i in on_host], out=staging)
+    # The caching host allocator keeps `staging` alive until the copy is done.
+    moved = staging.to(device, non_blocking=True)
+    if len(on_host) == len(tensors):
+        return moved
+    merged = list(tensors)
+    for row, i in enumerate(on_host):
+        merged[i] = moved[row]
+    return torch.stack(merged)
+
+
+def run_caption_batch(
+    job_id: int, image_ids: list[int], *, worker_id: str, settings: Settings, retrying: bool
+) -> BatchOutcome:
+    """One batch, start to end (see the module docstring). Raises TransientError to retry.
+
+    Safe to run from several threads at once (a pipelined worker): each call has its own
+    sessions; the model is held through `runtime.use` and run under `runtime.model_lock`.
+    """
+    res = resources(settings)
+    out = BatchOutcome()
+    ids = sorted({int(i) for i in image_ids})
+
+    # 1. The model that should caption now (a new promotion is picked up here).
+    as_of = time.monotonic()
+    try:
+        with session_scope(res.sessions) as s:
+            wanted = res.runtime.wanted(s)
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable resolving the model: {exc}", ids) from exc
+    # Held until the model step is over: a switch to another version waits for it.
+    with res.runtime.use(wanted, as_of) as loaded:
+        out.model_version_id = loaded.version_id
+        claimed = _claim_prepare_and_caption(
+            res, loaded, job_id, ids, out, worker_id=worker_id, settings=settings,
+            retrying=retrying,
+        )
+    if claimed is None:
+        return out
+    prepared, attempts, results = claimed
 
     # 5. Save, fenced by the lease: only images this worker still holds are written.
     try:
@@ -332,7 +404,7 @@ def run_caption_batch(
                     if jobs.fail_image(s, image_id, reason):
                         out.failed[image_id] = reason
                         metrics.IMAGES_FAILED.labels(reason=p.reason_kind or "no_caption").inc()
-            jobs.complete_images(s, loaded.version_id, rows)  # one upsert + one update per batch
+            jobs.complete_images(s, out.model_version_id, rows)  # one upsert + one update per batch
             if give_back:
                 out.retry = jobs.requeue_images(s, give_back, worker_id=worker_id)
             if jobs.job_progress(s, job_id).is_complete:
