@@ -52,6 +52,11 @@ class ModelConfig:
     encoder_name: str = "vit_base_patch16_224"  # any timm model with forward_features/forward_head
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args (img_size, ...)
     freeze_encoder: bool = True  # frozen encoder: no grads, eval mode, features cacheable
+    # convolutional stem in place of the ViT's patchify layer (timm ConvStem + HybridEmbed), for
+    # encoders trained from scratch: {"channels": [..], "strides": [..], "kernel_size": 3}; the
+    # product of the strides is the token grid's stride. None keeps the model's patch embedding.
+    encoder_stem: dict[str, Any] | None = None
+    encoder_pos_init: Literal["learned", "sincos"] = "learned"  # sincos: 2-D sin-cos start values
     # --- prefix mapping ---
     embed_dim: int = 512  # encoder features are projected to this width first
     mapper_hidden: int = 0  # hidden width of the projection MLP (0 = 2 * embed_dim)
@@ -68,6 +73,15 @@ class ModelConfig:
     tokenizer: str = "gpt2-bpe"  # GPT-2's byte-level BPE (limited to vocab_size when smaller)
 
     def __post_init__(self) -> None:
+        if self.encoder_stem is not None:
+            stem = self.encoder_stem
+            unknown = set(stem) - {"channels", "strides", "kernel_size"}
+            if unknown or not stem.get("channels"):
+                raise ValueError("encoder_stem needs 'channels' (and optionally 'strides', 'kernel_size')")
+            if len(stem.get("strides", stem["channels"])) != len(stem["channels"]):
+                raise ValueError("encoder_stem: one stride per channel count")
+        if self.encoder_pos_init not in ("learned", "sincos"):
+            raise ValueError(f"encoder_pos_init must be 'learned' or 'sincos', not {self.encoder_pos_init!r}")
         if self.prefix_source not in ("pooled", "patches"):
             raise ValueError(f"prefix_source must be 'pooled' or 'patches', not {self.prefix_source!r}")
         if self.prefix_source == "patches" and self.refiner_layers < 1:
@@ -117,20 +131,26 @@ def preset(name: str) -> ModelConfig:
             max_caption_tokens=24,
         )
     if name == "demo":
-        # Trained from scratch on the synthetic shapes world on a CPU in minutes: a small
-        # ViT at 64 px, a 2-layer GPT-2, and GPT-2's BPE limited to its first 2,048 ids
-        # (any English word is still spelled by those sub-words, so reviews can teach new ones).
+        # Trained from scratch on the synthetic shapes world on a CPU in minutes: a ViT at 48 px
+        # (the world's 64 px images resized) whose patchify layer is a small conv stem (stride 8,
+        # a 6 x 6 token grid; early convolutions let a from-scratch ViT see shapes in few steps)
+        # with 2-D sin-cos start positions, GPT-2 attending to every refined token, a 2-layer
+        # GPT-2, and GPT-2's BPE limited to its first 2,048 ids (any English word is still
+        # spelled by those sub-words, so reviews can teach new ones).
         return ModelConfig(
             encoder_name="vit_tiny_patch16_224",
-            encoder_kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
+            encoder_kwargs=dict(img_size=48, embed_dim=128, depth=2, num_heads=4),
+            encoder_stem=dict(channels=[32, 64, 128, 128], strides=[2, 2, 2, 1], kernel_size=3),
+            encoder_pos_init="sincos",
             freeze_encoder=False,
             embed_dim=256,
             n_prefix_tokens=5,
             prefix_source="patches",
+            prefix_keeps_patches=True,
             refiner_layers=1,
             refiner_heads=4,
             dropout=0.0,
-            decoder=dict(n_layer=2, n_head=4, n_embd=128, n_positions=64, vocab_size=2048, dropout=0.0),
+            decoder=dict(n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2048, dropout=0.0),
             max_caption_tokens=24,
         )
     raise ValueError(f"unknown preset {name!r}; known: tiny, demo, base")

@@ -230,7 +230,7 @@ def load_records(
     raise DatasetError(f"unknown data kind {kind!r}; expected synthetic, karpathy, jsonl, csv or folder")
 
 
-SYNTHETIC_SIZES = {"train": 50_000, "val": 500, "test": 1_000, "unseen": 1_000, "concept": 1_000}
+SYNTHETIC_SIZES = {"train": 100_000, "val": 500, "test": 1_000, "unseen": 1_000, "concept": 1_000}
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,7 +160,43 @@ def build_encoder(cfg: ModelConfig, pretrained: bool = False, weights_file: str 
     kwargs = dict(cfg.encoder_kwargs)
     if weights_file is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
-    return timm.create_model(cfg.encoder_name, pretrained=pretrained, num_classes=0, **kwargs)
+    if cfg.encoder_stem is not None:
+        if pretrained:
+            raise ValueError("a convolutional encoder_stem is trained from scratch: no pretrained weights")
+        kwargs.update(embed_layer=conv_stem_embed(cfg.encoder_stem), patch_size=1)
+    encoder = timm.create_model(cfg.encoder_name, pretrained=pretrained, num_classes=0, **kwargs)
+    if cfg.encoder_pos_init == "sincos" and not pretrained:
+        init_sincos_pos_embed(encoder)
+    return encoder
+
+
+def conv_stem_embed(spec: dict):
+    """timm's ConvStem (conv-norm-act layers, the last a plain conv) as a ViT embed_layer."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    channels = tuple(int(c) for c in spec["channels"])
+    strides = tuple(int(s) for s in spec.get("strides", (2,) * len(channels)))
+    stem = ConvStem(
+        channels=channels, depth=len(channels), stride=strides, kernel_size=int(spec.get("kernel_size", 3))
+    )
+    return partial(HybridEmbed, backbone=stem)
+
+
+@torch.no_grad()
+def init_sincos_pos_embed(encoder: nn.Module) -> None:
+    """Start a ViT's learned position embeddings at 2-D sin-cos values (patch tokens only), so
+    where a token sits is readable from the first step instead of learned from noise."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    pos = getattr(encoder, "pos_embed", None)
+    grid = getattr(getattr(encoder, "patch_embed", None), "grid_size", None)
+    if pos is None or grid is None:
+        raise ValueError("encoder_pos_init='sincos' needs a ViT with pos_embed and a patch grid")
+    table = build_sincos2d_pos_embed(list(grid), pos.shape[-1])  # (N, D)
+    pos[0, pos.shape[1] - table.shape[0]:] = table.to(pos.dtype)
 
 
 class PrefixMapper(nn.Module):

@@ -332,9 +332,8 @@ def shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float,
     dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        s = 0.88 * r  # about the area of the circle, so size words mean the same for every shape
-        return (np.abs(dx) <= s) & (np.abs(dy) <= s)
+    if shape == "square":  # the full half-extent: its corners are what tell it from a circle
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
     if shape == "triangle":  # apex up, base at the bottom
         t = (dy + r) / (2 * r)  # 0 at the apex row, 1 at the base
         return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r * 1.1)

@@ -233,3 +233,52 @@ def test_prefix_can_keep_the_patch_tokens(tiny_cfg):
     assert len(out) == 2 and all(len(h[0].tokens) <= 4 for h in out)
     with pytest.raises(ValueError, match="prefix_keeps_patches"):
         tiny_cfg.replace(prefix_keeps_patches=True)
+
+
+def test_conv_stem_replaces_the_patchify_layer_and_round_trips(tiny_cfg, tmp_path):
+    """A convolutional stem gives the token grid its strides' product and saves like any weight."""
+    from core_model.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_cfg.replace(
+        encoder_kwargs={"img_size": 32},
+        encoder_stem={"channels": [8, 16, 32], "strides": [2, 2, 2]},
+        encoder_pos_init="sincos",
+    )
+    model = CaptionModel(cfg)
+    embed = model.encoder.patch_embed
+    assert tuple(embed.grid_size) == (4, 4)  # 32 px / (2 * 2 * 2)
+    convs = [m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs[:3]] == [(2, 2)] * 3
+    assert Preprocessor.for_encoder(model.encoder).input_size == (32, 32)
+    tokens = model.encoder.forward_features(torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 16 + model.encoder.num_prefix_tokens  # grid tokens + class token
+    save_checkpoint(model, tmp_path / "m")
+    again, _ = load_checkpoint(tmp_path / "m")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert again.cfg.encoder_stem == cfg.encoder_stem
+
+
+def test_sincos_position_init_matches_timm_table(tiny_cfg):
+    from timm.layers import build_sincos2d_pos_embed
+
+    model = CaptionModel(tiny_cfg.replace(encoder_pos_init="sincos"))
+    pos = model.encoder.pos_embed[0].detach()
+    grid = list(model.encoder.patch_embed.grid_size)
+    table = build_sincos2d_pos_embed(grid, pos.shape[-1])
+    assert torch.allclose(pos[-table.shape[0]:], table)
+    learned = CaptionModel(tiny_cfg).encoder.pos_embed[0].detach()
+    assert not torch.allclose(learned[-table.shape[0]:], table)
+
+
+def test_conv_stem_config_errors(tiny_cfg):
+    from core_model.model import build_encoder
+
+    with pytest.raises(ValueError, match="channels"):
+        tiny_cfg.replace(encoder_stem={"strides": [2]})
+    with pytest.raises(ValueError, match="one stride"):
+        tiny_cfg.replace(encoder_stem={"channels": [8, 16], "strides": [2]})
+    with pytest.raises(ValueError, match="encoder_pos_init"):
+        tiny_cfg.replace(encoder_pos_init="rope")
+    with pytest.raises(ValueError, match="from scratch"):
+        build_encoder(tiny_cfg.replace(encoder_stem={"channels": [8, 16]}), pretrained=True)
