@@ -138,7 +138,10 @@ def test_beam_best_score_at_least_greedy(overfit, tiny_cfg, trained):
     greedy = model.generate(pixels, max_new_tokens=8)
     beam = model.generate(pixels, num_beams=4, max_new_tokens=8)
     for g, b in zip(greedy, beam, strict=False):
-        assert b[0].score >= g[0].score - 1e-4  # float32 noise across batch shapes
+        if b[0].tokens == g[0].tokens:  # the same caption: scores differ by float32 noise only
+            assert b[0].score == pytest.approx(g[0].score, abs=1e-3)
+        else:  # beam found another caption: it must score at least as well
+            assert b[0].score >= g[0].score - 1e-4
 
 
 def test_n_best_distinct_and_sorted(overfit):
