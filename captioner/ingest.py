@@ -4,7 +4,9 @@ Everything here runs outside Flask: the dashboard calls the checks and `store_fi
 handles a request; a background worker calls `enumerate_prefix` and `fetch_urls` (sent by
 task name, see `send_task`). Functions take a `Session` and leave the commit to the caller,
 except the two `run_*` entry points, which own their transactions because they publish
-caption batches after each commit.
+caption batches after each commit. A job they finish (every URL failed, an empty prefix, every
+image a known caption) gets its webhook events recorded in the transaction that finishes it,
+and the deliveries are published after the commit, as the caption worker does.
 
 Rules enforced here, each with a test:
 - zip members: no absolute paths, no `..`, no links or devices, at most `zip_max_members`
@@ -26,12 +28,11 @@ import logging
 import posixpath
 import socket
 import stat
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -402,45 +403,14 @@ def check_url(
 
 
 def fetch_url(url: str, settings: Settings | None = None, *, resolver: Resolver | None = None) -> bytes:
-    """GET `url` with every hop checked, a total time limit and a size cap; returns the body."""
-    import requests
+    """GET `url` with every hop checked, a total time limit and a size cap; returns the body.
 
-    settings = _settings(settings)
-    deadline = time.monotonic() + settings.url_fetch_timeout_seconds
-    limit = settings.max_image_bytes
-    current = url
-    with requests.Session() as http:
-        http.trust_env = False  # no proxies from the environment: we check the real address
-        for _hop in range(settings.url_fetch_max_redirects + 1):
-            check_url(current, allow_hosts=settings.url_allow_hosts, resolver=resolver)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SubmissionRejected(f"{url}: timed out")
-            try:
-                response = http.get(
-                    current, stream=True, allow_redirects=False, timeout=min(remaining, 30)
-                )
-            except requests.RequestException as exc:
-                raise SubmissionRejected(f"{url}: fetch failed: {type(exc).__name__}") from None
-            with response:
-                if response.is_redirect:
-                    location = response.headers.get("Location", "")
-                    current = urljoin(current, location)
-                    continue
-                if response.status_code != 200:
-                    raise SubmissionRejected(f"{url}: HTTP {response.status_code}")
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise TooLarge(f"{url}: {declared} bytes > limit {limit}")
-                body = bytearray()
-                for chunk in response.iter_content(64 * 1024):
-                    body.extend(chunk)
-                    if len(body) > limit:
-                        raise TooLarge(f"{url}: larger than {limit} bytes")
-                    if time.monotonic() > deadline:
-                        raise SubmissionRejected(f"{url}: timed out")
-                return bytes(body)
-        raise SubmissionRejected(f"{url}: more than {settings.url_fetch_max_redirects} redirects")
+    Each hop's host is resolved once and the connection goes to one of the checked addresses
+    (no DNS-rebinding window); see `captioner.pinned_http`.
+    """
+    from captioner.pinned_http import fetch_url as fetch_pinned
+
+    return fetch_pinned(url, _settings(settings), resolver=resolver)
 
 
 def url_key(url: str) -> str:
@@ -494,12 +464,29 @@ def fetch_urls(
 
 
 Publish = Callable[[int, list[int]], Any]
+PublishDeliveries = Callable[[list[int]], Any]
 
 
 def _default_publish(settings: Settings) -> Publish:
     from captioner.queue import publish_caption_batches
 
     return lambda job_id, ids: publish_caption_batches(job_id, ids, settings=settings)
+
+
+def _default_publish_deliveries(settings: Settings) -> PublishDeliveries:
+    from captioner.webhooks import publish_deliveries
+
+    return lambda delivery_ids: publish_deliveries(delivery_ids, settings=settings)
+
+
+def _record_job_events(session: Session, job_id: int, *, finish: bool) -> list[int]:
+    """Webhook events for the jobs finished now (`finish`) and for `job_id` if it is finished
+    (`ids_to_publish` may have finished it), in the caller's transaction; returns the new
+    delivery ids, to publish after the commit. Recording twice is a no-op."""
+    from captioner.webhooks import record_job_events
+
+    finished = jobs.finish_completed_jobs(session) if finish else []
+    return record_job_events(session, sorted(set(finished) | {job_id}))
 
 
 def run_fetch_urls(
@@ -509,15 +496,18 @@ def run_fetch_urls(
     store: ObjectStore | None = None,
     settings: Settings | None = None,
     publish: Publish | None = None,
+    publish_deliveries: PublishDeliveries | None = None,
     resolver: Resolver | None = None,
 ) -> int:
-    """Task body for `captioner.fetch_urls(job_id)`: the URLs are in the job's options."""
+    """Task body for `captioner.fetch_urls(job_id)`: the URLs are in the job's options. The job
+    is finished (if all its images are done) only after the last chunk."""
     from captioner.db import session_scope
     from captioner.storage import open_store
 
     settings = _settings(settings)
     store = store or open_store(settings=settings)
     publish = publish or _default_publish(settings)
+    publish_deliveries = publish_deliveries or _default_publish_deliveries(settings)
     with session_scope(session_factory) as session:
         job = session.get(Job, job_id)
         urls = list((job.options or {}).get("urls", [])) if job else []
@@ -532,9 +522,11 @@ def run_fetch_urls(
                 resolver=resolver,
             )
             ids = ids_to_publish(session, job, ids)
-            jobs.finish_completed_jobs(session)
+            deliveries = _record_job_events(session, job_id, finish=start + 50 >= len(urls))
         if ids:
             publish(job_id, ids)
+        if deliveries:
+            publish_deliveries(deliveries)
         total += len(ids)
     return total
 
@@ -546,6 +538,7 @@ def run_enumerate_prefix(
     store: ObjectStore | None = None,
     settings: Settings | None = None,
     publish: Publish | None = None,
+    publish_deliveries: PublishDeliveries | None = None,
 ) -> int:
     """Task body for `captioner.enumerate_prefix(job_id)`: list the job's prefix page by page,
     committing and publishing each page, so any size of listing streams into the queue."""
@@ -555,6 +548,7 @@ def run_enumerate_prefix(
     settings = _settings(settings)
     store = store or open_store(settings=settings)
     publish = publish or _default_publish(settings)
+    publish_deliveries = publish_deliveries or _default_publish_deliveries(settings)
     with session_scope(session_factory) as session:
         job = session.get(Job, job_id)
         prefix = (job.options or {}).get("prefix") if job else None
@@ -570,8 +564,11 @@ def run_enumerate_prefix(
                 return -1
             ids = jobs.submit_images(session, job_id, keys)
             ids = ids_to_publish(session, job, ids)
+            deliveries = _record_job_events(session, job_id, finish=False)
         if ids:
             publish(job_id, ids)
+        if deliveries:
+            publish_deliveries(deliveries)
         return len(keys)
 
     for key in store.list(prefix):
@@ -590,9 +587,14 @@ def run_enumerate_prefix(
         with session_scope(session_factory) as session:
             # Nothing matched: finish the job now instead of leaving it queued forever.
             job = session.get(Job, job_id)
-            if job is not None and job.image_count == 0:
+            deliveries = []
+            if job is not None and job.image_count == 0 and job.status != "cancelled":
                 job.status = jobs.JobStatus.FINISHED
                 job.finished_at = jobs.utcnow()
+                session.flush()
+                deliveries = _record_job_events(session, job_id, finish=False)
+        if deliveries:
+            publish_deliveries(deliveries)
     return total
 
 

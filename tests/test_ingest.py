@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 from dashboard_helpers import make_zip, png
 
-from captioner import ingest, jobs
-from captioner.models import Image, ImageStatus
+from captioner import ingest, jobs, webhooks
+from captioner.db import make_sessionmaker, session_scope
+from captioner.models import (
+    Image,
+    ImageStatus,
+    Job,
+    JobStatus,
+    User,
+    Webhook,
+    WebhookDelivery,
+    WebhookStatus,
+)
 from captioner.settings import Settings
 from captioner.storage import LocalObjectStore
 
@@ -108,8 +120,6 @@ def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, htt
 
 
 def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
-    from captioner.db import make_sessionmaker, session_scope
-
     store = LocalObjectStore(tmp_path / "objects")
     for i in range(5):
         store.put(f"photos/{i}.jpg", b"x")
@@ -125,6 +135,91 @@ def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
     assert total == 5 and [len(ids) for ids in sent] == [2, 2, 1]
 
 
+def _owner_with_hook(factory, url: str) -> int:
+    with session_scope(factory) as session:
+        user = User(email="owner@example.com")
+        session.add(user)
+        session.flush()
+        session.add(Webhook(owner_id=user.id, url=url, secret="s3cret", events=[]))
+        return user.id
+
+
+def _deliver(factory, delivery_ids, s: Settings) -> list[tuple[str, dict]]:
+    """Deliver published ids as the webhook task does; returns (event header, body) per POST."""
+    posts = []
+
+    def post(url, data, headers, **kw):
+        posts.append((headers[webhooks.EVENT_HEADER], json.loads(data)))
+        return SimpleNamespace(status_code=200)
+
+    for delivery_id in delivery_ids:
+        with session_scope(factory) as session:
+            assert webhooks.deliver(session, delivery_id, settings=s, post=post).status == WebhookStatus.DELIVERED
+    return posts
+
+
+def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(engine, tmp_path, http_server):
+    factory = make_sessionmaker(engine)
+    owner_id = _owner_with_hook(factory, http_server + "/hook")
+    urls = [http_server + "/missing.png", f"{http_server}/to?u=http://169.254.169.254/"]
+    with session_scope(factory) as session:
+        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
+    s = settings(url_allow_hosts=["127.0.0.1"])
+    sent, published = [], []
+    total = ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"),
+                                  settings=s, publish=lambda j, ids: sent.append(ids),
+                                  publish_deliveries=published.extend)
+    assert total == 0 and sent == []
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.FINISHED and (job.image_count, job.failed_count) == (2, 2)
+        [delivery] = session.query(WebhookDelivery).filter_by(job_id=job_id).all()
+        assert delivery.event == "job.failed" and published == [delivery.id]
+    [(event, body)] = _deliver(factory, published, s)
+    assert event == "job.failed" and body["job"]["id"] == job_id and body["job"]["failed_count"] == 2
+    # The same task again (a redelivery) records and publishes nothing more.
+    ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"), settings=s,
+                          publish=lambda j, ids: sent.append(ids), publish_deliveries=published.extend)
+    assert len(published) == 1 and sent == []
+
+
+def test_url_job_is_not_finished_while_urls_are_left_to_fetch(engine, tmp_path, http_server):
+    factory = make_sessionmaker(engine)
+    owner_id = _owner_with_hook(factory, http_server + "/hook")
+    urls = [f"{http_server}/missing{i}.png" for i in range(50)] + [http_server + "/img.png"]
+    with session_scope(factory) as session:
+        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
+    sent, published = [], []
+    total = ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"),
+                                  settings=settings(url_allow_hosts=["127.0.0.1"]),
+                                  publish=lambda j, ids: sent.append(ids), publish_deliveries=published.extend)
+    # The first chunk failed entirely, but the job goes on: no premature job.failed.
+    assert total == 1 and len(sent) == 1 and published == []
+    with factory() as session:
+        assert session.get(Job, job_id).status != JobStatus.FINISHED
+        assert session.query(WebhookDelivery).count() == 0
+
+
+def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
+    factory = make_sessionmaker(engine)
+    owner_id = _owner_with_hook(factory, "http://127.0.0.1:9/hook")
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put("photos/readme.txt", b"x")
+    with session_scope(factory) as session:
+        job_id = jobs.create_job(session, "p", owner_id=owner_id, options={"prefix": "photos/"}).id
+    s = settings(url_allow_hosts=["127.0.0.1"])
+    published = []
+    total = ingest.run_enumerate_prefix(job_id, session_factory=factory, store=store, settings=s,
+                                        publish=lambda j, ids: None, publish_deliveries=published.extend)
+    assert total == 0
+    with factory() as session:
+        assert session.get(Job, job_id).status == JobStatus.FINISHED
+        [delivery] = session.query(WebhookDelivery).filter_by(job_id=job_id).all()
+        assert published == [delivery.id]
+    [(event, body)] = _deliver(factory, published, s)
+    assert event == "job.completed" and body["job"]["image_count"] == 0
+
+
 def test_zip_total_size_cap():
     archive = make_zip({"a.png": png(), "b.png": png((1, 1, 1))})
     with pytest.raises(ingest.SubmissionRejected, match="uncompresses to"):
@@ -137,3 +232,198 @@ def test_prefix_within_store():
         ingest.prefix_within_store("s3://b/elsewhere/", "s3://b/base")
     with pytest.raises(ingest.SubmissionRejected):
         ingest.prefix_within_store("../x", "file:///tmp/o")
+
+
+# --- DNS rebinding: the fetch connects only to the address that was checked -------------------
+
+PUBLIC_IP = "93.184.215.14"  # passes the address check; connects to it are refused below
+
+
+def _logging_handler(seen: list[tuple[str, str]]) -> type[BaseHTTPRequestHandler]:
+    """Serves a PNG (or redirects /to?u=URL) and records (path, Host header) of each request."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Host", "")))
+            if self.path.startswith("/to?u="):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/to?u="):])
+                self.end_headers()
+                return
+            body = png()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def logged_server():
+    """A loopback HTTP server; yields (port, [(path, Host header) of each request])."""
+    seen: list[tuple[str, str]] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _logging_handler(seen))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port, seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def rebinding_dns(monkeypatch):
+    """`rebind.example` answers PUBLIC_IP the first time and 127.0.0.1 after that; a connect to
+    PUBLIC_IP is refused at once. Returns (names looked up, connect targets)."""
+    import socket
+
+    import urllib3.util.connection
+
+    lookups: list[str] = []
+    connects: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = urllib3.util.connection.create_connection
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = PUBLIC_IP if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
+
+    def create_connection(address, *args, **kwargs):
+        connects.append(address[0])
+        if address[0] == PUBLIC_IP:
+            raise ConnectionRefusedError(111, "refused (test)")
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
+    return lookups, connects
+
+
+@pytest.mark.parametrize("via_redirect", [False, True], ids=["direct", "redirect-hop"])
+@pytest.mark.parametrize("fetch", ["ingest", "pinned_http"])
+def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, fetch, via_redirect):
+    from captioner import pinned_http
+
+    fetch_url = ingest.fetch_url if fetch == "ingest" else pinned_http.fetch_url
+    port, seen = logged_server
+    lookups, connects = rebinding_dns
+    target = f"http://rebind.example:{port}/img.png"
+    url = f"http://127.0.0.1:{port}/to?u={target}" if via_redirect else target
+    s = settings(url_allow_hosts=["127.0.0.1"] if via_redirect else [])
+    with pytest.raises(ingest.SubmissionRejected, match="fetch failed"):
+        fetch_url(url, s)
+    # The name was resolved once (for the check) and the connect went to that checked address.
+    assert lookups == ["rebind.example"]
+    assert connects[-1] == PUBLIC_IP and "rebind.example" not in connects
+    assert [path for path, _ in seen] == (["/to?u=" + target] if via_redirect else [])
+
+
+def test_pinned_fetch_keeps_host_header_and_checks_every_hop(logged_server):
+    from captioner import pinned_http
+
+    port, seen = logged_server
+    names = {"pinned.example": ["127.0.0.1"], "inner.example": ["10.0.0.5"]}
+    resolver = lambda host, _port: names[host]  # noqa: E731
+    s = settings(url_allow_hosts=["pinned.example"])
+    assert pinned_http.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver) == png()
+    assert seen == [("/img.png", f"pinned.example:{port}")]
+    with pytest.raises(ingest.UnsafeURL, match="private, loopback or link-local"):
+        pinned_http.fetch_url(f"http://pinned.example:{port}/to?u=http://inner.example/x.png", s,
+                              resolver=resolver)
+
+
+def test_pinned_adapter_connects_to_the_ip_but_keeps_the_name_for_host_sni_and_cert():
+    import requests
+
+    from captioner.pinned_http import PinnedAdapter
+
+    adapter = PinnedAdapter("pinned.example", PUBLIC_IP)
+    request = requests.Request("GET", "https://Pinned.Example:8443/a.png").prepare()
+    pool = adapter.get_connection_with_tls_context(request, verify=True)
+    assert (pool.scheme, pool.host, pool.port) == ("https", PUBLIC_IP, 8443)
+    assert pool.conn_kw["server_hostname"] == "pinned.example"  # SNI
+    assert pool.assert_hostname == "pinned.example"  # certificate must name the host, not the IP
+    adapter.add_headers(request)
+    assert request.headers["Host"] == "pinned.example:8443"
+    plain = requests.Request("GET", "http://pinned.example/a.png").prepare()
+    pool = adapter.get_connection_with_tls_context(plain, verify=True)
+    assert (pool.scheme, pool.host, pool.port) == ("http", PUBLIC_IP, 80)
+    assert "server_hostname" not in pool.conn_kw
+    adapter.add_headers(plain)
+    assert plain.headers["Host"] == "pinned.example"
+    with pytest.raises(requests.exceptions.InvalidURL, match="pinned"):
+        adapter.send(requests.Request("GET", "https://other.example/").prepare())
+    adapter.close()
+
+
+def _tls_files(tmp_path, name: str):
+    """A throwaway CA and a server certificate for `name` only (no IP in it)."""
+    import datetime
+
+    cryptography = pytest.importorskip("cryptography")  # noqa: F841 (comes with moto)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject, key, issuer, issuer_key, *, ca):
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca_cert = cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+    leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, ca_name, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (tmp_path / "cert.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_pinned_https_verifies_the_name_not_the_ip(tmp_path):
+    import ssl
+
+    import requests
+
+    from captioner.pinned_http import PinnedAdapter
+
+    ca, cert, key = _tls_files(tmp_path, "pinned.example")
+    seen: list[tuple[str, str]] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _logging_handler(seen))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_port
+        with requests.Session() as http:
+            http.trust_env = False
+            http.mount("https://", PinnedAdapter("pinned.example", "127.0.0.1"))
+            response = http.get(f"https://pinned.example:{port}/img.png", verify=str(ca), timeout=10)
+            assert response.status_code == 200 and response.content == png()
+            assert seen == [("/img.png", f"pinned.example:{port}")]
+            # A name the certificate does not cover fails verification although the IP is the same.
+            http.mount("https://", PinnedAdapter("other.example", "127.0.0.1"))
+            with pytest.raises(requests.exceptions.SSLError):
+                http.get(f"https://other.example:{port}/img.png", verify=str(ca), timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()

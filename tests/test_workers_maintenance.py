@@ -226,6 +226,24 @@ def test_fetch_urls_task_fetches_queues_and_fails_bad_urls_alone(stack, worker, 
     assert stack.store.get(images[urls[0]].storage_key) == png(10)
 
 
+def test_fetch_urls_task_finishing_a_job_of_failed_urls_delivers_job_failed(stack, worker, receiver):
+    owner_id, hook_id, secret = _owner_with_hook(stack, f"{receiver.url}/hook-d", "d@example.com")
+    urls = [f"{receiver.url}/img/gone-{i}.png" for i in range(2)]
+    with session_scope(stack.sessions) as s:
+        job_id = jobs.create_job(s, "dead urls", owner_id=owner_id, options={"urls": urls}).id
+
+    ingest.send_task(ingest.TASK_FETCH_URLS, job_id, settings=stack.settings())
+
+    wait_for(lambda: receiver.posts_to("/hook-d"), 60, what="job.failed delivered")
+    [(headers, body)] = receiver.posts_to("/hook-d")
+    assert webhooks.verify(secret, body, headers[webhooks.SIGNATURE_HEADER])
+    assert headers[webhooks.EVENT_HEADER] == "job.failed"
+    event = json.loads(body)["job"]
+    assert (event["id"], event["status"], event["failed_count"]) == (job_id, "finished", 2)
+    [delivery] = _deliveries(stack, hook_id)
+    assert delivery.job_id == job_id and delivery.event == "job.failed"
+
+
 # --- webhooks -------------------------------------------------------------------------------------
 
 

@@ -37,9 +37,9 @@ lost: Redis flushed, worker killed), fails images past the attempt cap, finishes
 images are all done, and re-sends webhook deliveries that are overdue (their message was lost).
 SQL is the source of truth, so sweeping is always safe to repeat.
 
-Whoever finishes jobs (a batch, the sweeper) records their webhook events in the same
-transaction (`webhooks.record_job_events`, an outbox) and publishes the deliveries after the
-commit; a delivery whose message is lost is re-sent by the sweeper.
+Whoever finishes jobs (a batch, the sweeper, an ingest step) records their webhook events in
+the same transaction (`webhooks.record_job_events`, an outbox) and publishes the deliveries
+after the commit; a delivery whose message is lost is re-sent by the sweeper.
 
 torch is imported only when a batch first needs the model (`workers.model_runtime`).
 """
@@ -580,13 +580,17 @@ def sweep() -> dict[str, int]:
 
 
 def _run_ingest(task, job_id: int, what: str, done: str, run) -> dict[str, Any]:
-    """One ingest step (`run(job_id, session_factory=, store=, settings=)`), retried on
-    transient database errors; every other failure is logged and raised."""
+    """One ingest step (`run(job_id, session_factory=, store=, settings=, publish_deliveries=)`),
+    retried on transient database errors; every other failure is logged and raised. A job the
+    step finishes has its webhook events recorded; their deliveries are published here."""
     settings = get_settings()
     res = resources(settings)
     retries = task.request.retries or 0
     try:
-        n = run(job_id, session_factory=res.sessions, store=res.store, settings=settings)
+        n = run(
+            job_id, session_factory=res.sessions, store=res.store, settings=settings,
+            publish_deliveries=lambda ids: _publish_deliveries(ids, settings),
+        )
     except Exception as exc:
         if _is_transient_db_error(exc) and retries < settings.task_max_retries:
             log.warning("retrying: %s of job %s, database error: %s", what, job_id, exc)

@@ -1,0 +1,190 @@
+"""Fetching a user-supplied http(s) URL without a DNS-rebinding window.
+
+`ingest.check_url` resolves a host name and refuses it unless every address is public (or the
+operator allow-listed it). If `requests` were then left to connect on its own it would resolve
+the name a second time, and a hostile DNS server could answer 127.0.0.1 the second time. Here
+the name is resolved once per hop, every address is checked, and the connection goes to one of
+those checked addresses: `PinnedAdapter` rewrites only the TCP target. The request keeps the
+original Host header and, for https, the original name for SNI and certificate verification.
+Each redirect hop is checked and pinned the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError
+
+from captioner import ingest
+
+if TYPE_CHECKING:
+    from captioner.settings import Settings
+
+
+class PinnedAdapter(HTTPAdapter):
+    """An adapter that sends requests for `hostname` to the already checked `address`.
+
+    Only the socket's target changes: the pool is keyed on (scheme, address, port), the Host
+    header names `hostname` (and the port when it is not the default), and for https the TLS
+    server name (SNI) and the certificate check use `hostname`, never the IP. A request for any
+    other host is refused, so a redirect followed by mistake cannot escape the pin.
+    """
+
+    def __init__(self, hostname: str, address: str, **kwargs: Any) -> None:
+        self.hostname = hostname.lower().rstrip(".")
+        self.address = str(ipaddress.ip_address(address.split("%", 1)[0]))
+        super().__init__(max_retries=0, **kwargs)
+
+    def _check_host(self, request: requests.PreparedRequest) -> None:
+        host = (urlsplit(request.url or "").hostname or "").lower().rstrip(".")
+        if host != self.hostname:
+            raise requests.exceptions.InvalidURL(
+                f"pinned to {self.hostname!r}, refused a request for {host!r}", request=request
+            )
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        self._check_host(request)
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        name = host_params["host"]
+        host_params["host"] = self.address
+        if host_params["scheme"] == "https":
+            # urllib3 drops these for plain http pools; they are part of the pool key.
+            pool_kwargs["server_hostname"] = name
+            pool_kwargs["assert_hostname"] = name if verify is not False else False
+        return host_params, pool_kwargs
+
+    def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
+        super().add_headers(request, **kwargs)
+        request.headers["Host"] = host_header(request.url or "")
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._check_host(request)
+        if kwargs.get("proxies"):
+            # A proxy would connect on its own and resolve the name again.
+            kwargs["proxies"] = {}
+        return super().send(request, *args, **kwargs)
+
+
+def host_header(url: str) -> str:
+    """The Host header a client would send for `url` (port only when not the default)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    if parts.port is not None and parts.port != default:
+        host = f"{host}:{parts.port}"
+    return host
+
+
+def checked_addresses(
+    url: str, *, allow_hosts: Sequence[str] = (), resolver: ingest.Resolver | None = None
+) -> list[str]:
+    """Check `url` like `ingest.check_url` (same errors) and return the addresses it checked.
+
+    The host is resolved exactly once; the caller must connect only to what is returned.
+    """
+    seen: list[str] = []
+
+    def recording(host: str, port: int) -> list[str]:
+        addresses = list((resolver or ingest.resolve_host)(host, port))
+        seen[:] = addresses
+        return addresses
+
+    ingest.check_url(url, allow_hosts=allow_hosts, resolver=recording)
+    host = urlsplit(url.strip()).hostname or ""
+    try:
+        return [str(ipaddress.ip_address(host))]  # a literal: check_url did not resolve
+    except ValueError:
+        pass
+    if not seen:  # cannot happen with a name check_url accepted; refuse rather than re-resolve
+        raise ingest.UnsafeURL(f"refused URL {url!r}: {host} resolves to no address")
+    return seen
+
+
+def _connect_failed(exc: requests.RequestException) -> bool:
+    """True when nothing was sent: the TCP connect itself failed (refused, unreachable, timed out)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.exceptions.ConnectionError) or not exc.args:
+        return False
+    return isinstance(getattr(exc.args[0], "reason", None), ConnectTimeoutError)
+
+
+def fetch_url(
+    url: str, settings: Settings | None = None, *, resolver: ingest.Resolver | None = None
+) -> bytes:
+    """GET `url`: every hop checked and pinned to a checked address, a total time limit and a
+    size cap; returns the body. Errors as `ingest.fetch_url` always raised them."""
+    settings = ingest._settings(settings)
+    deadline = time.monotonic() + settings.url_fetch_timeout_seconds
+    limit = settings.max_image_bytes
+    current = url
+    with requests.Session() as http:
+        http.trust_env = False  # no proxies from the environment: we connect to the checked IP
+        for _hop in range(settings.url_fetch_max_redirects + 1):
+            addresses = checked_addresses(
+                current, allow_hosts=settings.url_allow_hosts, resolver=resolver
+            )
+            try:
+                prepared = http.prepare_request(requests.Request("GET", current.strip()))
+            except requests.RequestException as exc:
+                raise ingest.SubmissionRejected(
+                    f"{url}: fetch failed: {type(exc).__name__}"
+                ) from None
+            hostname = urlsplit(prepared.url or "").hostname or ""
+            for index, address in enumerate(addresses):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ingest.SubmissionRejected(f"{url}: timed out")
+                adapter = PinnedAdapter(hostname, address)
+                http.mount("http://", adapter)
+                http.mount("https://", adapter)
+                try:
+                    try:
+                        response = http.send(
+                            prepared, stream=True, allow_redirects=False, timeout=min(remaining, 30)
+                        )
+                    except requests.RequestException as exc:
+                        if _connect_failed(exc) and index + 1 < len(addresses):
+                            continue  # the next checked address of the same name
+                        raise ingest.SubmissionRejected(
+                            f"{url}: fetch failed: {type(exc).__name__}"
+                        ) from None
+                    with response:
+                        if response.is_redirect:
+                            location = response.headers.get("Location", "")
+                            current = urljoin(current, location)
+                            break
+                        return _read_body(url, response, limit, deadline)
+                finally:
+                    adapter.close()
+        raise ingest.SubmissionRejected(
+            f"{url}: more than {settings.url_fetch_max_redirects} redirects"
+        )
+
+
+def _read_body(url: str, response: requests.Response, limit: int, deadline: float) -> bytes:
+    if response.status_code != 200:
+        raise ingest.SubmissionRejected(f"{url}: HTTP {response.status_code}")
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ingest.TooLarge(f"{url}: {declared} bytes > limit {limit}")
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ingest.TooLarge(f"{url}: larger than {limit} bytes")
+        if time.monotonic() > deadline:
+            raise ingest.SubmissionRejected(f"{url}: timed out")
+    return bytes(body)
