@@ -174,6 +174,30 @@ def fetch_url(
         )
 
 
+def post(url: str, addresses: Sequence[str], **kwargs: Any) -> requests.Response:
+    """POST to `url`, connecting only to `addresses` (from `checked_addresses`), the next one
+    when a connect fails. No redirects are followed; the response body is read."""
+    with requests.Session() as http:
+        http.trust_env = False
+        prepared = http.prepare_request(
+            requests.Request("POST", url.strip(), data=kwargs.pop("data", None), headers=kwargs.pop("headers", None))
+        )
+        hostname = urlsplit(prepared.url or "").hostname or ""
+        for index, address in enumerate(addresses):
+            adapter = PinnedAdapter(hostname, address)
+            http.mount("http://", adapter)
+            http.mount("https://", adapter)
+            try:
+                kwargs["allow_redirects"] = False
+                return http.send(prepared, **kwargs)
+            except requests.RequestException as exc:
+                if not (_connect_failed(exc) and index + 1 < len(addresses)):
+                    raise
+            finally:
+                adapter.close()
+    raise requests.exceptions.ConnectionError(f"{url}: no address to connect to")
+
+
 def _read_body(url: str, response: requests.Response, limit: int, deadline: float) -> bytes:
     if response.status_code != 200:
         raise ingest.SubmissionRejected(f"{url}: HTTP {response.status_code}")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner.ingest import Resolver, UnsafeURL, check_url
+from captioner.ingest import Resolver, UnsafeURL
 from captioner.models import (
     Job,
     JobStatus,
@@ -146,7 +146,12 @@ def deliver(
     post=None,
 ) -> Attempt:
     """One delivery attempt (idempotent for a delivered or failed row: it does nothing)."""
+    from functools import partial
+
     import requests
+
+    from captioner.pinned_http import checked_addresses
+    from captioner.pinned_http import post as pinned_post
 
     settings = _settings(settings)
     delivery = session.get(WebhookDelivery, delivery_id)
@@ -159,7 +164,8 @@ def deliver(
     delivery.attempts += 1
     error = None
     try:
-        check_url(hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver)
+        # resolved once and checked; the POST connects only to these addresses (no rebinding)
+        addresses = checked_addresses(hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver)
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(hook.secret, body),
@@ -167,7 +173,7 @@ def deliver(
             DELIVERY_HEADER: str(delivery.id),
             "User-Agent": "captioner-webhooks/1",
         }
-        poster = post or requests.post
+        poster = post or partial(pinned_post, addresses=addresses)
         response = poster(
             hook.url,
             data=body,
