@@ -5,8 +5,9 @@ handles a request; a background worker calls `enumerate_prefix` and `fetch_urls`
 task name, see `send_task`). Functions take a `Session` and leave the commit to the caller,
 except the two `run_*` entry points, which own their transactions because they publish
 caption batches after each commit. A job they finish (every URL failed, an empty prefix, every
-image a known caption) gets its webhook events recorded in the transaction that finishes it,
-and the deliveries are published after the commit, as the caption worker does.
+image a known caption) gets its webhook events recorded in the transaction that finishes it
+(`record_job_events`), and the deliveries are published after the commit, as the caption
+worker does; the dashboard's upload does the same.
 
 Rules enforced here, each with a test:
 - zip members: no absolute paths, no `..`, no links or devices, at most `zip_max_members`
@@ -479,10 +480,12 @@ def _default_publish_deliveries(settings: Settings) -> PublishDeliveries:
     return lambda delivery_ids: publish_deliveries(delivery_ids, settings=settings)
 
 
-def _record_job_events(session: Session, job_id: int, *, finish: bool) -> list[int]:
+def record_job_events(session: Session, job_id: int, *, finish: bool) -> list[int]:
     """Webhook events for the jobs finished now (`finish`) and for `job_id` if it is finished
     (`ids_to_publish` may have finished it), in the caller's transaction; returns the new
-    delivery ids, to publish after the commit. Recording twice is a no-op."""
+    delivery ids, to publish after the commit. Recording twice is a no-op. Every submission
+    path that calls `ids_to_publish` calls this before its commit (the `run_*` entry points
+    here, `dashboard.services.submit_files`)."""
     from captioner.webhooks import record_job_events
 
     finished = jobs.finish_completed_jobs(session) if finish else []
@@ -522,7 +525,7 @@ def run_fetch_urls(
                 resolver=resolver,
             )
             ids = ids_to_publish(session, job, ids)
-            deliveries = _record_job_events(session, job_id, finish=start + 50 >= len(urls))
+            deliveries = record_job_events(session, job_id, finish=start + 50 >= len(urls))
         if ids:
             publish(job_id, ids)
         if deliveries:
@@ -564,7 +567,7 @@ def run_enumerate_prefix(
                 return -1
             ids = jobs.submit_images(session, job_id, keys)
             ids = ids_to_publish(session, job, ids)
-            deliveries = _record_job_events(session, job_id, finish=False)
+            deliveries = record_job_events(session, job_id, finish=False)
         if ids:
             publish(job_id, ids)
         if deliveries:
@@ -592,7 +595,7 @@ def run_enumerate_prefix(
                 job.status = jobs.JobStatus.FINISHED
                 job.finished_at = jobs.utcnow()
                 session.flush()
-                deliveries = _record_job_events(session, job_id, finish=False)
+                deliveries = record_job_events(session, job_id, finish=False)
         if deliveries:
             publish_deliveries(deliveries)
     return total

@@ -12,7 +12,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import and_, func, or_, select, update
 
-from captioner import ingest, jobs
+from captioner import ingest, jobs, webhooks
 from captioner.models import (
     Caption,
     Image,
@@ -99,9 +99,14 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
     job = _new_job(session, user, opts, source)
     ids = ingest.store_files(session, _ext().store, job.id, files)
     to_publish = ingest.ids_to_publish(session, job, ids)
+    # Every image a known caption: the job is finished now, so its webhook events are
+    # recorded in this transaction and published after the commit (as the workers do).
+    deliveries = ingest.record_job_events(session, job.id, finish=False)
     session.commit()
     session.refresh(job)
     _ext().publisher.captions(job.id, to_publish, interactive=opts.interactive)
+    for delivery_id in deliveries:
+        _ext().publisher.task(webhooks.TASK_DELIVER_WEBHOOK, delivery_id)
     return job
 
 

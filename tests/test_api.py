@@ -12,8 +12,9 @@ import pytest
 from dashboard_helpers import PASSWORD, fake_caption, image_ids, login, make_user, make_zip, png
 from sqlalchemy import func, select
 
+from captioner import webhooks
 from captioner.db import session_scope
-from captioner.models import Image, ImageStatus, Job, Review
+from captioner.models import Image, ImageStatus, Job, Review, WebhookDelivery
 
 
 @pytest.fixture
@@ -240,6 +241,22 @@ def test_identical_images_reuse_the_active_models_caption(app, client, users, pu
     assert image["caption"]["text"] == "a red square"
     forced = upload(client, users["bob"], files=[("copy.png", png())], recaption="true").json
     assert forced["progress"]["queued"] == 1 and len(publisher.ids_for(forced["id"])) == 1
+
+
+def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(app, client, users, publisher):
+    hook = client.post("/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=users["bob"].headers)
+    assert hook.status_code == 201, hook.json
+    first = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
+    fake_caption(app, first, texts=["a red square"])
+    again = upload(client, users["bob"], files=[("copy.png", png())]).json
+    assert again["status"] == "finished" and publisher.ids_for(again["id"]) == []
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        [delivery] = session.scalars(select(WebhookDelivery)).all()
+        assert (delivery.job_id, delivery.webhook_id, delivery.event) == (again["id"], hook.json["id"], "job.completed")
+        assert delivery.payload["job"]["captioned_count"] == 1
+    assert [t for t in publisher.tasks if t[0] == webhooks.TASK_DELIVER_WEBHOOK] == [
+        (webhooks.TASK_DELIVER_WEBHOOK, (delivery.id,))
+    ]
 
 
 def _captioned_job(app, client, owner, n=3):
