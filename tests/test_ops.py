@@ -13,14 +13,11 @@ import pytest
 import redis
 from dashboard_helpers import fake_caption, make_user, png
 from prometheus_client.parser import text_string_to_metric_families
-from workers_fixtures import redis_url_with_db
 
 from captioner import jobs
 from captioner.db import session_scope
 from captioner.logging import JsonFormatter, TextFormatter, log_context, make_handler
 from captioner.models import Caption, Review, ReviewDecision, TrainingRun, TrainingStatus
-
-OPS_REDIS_DB = 12
 
 
 def closed_port() -> int:
@@ -38,10 +35,9 @@ def samples(body: str) -> dict[tuple[str, tuple], float]:
 
 
 @pytest.fixture
-def ops_redis():
-    url = redis_url_with_db(OPS_REDIS_DB)
+def ops_redis(redis_dbs):
+    url = redis_dbs.flushed("main")
     client = redis.Redis.from_url(url)
-    client.flushdb()
     yield url, client
     client.flushdb()
     client.close()

@@ -22,12 +22,10 @@ from captioner.settings import Settings
 from tests.workers_fixtures import (
     Stack,
     WorkerProcess,
-    redis_url_with_db,
     wait_for,
     write_checkpoint,
 )
 
-REDIS_DB = 14  # test_workers.py uses 9-13
 EVENT_WAIT = 60  # seconds: only ever reached when the choreography is broken
 
 
@@ -36,23 +34,18 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "a", seed=0)
 
 
-def _stack(root, checkpoint, redis_db: int = REDIS_DB) -> Stack:
-    import redis
-
+def _stack(root, checkpoint, redis_url: str) -> Stack:
+    """A stack on `redis_url`, a database of this session's that has just been flushed."""
     from captioner import migrate
 
     url = f"sqlite:///{root / 'captioner.db'}"
     migrate.upgrade(url)
-    redis_url = redis_url_with_db(redis_db)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
     return Stack(root=root, database_url=url, redis_url=redis_url, checkpoint=checkpoint)
 
 
 @pytest.fixture
-def stack(tmp_path, checkpoint, monkeypatch):
-    s = _stack(tmp_path, checkpoint)
+def stack(tmp_path, checkpoint, monkeypatch, redis_dbs):
+    s = _stack(tmp_path, checkpoint, redis_dbs.flushed("main"))
     s.apply_env(monkeypatch)
     yield s
     s.redis.flushdb()

@@ -1,4 +1,4 @@
-"""Workers against the real thing: Redis on 127.0.0.1:6379 (own db number, FLUSHDB'd), real
+"""Workers against the real thing: Redis on 127.0.0.1:6379 (this session's own dbs, FLUSHDB'd), real
 `captioner worker` processes (celery, solo pool), an SQLite file (PostgreSQL for the two-worker
 race), a file:// object store and the tiny untrained model.
 
@@ -39,12 +39,9 @@ from tests.workers_fixtures import (
     Stack,
     WorkerProcess,
     png,
-    redis_url_with_db,
     wait_for,
     write_checkpoint,
 )
-
-REDIS_DB = 9  # the shared stack's; per-test stacks use 10-12
 
 
 def _migrated_sqlite(path) -> str:
@@ -55,16 +52,6 @@ def _migrated_sqlite(path) -> str:
     return url
 
 
-def _flushed(redis_db: int) -> str:
-    import redis
-
-    url = redis_url_with_db(redis_db)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
@@ -72,12 +59,12 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, checkpoints):
+def stack(tmp_path_factory, checkpoints, redis_dbs):
     root = tmp_path_factory.mktemp("stack")
     s = Stack(
         root=root,
         database_url=_migrated_sqlite(root / "captioner.db"),
-        redis_url=_flushed(REDIS_DB),
+        redis_url=redis_dbs.flushed("main"),  # the shared worker's; per-test stacks use "scratch"
         checkpoint=checkpoints["a"],
         extra_env={"CAPTIONER_METRICS_PORT": str(free_port())},
     )
@@ -135,9 +122,11 @@ def test_200_images_each_captioned_exactly_once(stack, worker, env):
 # --- messages carry ids only -----------------------------------------------------------------
 
 
-def test_message_carries_ids_only(stack):
+def test_message_carries_ids_only(stack, redis_dbs):
     # A Redis db no worker listens on, so the message stays there to be read raw.
-    settings = stack.settings().model_copy(update={"redis_url": _flushed(10), "batch_size": 4})
+    settings = stack.settings().model_copy(
+        update={"redis_url": redis_dbs.flushed("scratch"), "batch_size": 4}
+    )
     from captioner.queue import publish_caption_batches
 
     assert publish_caption_batches(7, [1, 2, 3, 4, 5], settings=settings) == 2
@@ -264,13 +253,13 @@ def test_model_caption_never_overwrites_a_review(stack, env):
 # --- 3. Redis wiped while a job is half done --------------------------------------------------
 
 
-def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch):
+def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch, redis_dbs):
     root = tmp_path / "wipe"
     root.mkdir()
     stack = Stack(
         root=root,
         database_url=_migrated_sqlite(root / "captioner.db"),
-        redis_url=_flushed(11),
+        redis_url=redis_dbs.flushed("scratch"),
         checkpoint=checkpoints["a"],
         extra_env={"CAPTIONER_QUEUED_TIMEOUT_SECONDS": "2", "CAPTIONER_CAPTION_MAX_NEW_TOKENS": "12"},
     )
@@ -307,13 +296,13 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch)
 # --- 2. kill -9 mid-batch ----------------------------------------------------------------------
 
 
-def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch):
+def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, redis_dbs):
     root = tmp_path / "kill"
     root.mkdir()
     stack = Stack(
         root=root,
         database_url=_migrated_sqlite(root / "captioner.db"),
-        redis_url=_flushed(12),
+        redis_url=redis_dbs.flushed("scratch"),
         checkpoint=checkpoints["a"],
         # Slower batches (longer captions, bigger batch) so the kill lands inside one; a short
         # lease so the sweeper hands the dead worker's images out again quickly.
@@ -364,7 +353,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch):
 # --- 4. two workers, duplicate messages, PostgreSQL -------------------------------------------
 
 
-def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeypatch):
+def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeypatch, redis_dbs):
     from captioner import migrate
 
     name = _create_postgres_database()
@@ -372,7 +361,9 @@ def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeyp
     migrate.upgrade(url)
     root = tmp_path / "pair"
     root.mkdir()
-    stack = Stack(root=root, database_url=url, redis_url=_flushed(13), checkpoint=checkpoints["a"])
+    stack = Stack(
+        root=root, database_url=url, redis_url=redis_dbs.flushed("scratch"), checkpoint=checkpoints["a"]
+    )
     stack.apply_env(monkeypatch)
     workers = [WorkerProcess(stack, f"twin{i}") for i in range(2)]
     try:

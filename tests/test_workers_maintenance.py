@@ -2,7 +2,7 @@
 URL fetching in the background, signed webhook deliveries with retries, and the sweeper's
 webhook outbox duties (record events for jobs it finishes, re-send overdue deliveries).
 
-Redis on 127.0.0.1:6379 (own db number, FLUSHDB'd), an SQLite file, a file:// object store,
+Redis on 127.0.0.1:6379 (this session's own db, FLUSHDB'd), an SQLite file, a file:// object store,
 the tiny untrained model, and loopback HTTP servers (allow-listed) for URLs and webhooks.
 """
 
@@ -34,12 +34,9 @@ from tests.workers_fixtures import (
     Stack,
     WorkerProcess,
     png,
-    redis_url_with_db,
     wait_for,
     write_checkpoint,
 )
-
-REDIS_DB = 13
 
 
 class MaintenanceStack(Stack):
@@ -49,16 +46,6 @@ class MaintenanceStack(Stack):
         values = {k[len("CAPTIONER_") :].lower(): v for k, v in self.env.items()}
         values["url_allow_hosts"] = json.loads(values["url_allow_hosts"])  # a JSON list in env
         return Settings(**values)
-
-
-def _flushed(redis_db: int) -> str:
-    import redis
-
-    url = redis_url_with_db(redis_db)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
 
 
 class Receiver:
@@ -113,7 +100,7 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, redis_dbs):
     from captioner import migrate
 
     root = tmp_path_factory.mktemp("maintenance")
@@ -122,7 +109,7 @@ def stack(tmp_path_factory):
     s = MaintenanceStack(
         root=root,
         database_url=url,
-        redis_url=_flushed(REDIS_DB),
+        redis_url=redis_dbs.flushed("main"),
         checkpoint=write_checkpoint(root / "ckpt"),
         extra_env={
             "CAPTIONER_METRICS_PORT": str(free_port()),
@@ -134,7 +121,7 @@ def stack(tmp_path_factory):
     )
     yield s
     s.close()
-    _flushed(REDIS_DB)
+    redis_dbs.flushed("main")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 real `captioner worker` processes started against it.
 
 The Redis server is the real one on 127.0.0.1:6379 (CAPTIONER_TEST_REDIS_URL overrides it); the
-tests use their own database number and FLUSHDB it, never FLUSHALL, because other people's
-work shares the server.
+tests use databases claimed for their session (the `redis_dbs` fixture, tests/redis_claim.py)
+and FLUSHDB only those, never FLUSHALL, because other people's work and other test runs share
+the server.
 """
 
 from __future__ import annotations
@@ -29,13 +30,7 @@ from captioner.queue import publish_caption_batches
 from captioner.settings import Settings
 from captioner.storage import LocalObjectStore
 
-TEST_REDIS_URL = os.environ.get("CAPTIONER_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def redis_url_with_db(db: int) -> str:
-    base, _, _ = TEST_REDIS_URL.rpartition("/")
-    return f"{base}/{db}"
 
 
 def png(i: int, size: int = 32) -> bytes:
