@@ -247,6 +247,9 @@ def test_worker_finishing_a_job_delivers_one_signed_event_with_retry(stack, work
     publish_caption_batches(job_id, ids, settings=stack.settings())
 
     wait_for(lambda: len(receiver.posts_to("/hook-a")) >= 2, 60, what="webhook retried and delivered")
+    # the receiver records a post before it answers; the worker saves the outcome after the answer
+    wait_for(lambda: _deliveries(stack, hook_id)[0].status != WebhookStatus.PENDING, 30,
+             what="delivery outcome saved")
     [delivery] = _deliveries(stack, hook_id)
     assert delivery.status == WebhookStatus.DELIVERED
     assert delivery.attempts == 2 and delivery.response_status == 200
