@@ -289,3 +289,39 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+# --- DNS rebinding ---------------------------------------------------------------------------
+
+PUBLIC_IP = "93.184.215.14"  # passes the address check; connects to it are refused by the fixture
+
+
+@pytest.fixture
+def rebinding_dns(monkeypatch):
+    """`rebind.example` answers PUBLIC_IP the first time and 127.0.0.1 after that; a connect to
+    PUBLIC_IP is refused at once. Returns (names looked up, connect targets)."""
+    import socket
+
+    import urllib3.util.connection
+
+    lookups: list[str] = []
+    connects: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = urllib3.util.connection.create_connection
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = PUBLIC_IP if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
+
+    def create_connection(address, *args, **kwargs):
+        connects.append(address[0])
+        if address[0] == PUBLIC_IP:
+            raise ConnectionRefusedError(111, "refused (test)")
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
+    return lookups, connects

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from conftest import PUBLIC_IP
 from dashboard_helpers import make_zip, png
 
 from captioner import ingest, jobs, webhooks
@@ -236,7 +237,6 @@ def test_prefix_within_store():
 
 # --- DNS rebinding: the fetch connects only to the address that was checked -------------------
 
-PUBLIC_IP = "93.184.215.14"  # passes the address check; connects to it are refused below
 
 
 def _logging_handler(seen: list[tuple[str, str]]) -> type[BaseHTTPRequestHandler]:
@@ -272,37 +272,6 @@ def logged_server():
     yield server.server_port, seen
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture
-def rebinding_dns(monkeypatch):
-    """`rebind.example` answers PUBLIC_IP the first time and 127.0.0.1 after that; a connect to
-    PUBLIC_IP is refused at once. Returns (names looked up, connect targets)."""
-    import socket
-
-    import urllib3.util.connection
-
-    lookups: list[str] = []
-    connects: list[str] = []
-    real_getaddrinfo = socket.getaddrinfo
-    real_connect = urllib3.util.connection.create_connection
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != "rebind.example":
-            return real_getaddrinfo(host, port, *args, **kwargs)
-        lookups.append(host)
-        address = PUBLIC_IP if len(lookups) == 1 else "127.0.0.1"
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
-
-    def create_connection(address, *args, **kwargs):
-        connects.append(address[0])
-        if address[0] == PUBLIC_IP:
-            raise ConnectionRefusedError(111, "refused (test)")
-        return real_connect(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
-    return lookups, connects
 
 
 @pytest.mark.parametrize("via_redirect", [False, True], ids=["direct", "redirect-hop"])

@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import PUBLIC_IP
 
 from captioner import jobs, webhooks
 from captioner.models import User, Webhook, WebhookDelivery, WebhookStatus
@@ -93,38 +94,15 @@ def test_retries_with_exponential_backoff_then_fail(session, receiver):
     assert session.get(WebhookDelivery, delivery_id).attempts == 3 and len(received) == 3
 
 
-def test_delivery_connects_to_the_checked_address_not_a_rebound_one(session, receiver, monkeypatch):
+def test_delivery_connects_to_the_checked_address_not_a_rebound_one(session, receiver, rebinding_dns):
     """The hook's name answers a public address for the check and 127.0.0.1 afterwards: the POST
     goes to the checked address (refused here) and never reaches the loopback receiver."""
-    import socket
-
-    import urllib3.util.connection
-
     url, received, _ = receiver
     port = url.split(":")[2].split("/")[0]
-    public = "93.184.215.14"
-    lookups, connects = [], []
-    real_getaddrinfo = socket.getaddrinfo
-    real_connect = urllib3.util.connection.create_connection
-
-    def getaddrinfo(host, port_, *args, **kwargs):
-        if host != "hooks.example":
-            return real_getaddrinfo(host, port_, *args, **kwargs)
-        lookups.append(host)
-        address = public if len(lookups) == 1 else "127.0.0.1"
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port_)))]
-
-    def create_connection(address, *args, **kwargs):
-        connects.append(address[0])
-        if address[0] == public:
-            raise ConnectionRefusedError(111, "refused (test)")
-        return real_connect(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
-    job = finished_job(session, f"http://hooks.example:{port}/hook")
+    lookups, connects = rebinding_dns
+    job = finished_job(session, f"http://rebind.example:{port}/hook")
     [delivery_id] = webhooks.record_job_events(session, [job.id])
     attempt = webhooks.deliver(session, delivery_id, settings=Settings())
     assert attempt.status == WebhookStatus.PENDING and "ConnectionError" in attempt.error  # retried later
-    assert lookups == ["hooks.example"] and connects == [public]
+    assert lookups == ["rebind.example"] and connects == [PUBLIC_IP]
     assert received == []
