@@ -86,17 +86,9 @@ def model_register(checkpoint, name, then_promote, url):
 def model_promote(name, url):
     """Make version NAME (or id) the active one; the old one is retired."""
     from captioner import registry
-    from captioner.db import session_scope
 
-    engine = _engine(url)
-    try:
-        with session_scope(engine) as session:
-            version = registry.promote(session, name)
-            click.echo(f"{version.name} (id {version.id}) is now active")
-    except registry.RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        engine.dispose()
+    version = _registry_change(url, lambda session: registry.promote(session, name))
+    click.echo(f"{version.name} (id {version.id}) is now active")
 
 
 @model.command("rollback")
@@ -104,13 +96,21 @@ def model_promote(name, url):
 def model_rollback(url):
     """Re-activate the active version's parent (or the previously active version)."""
     from captioner import registry
+
+    version = _registry_change(url, registry.rollback)
+    click.echo(f"rolled back: {version.name} (id {version.id}) is active again")
+
+
+def _registry_change(url, change):
+    """Run `change(session)` (promote / rollback) in one committed transaction; a RegistryError
+    becomes one readable line. Returns the version it made active."""
+    from captioner import registry
     from captioner.db import session_scope
 
     engine = _engine(url)
     try:
-        with session_scope(engine) as session:
-            version = registry.rollback(session)
-            click.echo(f"rolled back: {version.name} (id {version.id}) is active again")
+        with session_scope(engine) as session:  # objects stay readable after the commit
+            return change(session)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
