@@ -675,3 +675,22 @@ def test_web_process_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_cli_model_promote_and_rollback(sqlite_loop, checkpoints):
+    from click.testing import CliRunner
+
+    from captioner.cli import cli
+
+    v1 = sqlite_loop.register(checkpoints["a"], "v1", promote=True)
+    v2 = sqlite_loop.register(checkpoints["b"], "v2", parent_id=v1)
+    url = ["--url", sqlite_loop.settings.database_url]
+    result = CliRunner().invoke(cli, ["model", "promote", "v2", *url])
+    assert result.exit_code == 0 and f"v2 (id {v2}) is now active" in result.output
+    assert sqlite_loop.active() == (v2, "v2")
+    result = CliRunner().invoke(cli, ["model", "rollback", *url])
+    assert result.exit_code == 0 and f"v1 (id {v1}) is active again" in result.output
+    assert sqlite_loop.active() == (v1, "v1")
+    result = CliRunner().invoke(cli, ["model", "promote", "no-such-version", *url])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error:" in result.output
+    assert sqlite_loop.active() == (v1, "v1")
