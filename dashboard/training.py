@@ -38,14 +38,13 @@ from captioner.models import (
     UserRole,
     utcnow,
 )
-from dashboard.api import AUTH, E401, E403, E409
+from dashboard.api import AUTH, E401, E403, E409, E422
 from dashboard.auth import api_auth, current_user, db, login_required
 
 api_bp = APIBlueprint("training_api", __name__, url_prefix="/api/v1", tag="Learning loop")
 ui_bp = Blueprint("training_ui", __name__)
 
-E404 = {404: "Not found"}
-E422 = {422: "Refused; `message` says why"}
+E404 = {404: "Not found"}  # admin resources: no "(or not yours)" as in dashboard.api
 
 
 # --- schemas -------------------------------------------------------------------------------
