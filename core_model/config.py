@@ -17,6 +17,14 @@ GPT2_VOCAB_SIZE = 50257  # 256 byte tokens + 50,000 merges + <|endoftext|>
 GPT2_N_POSITIONS = 1024
 
 
+def from_fields(cls: type, d: dict[str, Any], what: str):
+    """`cls(**d)` for a dataclass, naming any key that is not one of its fields."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class DecoderConfig:
     """The GPT-2 body. Field names follow Hugging Face's GPT2Config so weights map one to one."""
@@ -37,11 +45,7 @@ class DecoderConfig:
             if spec not in GPT2_SIZES:
                 raise ValueError(f"unknown GPT-2 size {spec!r}; known: {', '.join(GPT2_SIZES)}")
             return cls(**GPT2_SIZES[spec])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(spec) - known
-        if unknown:
-            raise ValueError(f"unknown decoder fields: {sorted(unknown)}")
-        return cls(**spec)
+        return from_fields(cls, spec, "decoder")
 
 
 @dataclass
@@ -106,11 +110,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, "ModelConfig")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from .config import from_fields
 from .datasets import CaptionDataset, Collate, ReadBytes, examples_to_records
 from .model import CaptionModel
 from .preprocess import Preprocessor
@@ -78,11 +79,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, "TrainConfig")
 
 
 def select_device(requested: str = "") -> torch.device:
