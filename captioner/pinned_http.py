@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
@@ -129,6 +129,13 @@ def fetch_url(
     settings = ingest._settings(settings)
     deadline = time.monotonic() + settings.url_fetch_timeout_seconds
     limit = settings.max_image_bytes
+
+    def timeout() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ingest.SubmissionRejected(f"{url}: timed out")
+        return min(remaining, 30)
+
     current = url
     with requests.Session() as http:
         http.trust_env = False  # no proxies from the environment: we connect to the checked IP
@@ -138,64 +145,57 @@ def fetch_url(
             )
             try:
                 prepared = http.prepare_request(requests.Request("GET", current.strip()))
+                response = _send(http, prepared, addresses, timeout, stream=True)
             except requests.RequestException as exc:
                 raise ingest.SubmissionRejected(
                     f"{url}: fetch failed: {type(exc).__name__}"
                 ) from None
-            hostname = urlsplit(prepared.url or "").hostname or ""
-            for index, address in enumerate(addresses):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ingest.SubmissionRejected(f"{url}: timed out")
-                adapter = PinnedAdapter(hostname, address)
-                http.mount("http://", adapter)
-                http.mount("https://", adapter)
-                try:
-                    try:
-                        response = http.send(
-                            prepared, stream=True, allow_redirects=False, timeout=min(remaining, 30)
-                        )
-                    except requests.RequestException as exc:
-                        if _connect_failed(exc) and index + 1 < len(addresses):
-                            continue  # the next checked address of the same name
-                        raise ingest.SubmissionRejected(
-                            f"{url}: fetch failed: {type(exc).__name__}"
-                        ) from None
-                    with response:
-                        if response.is_redirect:
-                            location = response.headers.get("Location", "")
-                            current = urljoin(current, location)
-                            break
-                        return _read_body(url, response, limit, deadline)
-                finally:
-                    adapter.close()
+            with response:
+                if not response.is_redirect:
+                    return _read_body(url, response, limit, deadline)
+                current = urljoin(current, response.headers.get("Location", ""))
         raise ingest.SubmissionRejected(
             f"{url}: more than {settings.url_fetch_max_redirects} redirects"
         )
 
 
 def post(url: str, addresses: Sequence[str], **kwargs: Any) -> requests.Response:
-    """POST to `url`, connecting only to `addresses` (from `checked_addresses`), the next one
-    when a connect fails. No redirects are followed; the response body is read."""
+    """POST to `url`, connecting only to `addresses` (from `checked_addresses`). No redirects
+    are followed; the response body is read."""
+    kwargs.pop("allow_redirects", None)
+    limit = kwargs.pop("timeout", None)
     with requests.Session() as http:
         http.trust_env = False
-        prepared = http.prepare_request(
-            requests.Request("POST", url.strip(), data=kwargs.pop("data", None), headers=kwargs.pop("headers", None))
-        )
-        hostname = urlsplit(prepared.url or "").hostname or ""
-        for index, address in enumerate(addresses):
-            adapter = PinnedAdapter(hostname, address)
-            http.mount("http://", adapter)
-            http.mount("https://", adapter)
-            try:
-                kwargs["allow_redirects"] = False
-                return http.send(prepared, **kwargs)
-            except requests.RequestException as exc:
-                if not (_connect_failed(exc) and index + 1 < len(addresses)):
-                    raise
-            finally:
-                adapter.close()
-    raise requests.exceptions.ConnectionError(f"{url}: no address to connect to")
+        request = requests.Request("POST", url.strip(), data=kwargs.pop("data", None),
+                                   headers=kwargs.pop("headers", None))
+        return _send(http, http.prepare_request(request), addresses, lambda: limit, **kwargs)
+
+
+def _send(
+    http: requests.Session,
+    prepared: requests.PreparedRequest,
+    addresses: Sequence[str],
+    timeout: Callable[[], float | None],
+    **kwargs: Any,
+) -> requests.Response:
+    """Send `prepared` (no redirects followed) through a `PinnedAdapter` to the first of the
+    checked `addresses` that accepts the connection; `timeout()` is asked before each try.
+    The adapter stays mounted for the response; the session closes it."""
+    hostname = urlsplit(prepared.url or "").hostname or ""
+    for index, address in enumerate(addresses):
+        wait = timeout()
+        previous = http.adapters.get("https://")
+        if isinstance(previous, PinnedAdapter):
+            previous.close()
+        adapter = PinnedAdapter(hostname, address)
+        http.mount("http://", adapter)
+        http.mount("https://", adapter)
+        try:
+            return http.send(prepared, allow_redirects=False, timeout=wait, **kwargs)
+        except requests.RequestException as exc:
+            if not (_connect_failed(exc) and index + 1 < len(addresses)):
+                raise
+    raise requests.exceptions.ConnectionError(f"{prepared.url}: no address to connect to")
 
 
 def _read_body(url: str, response: requests.Response, limit: int, deadline: float) -> bytes:
