@@ -137,10 +137,6 @@ class ModelRuntime:
         version = register_checkpoint(session, checkpoint)
         return version.id, version.name, str(checkpoint)
 
-    def current(self, session: Session) -> LoadedModel:
-        """The model to caption the next batch with, (re)loading it if the active one changed."""
-        return self.ensure(self.wanted(session))
-
     def ensure(self, wanted: tuple[int, str, str], as_of: float | None = None) -> LoadedModel:
         """Load the model `wanted` (from `wanted()`) unless it is the one already loaded.
 
