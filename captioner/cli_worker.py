@@ -28,10 +28,10 @@ def resolve_pipeline_depth(settings) -> int:
     if settings.worker_pipeline_depth is not None:
         return settings.worker_pipeline_depth
     device = settings.device
-    if device == "auto":
-        import torch  # only to resolve `auto`; solo and threads pools never fork
+    if device == "auto":  # torch only to resolve it; solo and threads pools never fork
+        from core_model.inference import resolve_device
 
-        return 2 if torch.cuda.is_available() else 1
+        device = resolve_device(device).type
     return 2 if device.startswith("cuda") else 1
 
 
