@@ -32,7 +32,12 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
-    fields = {**RECIPES["demo"], "max_steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
+    fields = {
+        **RECIPES["demo"],
+        "max_steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+    }
     cfg = TrainConfig(out_dir=args.out + ".run", progress=not args.no_progress, **fields)
     t0 = time.perf_counter()
     summary = run_training(preset("demo"), "synthetic", Path(args.out), cfg)
@@ -47,15 +52,19 @@ def main() -> None:
         metrics, _ = evaluate_model(model, world.split(split, args.eval_size), meteor=False)
         rows.append((split, metrics))
     print()
-    print(f"training: {summary['steps']} steps, batch {args.batch_size}, {train_s:.0f} s "
-          f"({train_s / 60:.1f} min; target <= {TARGET_MINUTES:.0f} min)")
+    print(
+        f"training: {summary['steps']} steps, batch {args.batch_size}, {train_s:.0f} s "
+        f"({train_s / 60:.1f} min; target <= {TARGET_MINUTES:.0f} min)"
+    )
     print(f"{'split':<8} {'exact':>7} {'BLEU-4':>7} {'CIDEr':>7}")
     for split, m in rows:
         print(f"{split:<8} {m['exact_match']:7.3f} {m['bleu_4']:7.3f} {m['cider']:7.3f}")
     test_exact = rows[0][1]["exact_match"]
     ok = train_s <= TARGET_MINUTES * 60 and test_exact >= TARGET_EXACT
-    print(f"target {'MET' if ok else 'NOT MET'}: test exact-match {test_exact:.3f} (>= {TARGET_EXACT}), "
-          f"training {train_s / 60:.1f} min (<= {TARGET_MINUTES:.0f})")
+    print(
+        f"target {'MET' if ok else 'NOT MET'}: test exact-match {test_exact:.3f} (>= {TARGET_EXACT}), "
+        f"training {train_s / 60:.1f} min (<= {TARGET_MINUTES:.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -105,11 +105,20 @@ class InlineWorkers:
             kind, a, b = self.pending.pop(0)
             if kind == "caption":
                 for start in range(0, len(b), self.settings.batch_size):
-                    run_caption_batch(a, b[start : start + self.settings.batch_size],
-                                      worker_id="bench/worker", settings=self.settings, retrying=False)
+                    run_caption_batch(
+                        a,
+                        b[start : start + self.settings.batch_size],
+                        worker_id="bench/worker",
+                        settings=self.settings,
+                        retrying=False,
+                    )
             elif a == retrain.TASK_MAYBE_RETRAIN:
-                run_maybe_retrain(self.settings, publish=lambda run_id, _s: self.pending.append(
-                    ("task", retrain.TASK_TRAIN_RUN, (run_id,))))
+                run_maybe_retrain(
+                    self.settings,
+                    publish=lambda run_id, _s: self.pending.append(
+                        ("task", retrain.TASK_TRAIN_RUN, (run_id,))
+                    ),
+                )
             elif a == retrain.TASK_TRAIN_RUN:
                 run_train(b[0], self.settings)
             else:
@@ -151,12 +160,23 @@ def main() -> None:
     work.mkdir(parents=True)
     url = f"sqlite:///{work / 'captioner.db'}"
     migrate.upgrade(url)
-    recipe = {**RECIPE, "finetune_steps": args.steps, "finetune_lr": args.lr,
-              "replay_ratio": args.replay_ratio}
+    recipe = {
+        **RECIPE,
+        "finetune_steps": args.steps,
+        "finetune_lr": args.lr,
+        "replay_ratio": args.replay_ratio,
+    }
     settings = Settings(
-        data_dir=work, database_url=url, storage_url=f"file://{work / 'objects'}",
-        secret_key="bench", device="cpu", training_device="cpu", batch_size=50,
-        submit_rate_limit="100000/minute", min_new_reviews=100, **recipe,
+        data_dir=work,
+        database_url=url,
+        storage_url=f"file://{work / 'objects'}",
+        secret_key="bench",
+        device="cpu",
+        training_device="cpu",
+        batch_size=50,
+        submit_rate_limit="100000/minute",
+        min_new_reviews=100,
+        **recipe,
     )
     workers = InlineWorkers(settings)
     app = create_app(settings, publisher=workers)
@@ -179,36 +199,66 @@ def main() -> None:
     concept = world.split("concept", 100_000)
 
     def submit(examples, name: str, recaption=False) -> tuple[int, dict[int, str]]:
-        files = [(io.BytesIO(png_bytes(ex)), f"{name}-{k:04d}.png") for k, ex in enumerate(examples)]
-        r = client.post("/api/v1/jobs/upload", headers=tokens["admin"], content_type="multipart/form-data",
-                        data={"files": files, "name": name, "num_beams": "1", "n_best": "1",
-                              "recaption": "true" if recaption else "false"})
+        files = [
+            (io.BytesIO(png_bytes(ex)), f"{name}-{k:04d}.png") for k, ex in enumerate(examples)
+        ]
+        r = client.post(
+            "/api/v1/jobs/upload",
+            headers=tokens["admin"],
+            content_type="multipart/form-data",
+            data={
+                "files": files,
+                "name": name,
+                "num_beams": "1",
+                "n_best": "1",
+                "recaption": "true" if recaption else "false",
+            },
+        )
         assert r.status_code == 202, r.get_data(as_text=True)
         job_id = r.json["id"]
         workers.drain()
-        items = client.get(f"/api/v1/jobs/{job_id}/images?limit=500", headers=tokens["admin"]).json["items"]
+        items = client.get(f"/api/v1/jobs/{job_id}/images?limit=500", headers=tokens["admin"]).json[
+            "items"
+        ]
         truth = {f"{name}-{k:04d}.png": ex.caption for k, ex in enumerate(examples)}
         return job_id, {it["id"]: (it, truth[it["original_name"]]) for it in items}
 
     def exact(images: dict) -> float:
-        hits = sum(normalize((it["caption"] or {}).get("text", "")) == normalize(t) for it, t in images.values())
+        hits = sum(
+            normalize((it["caption"] or {}).get("text", "")) == normalize(t)
+            for it, t in images.values()
+        )
         return hits / max(1, len(images))
 
-    print(f"demo model: {args.checkpoint}; world held-out concepts: {world.cfg.held_out_concepts}", flush=True)
+    print(
+        f"demo model: {args.checkpoint}; world held-out concepts: {world.cfg.held_out_concepts}",
+        flush=True,
+    )
     eval_set = [concept[100_000 - 1 - k] for k in range(args.eval)]  # never submitted for review
     _, before_eval = submit(eval_set, "eval-before")
     concept_before = exact(before_eval)
-    print(f"concept exact-match before: {concept_before:.3f} ({len(before_eval)} images)", flush=True)
+    print(
+        f"concept exact-match before: {concept_before:.3f} ({len(before_eval)} images)", flush=True
+    )
 
     # 300 concept images captioned by the demo model; 200 corrected by four reviewers.
     t_submit = time.perf_counter()
     _, submitted = submit([concept[k] for k in range(args.submit)], "concept")
-    print(f"submitted and captioned {len(submitted)} images in {time.perf_counter() - t_submit:.0f} s; "
-          f"their exact-match: {exact(submitted):.3f}", flush=True)
+    print(
+        f"submitted and captioned {len(submitted)} images in {time.perf_counter() - t_submit:.0f} s; "
+        f"their exact-match: {exact(submitted):.3f}",
+        flush=True,
+    )
     for n, (image_id, (item, truth)) in enumerate(sorted(submitted.items())[: args.correct]):
-        r = client.post(f"/api/v1/images/{image_id}/reviews", headers=tokens[f"reviewer{n % 4}"],
-                        json={"decision": "corrected", "text": truth,
-                              "caption_id": (item["caption"] or {}).get("id")})
+        r = client.post(
+            f"/api/v1/images/{image_id}/reviews",
+            headers=tokens[f"reviewer{n % 4}"],
+            json={
+                "decision": "corrected",
+                "text": truth,
+                "caption_id": (item["caption"] or {}).get("id"),
+            },
+        )
         assert r.status_code == 201, r.get_data(as_text=True)
 
     # Retrain now; the inline workers dispatch and run it.
@@ -216,8 +266,10 @@ def main() -> None:
     r = client.post("/api/v1/training-runs", headers=tokens["admin"])
     assert r.status_code == 202, r.get_data(as_text=True)
     run_id = r.json["id"]
-    print(f"run {run_id}: {r.json['train_examples']} training reviews, {r.json['holdout_examples']} held-out",
-          flush=True)
+    print(
+        f"run {run_id}: {r.json['train_examples']} training reviews, {r.json['holdout_examples']} held-out",
+        flush=True,
+    )
     workers.drain()
     run_s = time.perf_counter() - t0
     run = client.get(f"/api/v1/training-runs/{run_id}", headers=tokens["admin"]).json
@@ -241,14 +293,26 @@ def main() -> None:
     print(f"run {run_id}: {status}; gate: {run['gate'].get('reason', run.get('error'))}")
     print(f"active model now: {active_name}")
     print(f"{'':<34}{'before':>8}{'after':>8}")
-    print(f"{'concept (purple), ' + str(len(after_eval)) + ' unseen images':<34}{concept_before:8.3f}{concept_after:8.3f}")
-    print(f"{'original test split, ' + str(args.test_size) + ' images':<34}{test_before:8.3f}{test_after:8.3f}")
-    print(f"run wall time: {run_s:.0f} s ({run_s / 60:.1f} min; training {run['metrics'].get('train_s', 0):.0f} s)")
-    ok = (concept_before < TARGET_BEFORE and concept_after >= TARGET_AFTER
-          and test_before - test_after <= MAX_DROP and run_s <= MAX_RUN_MIN * 60)
-    print(f"bar {'MET' if ok else 'NOT MET'}: concept {concept_before:.3f} (< {TARGET_BEFORE}) -> "
-          f"{concept_after:.3f} (>= {TARGET_AFTER}); test drop {100 * (test_before - test_after):+.1f} points "
-          f"(<= {100 * MAX_DROP:.0f}); run {run_s / 60:.1f} min (<= {MAX_RUN_MIN:.0f})")
+    print(
+        f"{'concept (purple), ' + str(len(after_eval)) + ' unseen images':<34}{concept_before:8.3f}{concept_after:8.3f}"
+    )
+    print(
+        f"{'original test split, ' + str(args.test_size) + ' images':<34}{test_before:8.3f}{test_after:8.3f}"
+    )
+    print(
+        f"run wall time: {run_s:.0f} s ({run_s / 60:.1f} min; training {run['metrics'].get('train_s', 0):.0f} s)"
+    )
+    ok = (
+        concept_before < TARGET_BEFORE
+        and concept_after >= TARGET_AFTER
+        and test_before - test_after <= MAX_DROP
+        and run_s <= MAX_RUN_MIN * 60
+    )
+    print(
+        f"bar {'MET' if ok else 'NOT MET'}: concept {concept_before:.3f} (< {TARGET_BEFORE}) -> "
+        f"{concept_after:.3f} (>= {TARGET_AFTER}); test drop {100 * (test_before - test_after):+.1f} points "
+        f"(<= {100 * MAX_DROP:.0f}); run {run_s / 60:.1f} min (<= {MAX_RUN_MIN:.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,28 @@ from core_model.model import CaptionModel  # noqa: E402
 
 SIZES = {
     # ours, and the matching HF ViT / GPT-2 configs
-    "base": dict(vit=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                          intermediate_size=3072, image_size=224, patch_size=16),
-                 gpt2=dict(n_layer=12, n_head=12, n_embd=768)),
-    "tiny": dict(vit=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=256, image_size=160, patch_size=16),
-                 gpt2=dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)),
+    "base": dict(
+        vit=dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=224,
+            patch_size=16,
+        ),
+        gpt2=dict(n_layer=12, n_head=12, n_embd=768),
+    ),
+    "tiny": dict(
+        vit=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=256,
+            image_size=160,
+            patch_size=16,
+        ),
+        gpt2=dict(n_layer=2, n_head=2, n_embd=32, n_positions=64),
+    ),
 }
 
 
@@ -79,14 +95,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", default="base", choices=sorted(SIZES))
-    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: 8 on CPU, 64,256,1024 on CUDA)")
+    ap.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="comma-separated (default: 8 on CPU, 64,256,1024 on CUDA)",
+    )
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--skip-hf-above", type=int, default=512, help="HF's baseline is skipped above this batch")
-    ap.add_argument("--compile-encoder", action="store_true", help="torch.compile the encoder (CUDA)")
-    ap.add_argument("--plain", action="store_true", help="also time our plain (eager, early-stopping) path")
+    ap.add_argument(
+        "--skip-hf-above", type=int, default=512, help="HF's baseline is skipped above this batch"
+    )
+    ap.add_argument(
+        "--compile-encoder", action="store_true", help="torch.compile the encoder (CUDA)"
+    )
+    ap.add_argument(
+        "--plain", action="store_true", help="also time our plain (eager, early-stopping) path"
+    )
     ap.add_argument("--no-pipelined", action="store_true", help="skip the two-stream pipelined run")
-    ap.add_argument("--watchdog", type=float, default=0, help="dump stacks and exit after this many seconds")
+    ap.add_argument(
+        "--watchdog", type=float, default=0, help="dump stacks and exit after this many seconds"
+    )
     args = ap.parse_args()
 
     if args.watchdog:
@@ -106,13 +134,21 @@ def main() -> None:
     hf, img = hf_model(args.size)
     hf = hf.to(device=device, dtype=dtype).eval()
     res = ours.cfg.encoder_kwargs.get("img_size", 224 if args.size == "base" else 160)
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    )
     print(f"device: {name}, dtype {dtype}, size {args.size}, {args.new_tokens} new tokens, greedy")
-    print(f"ours: {'CUDA-graph' if fast.use_cuda_graphs else 'eager'} fast path"
-          f"{' + compiled encoder' if args.compile_encoder else ''}; baseline: HF VisionEncoderDecoderModel.generate")
-    print("ours 1-stream: one batch at a time; ours pipelined: batch i+1 encodes while batch i decodes")
-    print(f"{'batch':>6} {'ours 1-stream':>14} {'ours pipelined':>15} {'HF VED img/s':>13} {'ratio':>7}"
-          f" {'ours peak MiB':>14} {'HF peak MiB':>12}{'  plain img/s' if args.plain else ''}")
+    print(
+        f"ours: {'CUDA-graph' if fast.use_cuda_graphs else 'eager'} fast path"
+        f"{' + compiled encoder' if args.compile_encoder else ''}; baseline: HF VisionEncoderDecoderModel.generate"
+    )
+    print(
+        "ours 1-stream: one batch at a time; ours pipelined: batch i+1 encodes while batch i decodes"
+    )
+    print(
+        f"{'batch':>6} {'ours 1-stream':>14} {'ours pipelined':>15} {'HF VED img/s':>13} {'ratio':>7}"
+        f" {'ours peak MiB':>14} {'HF peak MiB':>12}{'  plain img/s' if args.plain else ''}"
+    )
     for B in batches:
         # several distinct inputs, so nothing is measured on one cached buffer
         inputs = [torch.randn(B, 3, res, res, device=device, dtype=dtype) for _ in range(4)]
@@ -133,8 +169,13 @@ def main() -> None:
             assert all(len(h[0].tokens) == n_tok for h in out)
 
         def run_hf(px=hf_pixels, n_tok=n_tok):
-            hf.generate(pixel_values=px, max_new_tokens=n_tok, min_new_tokens=n_tok,
-                        do_sample=False, num_beams=1)
+            hf.generate(
+                pixel_values=px,
+                max_new_tokens=n_tok,
+                min_new_tokens=n_tok,
+                do_sample=False,
+                num_beams=1,
+            )
 
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -156,8 +197,11 @@ def main() -> None:
         else:
             hf_ips = ratio = peak_hf = float("nan")
         plain = f"{B / timed(run_plain, device, repeats):>13.1f}" if args.plain else ""
-        print(f"{B:>6} {ips_seq:>14.1f} {ips_pipe:>15.1f} {hf_ips:>13.1f} {ratio:>7.2f}"
-              f" {peak_ours:>14.0f} {peak_hf:>12.0f}{plain}", flush=True)
+        print(
+            f"{B:>6} {ips_seq:>14.1f} {ips_pipe:>15.1f} {hf_ips:>13.1f} {ratio:>7.2f}"
+            f" {peak_ours:>14.0f} {peak_hf:>12.0f}{plain}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

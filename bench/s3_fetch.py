@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--threads", default="1,8,16")
-    ap.add_argument("--endpoint", default="", help="S3 API endpoint (default: start moto on loopback)")
+    ap.add_argument(
+        "--endpoint", default="", help="S3 API endpoint (default: start moto on loopback)"
+    )
     args = ap.parse_args()
 
     from captioner.settings import Settings
@@ -77,7 +79,9 @@ def main() -> None:
 
     settings = Settings()
     preprocess = Preprocessor.for_encoder(build_encoder(preset("tiny")))
-    print(f"{len(keys)} JPEGs of {args.image_size} px on {'moto (loopback)' if server else endpoint}")
+    print(
+        f"{len(keys)} JPEGs of {args.image_size} px on {'moto (loopback)' if server else endpoint}"
+    )
     print("overhead: wall time per image of the worker path (GET + header check + safe decode +")
     print("preprocess) minus that of the raw GET, at the same concurrency")
     print(f"{'threads':>7} {'raw GET/s':>10} {'worker path img/s':>18} {'overhead ms/img':>16}")

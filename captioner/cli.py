@@ -17,16 +17,26 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory.",
+)
 @click.option("--beams", default=1, show_default=True, help="Beam width (1 = greedy).")
 @click.option("--n-best", default=1, show_default=True, help="Candidates per image.")
-@click.option("--max-new-tokens", type=int, default=None, help="Caption length cap (default: the model's).")
+@click.option(
+    "--max-new-tokens", type=int, default=None, help="Caption length cap (default: the model's)."
+)
 @click.option("--sample", is_flag=True, help="Sample instead of searching (seeded).")
 @click.option("--seed", default=0, show_default=True, help="Seed for --sample.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-def caption(images, checkpoint, beams, n_best, max_new_tokens, sample, seed, batch_size, device, as_json):
+def caption(
+    images, checkpoint, beams, n_best, max_new_tokens, sample, seed, batch_size, device, as_json
+):
     """Caption IMAGES with the model in CHECKPOINT."""
     from tqdm import tqdm
 
@@ -40,7 +50,9 @@ def caption(images, checkpoint, beams, n_best, max_new_tokens, sample, seed, bat
     opts = DecodeOptions(
         num_beams=beams, n_best=n_best, max_new_tokens=max_new_tokens, do_sample=sample, seed=seed
     )
-    with tqdm(total=len(images), desc="captioning", unit="img", disable=None, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(images), desc="captioning", unit="img", disable=None, file=sys.stderr
+    ) as bar:
         results = captioner.caption(list(images), opts, progress=bar)
     failed = 0
     for r in results:
@@ -62,8 +74,12 @@ def caption(images, checkpoint, beams, n_best, max_new_tokens, sample, seed, bat
 
 
 @cli.command("init-model")
-@click.option("--preset", "preset_name", default="tiny", show_default=True, help="tiny, demo or base.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option(
+    "--preset", "preset_name", default="tiny", show_default=True, help="tiny, demo or base."
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write."
+)
 @click.option("--seed", default=0, show_default=True)
 def init_model(preset_name, out, seed):
     """Write a freshly initialised (untrained) model checkpoint."""

@@ -59,8 +59,12 @@ def _zip_folder(folder: Path) -> bytes:
 
 @click.command("submit")
 @click.argument("source")
-@click.option("--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True)
-@click.option("--token", default=None, help="API token (default: CAPTIONER_TOKEN or the config file).")
+@click.option(
+    "--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True
+)
+@click.option(
+    "--token", default=None, help="API token (default: CAPTIONER_TOKEN or the config file)."
+)
 @click.option("--name", default=None, help="Job name (default: the source).")
 @click.option("--priority", default=0, show_default=True)
 @click.option("--beams", "num_beams", default=3, show_default=True)
@@ -70,18 +74,29 @@ def _zip_folder(folder: Path) -> bytes:
 def submit(source, server, token, name, priority, num_beams, n_best, recaption, wait):
     """Submit SOURCE: a folder, a .zip, s3://bucket/prefix or a .txt of URLs (one per line)."""
     client = Client(server, _token(token))
-    options = {"name": name or source[-200:], "priority": priority, "num_beams": num_beams,
-               "n_best": n_best, "recaption": recaption}
+    options = {
+        "name": name or source[-200:],
+        "priority": priority,
+        "num_beams": num_beams,
+        "n_best": n_best,
+        "recaption": recaption,
+    }
     path = Path(source)
     if source.startswith("s3://"):
         job = client.call("POST", "/jobs", json=options | {"prefix": source}).json()
     elif path.is_dir() or path.suffix.lower() == ".zip":
         data = _zip_folder(path) if path.is_dir() else path.read_bytes()
         form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
-        files = {"archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")}
+        files = {
+            "archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")
+        }
         job = client.call("POST", "/jobs/upload", data=form, files=files).json()
     elif path.is_file():
-        urls = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        urls = [
+            line.strip()
+            for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         job = client.call("POST", "/jobs", json=options | {"urls": urls}).json()
     else:
         raise click.ClickException(f"{source}: not a folder, zip, URL list or s3:// prefix")
@@ -89,7 +104,9 @@ def submit(source, server, token, name, priority, num_beams, n_best, recaption, 
     if wait:
         job = _wait(client, job["id"])
         p = job["progress"]
-        click.echo(f"job {job['id']} {job['status']}: {p['captioned']} captioned, {p['failed']} failed")
+        click.echo(
+            f"job {job['id']} {job['status']}: {p['captioned']} captioned, {p['failed']} failed"
+        )
         if job["status"] != "finished" or p["failed"]:
             sys.exit(1)
 
@@ -112,10 +129,26 @@ def _wait(client: Client, job_id: int, poll_seconds: float = 1.0) -> dict:
 
 @click.command("export")
 @click.argument("job", required=False, type=int)
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "coco"]), default="jsonl", show_default=True)
-@click.option("--which", type=click.Choice(["model", "reviewed", "both"]), default="both", show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default: stdout).")
-@click.option("--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "coco"]),
+    default="jsonl",
+    show_default=True,
+)
+@click.option(
+    "--which", type=click.Choice(["model", "reviewed", "both"]), default="both", show_default=True
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File (default: stdout).",
+)
+@click.option(
+    "--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True
+)
 @click.option("--token", default=None)
 def export(job, fmt, which, out, server, token):
     """Export captions of JOB (or of every job you can see)."""
@@ -138,7 +171,12 @@ def user() -> None:
 
 @user.command("create")
 @click.argument("email")
-@click.option("--role", type=click.Choice(["admin", "reviewer", "submitter"]), default="submitter", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "reviewer", "submitter"]),
+    default="submitter",
+    show_default=True,
+)
 @click.option("--name", default="")
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
@@ -157,8 +195,13 @@ def user_create(email, role, name, password, url):
         with session_scope(engine) as session:
             if session.scalar(select(User.id).where(func.lower(User.email) == email.lower())):
                 raise click.ClickException(f"user {email} exists")
-            user_row = User(email=email.strip().lower(), name=name, role=UserRole(role),
-                            is_admin=role == "admin", password_hash=generate_password_hash(password))
+            user_row = User(
+                email=email.strip().lower(),
+                name=name,
+                role=UserRole(role),
+                is_admin=role == "admin",
+                password_hash=generate_password_hash(password),
+            )
             session.add(user_row)
     finally:
         engine.dispose()

@@ -40,14 +40,24 @@ def model_list(url, as_json):
             for v in versions:
                 i = registry.info(v)
                 if as_json:
-                    click.echo(json.dumps({**i.__dict__, "created_at": str(i.created_at),
-                                           "promoted_at": str(i.promoted_at),
-                                           "retired_at": str(i.retired_at)}, default=str))
+                    click.echo(
+                        json.dumps(
+                            {
+                                **i.__dict__,
+                                "created_at": str(i.created_at),
+                                "promoted_at": str(i.promoted_at),
+                                "retired_at": str(i.retired_at),
+                            },
+                            default=str,
+                        )
+                    )
                     continue
                 holdout = (i.metrics.get("holdout") or {}).get("exact_match")
                 score = f"held-out exact {holdout:.3f}" if isinstance(holdout, float) else ""
                 mark = "*" if i.status == "active" else " "
-                click.echo(f"{mark} {i.id:>4}  {i.name:<28} {i.status:<9} parent={i.parent_id or '-'}  {score}")
+                click.echo(
+                    f"{mark} {i.id:>4}  {i.name:<28} {i.status:<9} parent={i.parent_id or '-'}  {score}"
+                )
     finally:
         engine.dispose()
 
@@ -68,12 +78,15 @@ def model_register(checkpoint, name, then_promote, url):
     engine = _engine(url)
     try:
         with session_scope(engine) as session:
-            version = registry.register(session, checkpoint, name=name,
-                                        store=open_store(settings.storage_url, settings))
+            version = registry.register(
+                session, checkpoint, name=name, store=open_store(settings.storage_url, settings)
+            )
             if then_promote:
                 registry.promote(session, version.id)
-            click.echo(f"registered {version.name} (id {version.id}) at {version.checkpoint_uri}"
-                       + (" and made it active" if then_promote else ""))
+            click.echo(
+                f"registered {version.name} (id {version.id}) at {version.checkpoint_uri}"
+                + (" and made it active" if then_promote else "")
+            )
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -119,8 +132,11 @@ def _registry_change(url, change):
 
 @click.command("retrain")
 @click.option("--now", is_flag=True, help="Start a run even below min_new_reviews.")
-@click.option("--inline", is_flag=True,
-              help="Train in this process instead of sending the run to the train queue.")
+@click.option(
+    "--inline",
+    is_flag=True,
+    help="Train in this process instead of sending the run to the train queue.",
+)
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def retrain_cmd(now, inline, url):
     """Start a training run if one is due (like the nightly beat tick), or now with --now."""
@@ -139,8 +155,10 @@ def retrain_cmd(now, inline, url):
         except (retrain.RunAlreadyOpen, retrain.NothingToTrain) as exc:
             raise click.ClickException(str(exc)) from None
         if run_id is None:
-            click.echo(f"no run started (fewer than {settings.min_new_reviews} new reviews, or a "
-                       "run is already open); --now starts one anyway")
+            click.echo(
+                f"no run started (fewer than {settings.min_new_reviews} new reviews, or a "
+                "run is already open); --now starts one anyway"
+            )
             return
         if inline:
             click.echo(f"training run {run_id} started here")

@@ -20,16 +20,31 @@ def _override(name: str, value) -> None:
 
 
 @click.command("run")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the database, objects, models and logs live (CAPTIONER_DATA_DIR).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the database, objects, models and logs live (CAPTIONER_DATA_DIR).",
+)
 @click.option("--host", default=None, help="Dashboard address (CAPTIONER_DASHBOARD_HOST).")
 @click.option("--port", type=int, default=None, help="Dashboard port (CAPTIONER_DASHBOARD_PORT).")
-@click.option("--redis-port", type=int, default=None,
-              help="Port of the private Redis (CAPTIONER_EMBEDDED_REDIS_PORT).")
-@click.option("--model-checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Caption with this checkpoint instead of the demo model (no training).")
-@click.option("--untrained", is_flag=True,
-              help="Skip training: caption with a freshly initialised tiny model (noise; fast).")
+@click.option(
+    "--redis-port",
+    type=int,
+    default=None,
+    help="Port of the private Redis (CAPTIONER_EMBEDDED_REDIS_PORT).",
+)
+@click.option(
+    "--model-checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Caption with this checkpoint instead of the demo model (no training).",
+)
+@click.option(
+    "--untrained",
+    is_flag=True,
+    help="Skip training: caption with a freshly initialised tiny model (noise; fast).",
+)
 @click.option("--no-sample", is_flag=True, help="Do not submit the bundled sample collection.")
 @click.pass_context
 def run(ctx, data_dir, host, port, redis_port, model_checkpoint, untrained, no_sample):
@@ -64,7 +79,9 @@ def run(ctx, data_dir, host, port, redis_port, model_checkpoint, untrained, no_s
 
 @click.command("serve")
 @click.option("--host", default=None, help="Address to listen on (CAPTIONER_DASHBOARD_HOST).")
-@click.option("--port", type=int, default=None, help="Port to listen on (CAPTIONER_DASHBOARD_PORT).")
+@click.option(
+    "--port", type=int, default=None, help="Port to listen on (CAPTIONER_DASHBOARD_PORT)."
+)
 def serve(host, port):
     """Serve the dashboard with werkzeug's threaded server (one machine; use gunicorn to deploy)."""
     from werkzeug.serving import run_simple

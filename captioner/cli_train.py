@@ -18,33 +18,84 @@ def _fail(e: Exception) -> click.ClickException:
 
 
 @click.command("train")
-@click.option("--preset", "preset_name", default="demo", show_default=True,
-              type=click.Choice(["tiny", "demo", "base"]), help="Model configuration to train from scratch.")
-@click.option("--data", default="synthetic", show_default=True,
-              help="synthetic | karpathy:PATH | jsonl:PATH | csv:PATH | folder:PATH")
-@click.option("--image-root", type=click.Path(path_type=Path), default=None,
-              help="Folder that relative image paths in --data are resolved against.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Final checkpoint directory [default: var/models/PRESET].")
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="Where best/, last/ and metrics.jsonl go [default: OUT.run].")
-@click.option("--init", type=click.Path(path_type=Path), default=None,
-              help="Start from this checkpoint's weights (fine-tuning) instead of a fresh model.")
+@click.option(
+    "--preset",
+    "preset_name",
+    default="demo",
+    show_default=True,
+    type=click.Choice(["tiny", "demo", "base"]),
+    help="Model configuration to train from scratch.",
+)
+@click.option(
+    "--data",
+    default="synthetic",
+    show_default=True,
+    help="synthetic | karpathy:PATH | jsonl:PATH | csv:PATH | folder:PATH",
+)
+@click.option(
+    "--image-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder that relative image paths in --data are resolved against.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Final checkpoint directory [default: var/models/PRESET].",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where best/, last/ and metrics.jsonl go [default: OUT.run].",
+)
+@click.option(
+    "--init",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Start from this checkpoint's weights (fine-tuning) instead of a fresh model.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last/ state.")
 @click.option("--epochs", type=int, default=None, help="Passes over the training data.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps in all (overrides --epochs).")
+@click.option(
+    "--steps", type=int, default=None, help="Optimizer steps in all (overrides --epochs)."
+)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--warmup", type=int, default=None, help="Linear warmup steps.")
-@click.option("--freeze-encoder/--train-encoder", default=None,
-              help="Override the preset's choice (a frozen encoder's features are cached).")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--freeze-encoder/--train-encoder",
+    default=None,
+    help="Override the preset's choice (a frozen encoder's features are cached).",
+)
+@click.option(
+    "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
+)
 @click.option("--device", default="", help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--train-size", type=int, default=None, help="Synthetic training images per epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_cmd(preset_name, data, image_root, out, run_dir, init, resume, epochs, steps, batch_size, lr,
-              warmup, freeze_encoder, workers, device, seed, train_size, no_progress):
+def train_cmd(
+    preset_name,
+    data,
+    image_root,
+    out,
+    run_dir,
+    init,
+    resume,
+    epochs,
+    steps,
+    batch_size,
+    lr,
+    warmup,
+    freeze_encoder,
+    workers,
+    device,
+    seed,
+    train_size,
+    no_progress,
+):
     """Train a captioner (the demo model by default: synthetic data, CPU-sized)."""
     from core_model.checkpoint import CheckpointError
     from core_model.config import preset
@@ -61,45 +112,102 @@ def train_cmd(preset_name, data, image_root, out, run_dir, init, resume, epochs,
     elif epochs is not None:
         fields["max_steps"] = 0
     try:
-        cfg = TrainConfig(out_dir=str(run_dir), num_workers=workers, device=device, seed=seed,
-                          progress=not no_progress, **fields)
+        cfg = TrainConfig(
+            out_dir=str(run_dir),
+            num_workers=workers,
+            device=device,
+            seed=seed,
+            progress=not no_progress,
+            **fields,
+        )
         model_cfg = preset(preset_name)
         if freeze_encoder is not None:
             model_cfg = model_cfg.replace(freeze_encoder=freeze_encoder)
         sizes = {"train": train_size} if train_size else None
         t0 = time.perf_counter()
-        summary = run_training(model_cfg, data, out, cfg, init=init, resume=resume,
-                               image_root=image_root, synthetic_sizes=sizes)
+        summary = run_training(
+            model_cfg,
+            data,
+            out,
+            cfg,
+            init=init,
+            resume=resume,
+            image_root=image_root,
+            synthetic_sizes=sizes,
+        )
     except (DatasetError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise _fail(e) from None
     best = summary.get("best") or {}
-    click.echo(f"trained {summary['steps']} steps in {time.perf_counter() - t0:.0f} s; "
-               f"best val: loss {best.get('val_loss', float('nan')):.4f}, "
-               f"exact-match {best.get('exact_match', float('nan')):.3f}, "
-               f"CIDEr {best.get('cider', float('nan')):.3f}")
+    click.echo(
+        f"trained {summary['steps']} steps in {time.perf_counter() - t0:.0f} s; "
+        f"best val: loss {best.get('val_loss', float('nan')):.4f}, "
+        f"exact-match {best.get('exact_match', float('nan')):.3f}, "
+        f"CIDEr {best.get('cider', float('nan')):.3f}"
+    )
     click.echo(f"checkpoint: {out}")
 
 
 @click.command("eval")
-@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--split", default="test", show_default=True,
-              help="Split of --data: train, val, test (synthetic also: unseen, concept).")
-@click.option("--data", default="synthetic", show_default=True,
-              help="synthetic | karpathy:PATH | jsonl:PATH | csv:PATH | folder:PATH")
-@click.option("--references", type=click.Path(path_type=Path), default=None,
-              help="JSONL of {image, caption|captions}: score on these images instead of --data.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory.",
+)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Split of --data: train, val, test (synthetic also: unseen, concept).",
+)
+@click.option(
+    "--data",
+    default="synthetic",
+    show_default=True,
+    help="synthetic | karpathy:PATH | jsonl:PATH | csv:PATH | folder:PATH",
+)
+@click.option(
+    "--references",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSONL of {image, caption|captions}: score on these images instead of --data.",
+)
 @click.option("--image-root", type=click.Path(path_type=Path), default=None)
 @click.option("--limit", type=int, default=None, help="Score only the first N images.")
 @click.option("--size", type=int, default=None, help="Synthetic split size [default: 1000].")
 @click.option("--beams", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--meteor/--no-meteor", default=None, help="METEOR (needs Java) [default: when java is on PATH].")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
-@click.option("--predictions", type=click.Path(path_type=Path), default=None,
-              help="Write one JSON line per image (prediction and references) here.")
+@click.option(
+    "--meteor/--no-meteor",
+    default=None,
+    help="METEOR (needs Java) [default: when java is on PATH].",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here."
+)
+@click.option(
+    "--predictions",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write one JSON line per image (prediction and references) here.",
+)
 @click.option("--device", default="", help="cpu, cuda ... [default: cuda when available].")
-def eval_cmd(checkpoint, split, data, references, image_root, limit, size, beams, batch_size, meteor,
-             out, predictions, device):
+def eval_cmd(
+    checkpoint,
+    split,
+    data,
+    references,
+    image_root,
+    limit,
+    size,
+    beams,
+    batch_size,
+    meteor,
+    out,
+    predictions,
+    device,
+):
     """Score a checkpoint: exact-match, BLEU-1..4, ROUGE-L, CIDEr (and METEOR with Java)."""
     from core_model.checkpoint import CheckpointError, load_checkpoint
     from core_model.datasets import DatasetError, load_jsonl, load_records
@@ -110,7 +218,10 @@ def eval_cmd(checkpoint, split, data, references, image_root, limit, size, beams
     try:
         model, meta = load_checkpoint(checkpoint, select_device(device))
         if references is not None:
-            records, source = load_jsonl(references, split=None, image_root=image_root), str(references)
+            records, source = (
+                load_jsonl(references, split=None, image_root=image_root),
+                str(references),
+            )
         else:
             world = None
             if data == "synthetic" and meta.get("provenance", {}).get("world"):
@@ -122,8 +233,9 @@ def eval_cmd(checkpoint, split, data, references, image_root, limit, size, beams
             records = records[:limit]
         if len(records) == 0:
             raise click.ClickException(f"no images to score in {source}")
-        metrics, rows = evaluate_model(model, records, batch_size=batch_size, num_beams=beams,
-                                       meteor=meteor, progress=True)
+        metrics, rows = evaluate_model(
+            model, records, batch_size=batch_size, num_beams=beams, meteor=meteor, progress=True
+        )
     except (DatasetError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise _fail(e) from None
     click.echo(format_table(metrics, title=f"{checkpoint} on {source}"))

@@ -61,31 +61,56 @@ def _configure_logging(level: str) -> None:
 
 @click.command()
 @click.option(
-    "--queues", "-Q", default=DEFAULT_CAPTION_QUEUES, show_default=True,
+    "--queues",
+    "-Q",
+    default=DEFAULT_CAPTION_QUEUES,
+    show_default=True,
     help="Queues to consume, polled in this order (interactive before bulk).",
 )
-@click.option("--name", "-n", default=None, help="Worker node name (default: caption-<pid>@<host>).")
 @click.option(
-    "--pool", default=None,
+    "--name", "-n", default=None, help="Worker node name (default: caption-<pid>@<host>)."
+)
+@click.option(
+    "--pool",
+    default=None,
     help="Default: threads (pipelined batches sharing one model) when the worker consumes a "
     "caption queue and its pipeline depth is above 1, else solo. prefork only for CPU-only "
     "maintenance.",
 )
 @click.option(
-    "--concurrency", "-c", default=None, type=int,
+    "--concurrency",
+    "-c",
+    default=None,
+    type=int,
     help="Tasks at once. Default: the pipeline depth for a threads pool, else 1.",
 )
 @click.option(
-    "--pipeline-depth", type=click.IntRange(1, 8), default=None,
+    "--pipeline-depth",
+    type=click.IntRange(1, 8),
+    default=None,
     help="Caption batches worked on at once (overrides CAPTIONER_WORKER_PIPELINE_DEPTH; "
     "default 2 on CUDA, 1 on the CPU).",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.option("--metrics-port", type=int, default=None, help="Prometheus port (overrides CAPTIONER_METRICS_PORT).")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Prometheus port (overrides CAPTIONER_METRICS_PORT).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda:N (overrides CAPTIONER_DEVICE).")
-@click.option("--max-tasks-per-child", type=int, default=None, help="Recycle the process after N batches.")
+@click.option(
+    "--max-tasks-per-child", type=int, default=None, help="Recycle the process after N batches."
+)
 def worker(
-    queues, name, pool, concurrency, pipeline_depth, loglevel, metrics_port, device,
+    queues,
+    name,
+    pool,
+    concurrency,
+    pipeline_depth,
+    loglevel,
+    metrics_port,
+    device,
     max_tasks_per_child,
 ):
     """Run a caption worker: Celery on the configured Redis, one process, model loaded lazily
@@ -130,7 +155,9 @@ def worker(
 
 @click.command()
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.option("--schedule-file", default=None, help="Where beat keeps its state (default: in the data dir).")
+@click.option(
+    "--schedule-file", default=None, help="Where beat keeps its state (default: in the data dir)."
+)
 def beat(loglevel, schedule_file):
     """Run Celery beat: the sweeper every `CAPTIONER_SWEEP_INTERVAL_SECONDS` (default 60 s)."""
     from captioner.settings import get_settings

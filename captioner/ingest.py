@@ -97,7 +97,9 @@ def check_image_bytes(name: str, data: bytes, settings: Settings | None = None) 
     """Header-only check of one file (format, pixel count, size); raises SubmissionRejected."""
     settings = _settings(settings)
     if len(data) > settings.max_image_bytes:
-        raise TooLarge(f"{name}: file too large: {len(data)} bytes > limit {settings.max_image_bytes}")
+        raise TooLarge(
+            f"{name}: file too large: {len(data)} bytes > limit {settings.max_image_bytes}"
+        )
     try:
         open_image(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
     except ImageRejected as exc:
@@ -169,7 +171,9 @@ def read_zip(data: bytes | Any, settings: Settings | None = None) -> list[Incomi
                 with archive.open(info) as member:
                     content = member.read(budget)  # bounded: a lying header cannot inflate us
             except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
-                raise SubmissionRejected(f"zip member {info.filename!r} unreadable: {exc}") from None
+                raise SubmissionRejected(
+                    f"zip member {info.filename!r} unreadable: {exc}"
+                ) from None
             total += len(content)
             if total > settings.zip_max_total_bytes:
                 raise SubmissionRejected(
@@ -403,7 +407,9 @@ def check_url(
     return url.strip()
 
 
-def fetch_url(url: str, settings: Settings | None = None, *, resolver: Resolver | None = None) -> bytes:
+def fetch_url(
+    url: str, settings: Settings | None = None, *, resolver: Resolver | None = None
+) -> bytes:
     """GET `url` with every hop checked, a total time limit and a size cap; returns the body.
 
     Each hop's host is resolved once and the connection goes to one of the checked addresses
@@ -521,7 +527,11 @@ def run_fetch_urls(
             if job is None or job.status == "cancelled":
                 return total
             ids = fetch_urls(
-                session, job_id, urls[start : start + 50], store=store, settings=settings,
+                session,
+                job_id,
+                urls[start : start + 50],
+                store=store,
+                settings=settings,
                 resolver=resolver,
             )
             ids = ids_to_publish(session, job, ids)

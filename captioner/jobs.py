@@ -414,7 +414,11 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
     session.execute(
         update(Image),
         [
-            {"id": r.image_id, **done, **({"width": r.width, "height": r.height} if r.width else {})}
+            {
+                "id": r.image_id,
+                **done,
+                **({"width": r.width, "height": r.height} if r.width else {}),
+            }
             for r in rows
         ],
     )

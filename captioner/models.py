@@ -328,9 +328,7 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Set on a row written by "undo": the review it took back (its own content restores the
     # decision before that one, or is UNDONE when none remains).
-    undoes_id: Mapped[int | None] = mapped_column(
-        ForeignKey("reviews.id", ondelete="SET NULL")
-    )
+    undoes_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id", ondelete="SET NULL"))
 
     image: Mapped[Image] = relationship(back_populates="reviews")
     caption: Mapped[Caption | None] = relationship()

@@ -166,8 +166,9 @@ def post(url: str, addresses: Sequence[str], **kwargs: Any) -> requests.Response
     limit = kwargs.pop("timeout", None)
     with requests.Session() as http:
         http.trust_env = False
-        request = requests.Request("POST", url.strip(), data=kwargs.pop("data", None),
-                                   headers=kwargs.pop("headers", None))
+        request = requests.Request(
+            "POST", url.strip(), data=kwargs.pop("data", None), headers=kwargs.pop("headers", None)
+        )
         return _send(http, http.prepare_request(request), addresses, lambda: limit, **kwargs)
 
 

@@ -142,7 +142,11 @@ def register(
         meta = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise RegistryError(f"{checkpoint} is not a checkpoint directory: {exc}") from None
-    uri = upload_checkpoint(store, checkpoint, name) if store is not None else str(checkpoint.resolve())
+    uri = (
+        upload_checkpoint(store, checkpoint, name)
+        if store is not None
+        else str(checkpoint.resolve())
+    )
     version = ModelVersion(
         name=name,
         parent_id=parent_id,
@@ -194,7 +198,9 @@ def _lock(session: Session) -> None:
         )
 
 
-def _activate(session: Session, version_id: int, *, rolled_back_from: int | None = None) -> ModelVersion:
+def _activate(
+    session: Session, version_id: int, *, rolled_back_from: int | None = None
+) -> ModelVersion:
     now = utcnow()
     current = active_version(session)
     if current is not None and current.id == version_id:
@@ -258,7 +264,9 @@ def rollback(session: Session) -> ModelVersion:
         raise RegistryError("no active model version to roll back")
     target = rollback_target(session, current)
     if target is None:
-        raise RegistryError(f"version {current.name} has no parent or earlier version to go back to")
+        raise RegistryError(
+            f"version {current.name} has no parent or earlier version to go back to"
+        )
     return _activate(session, target.id, rolled_back_from=current.id)
 
 

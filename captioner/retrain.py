@@ -215,12 +215,10 @@ def take_snapshot(session: Session, settings: Settings, after_review_id: int) ->
     train = [e for e in examples if e.split == Split.TRAIN]
     train = train[-settings.retrain_max_examples :]  # the newest
     train, dropped = cap_reviewer_share(train, settings.max_reviewer_share)
-    holdout = sorted(
-        (e for e in examples if e.split == Split.HOLDOUT), key=lambda e: e.image_id
-    )[: settings.holdout_max_images]
-    excluded = list(
-        session.scalars(select(User.id).where(User.training_excluded_at.is_not(None)))
-    )
+    holdout = sorted((e for e in examples if e.split == Split.HOLDOUT), key=lambda e: e.image_id)[
+        : settings.holdout_max_images
+    ]
+    excluded = list(session.scalars(select(User.id).where(User.training_excluded_at.is_not(None))))
     max_review_id = session.scalar(select(func.max(Review.id))) or 0
     return Snapshot(train, holdout, int(max_review_id), dropped, excluded)
 
@@ -303,7 +301,9 @@ def maybe_start_run(
     after = (last.max_review_id or 0) if last is not None else 0
     new = count_new_reviews(session, after)
     if not force and new < settings.min_new_reviews:
-        log.info("no run: %d new reviews since review %d (need %d)", new, after, settings.min_new_reviews)
+        log.info(
+            "no run: %d new reviews since review %d (need %d)", new, after, settings.min_new_reviews
+        )
         return None
     snapshot = take_snapshot(session, settings, after)
     if not snapshot.train:
@@ -341,8 +341,12 @@ def maybe_start_run(
         if force:
             raise RunAlreadyOpen("a training run is already queued or running") from None
         return None
-    log.info("training run %s queued: %d train, %d held-out examples", run.id,
-             len(snapshot.train), len(snapshot.holdout))
+    log.info(
+        "training run %s queued: %d train, %d held-out examples",
+        run.id,
+        len(snapshot.train),
+        len(snapshot.holdout),
+    )
     return run
 
 
@@ -353,7 +357,9 @@ def runs_to_dispatch(session: Session, settings: Settings) -> list[int]:
     stale = settings.queued_timeout_seconds
     out = []
     for run in session.scalars(
-        select(TrainingRun).where(TrainingRun.status == TrainingStatus.QUEUED).order_by(TrainingRun.id)
+        select(TrainingRun)
+        .where(TrainingRun.status == TrainingStatus.QUEUED)
+        .order_by(TrainingRun.id)
     ):
         sent = (run.params or {}).get("dispatched_at")
         if sent is None or now.timestamp() - float(sent) > stale:
@@ -413,7 +419,9 @@ def _update_run(sessions, run_id: int, **values: Any) -> None:
         )
 
 
-def _merge_metrics(sessions, run_id: int, extra: dict[str, Any], log_text: str | None = None) -> None:
+def _merge_metrics(
+    sessions, run_id: int, extra: dict[str, Any], log_text: str | None = None
+) -> None:
     with session_scope(sessions) as s:
         run = s.get(TrainingRun, run_id)
         if run is None:
@@ -441,7 +449,9 @@ def read_loss_curve(metrics_path: Path) -> list[list[float]]:
 class _ProgressWatcher(threading.Thread):
     """Copies the trainer's metrics.jsonl to the run row every few seconds while it trains."""
 
-    def __init__(self, sessions, run_id: int, metrics_path: Path, total_steps: int, every: float = 3.0):
+    def __init__(
+        self, sessions, run_id: int, metrics_path: Path, total_steps: int, every: float = 3.0
+    ):
         super().__init__(name=f"run-{run_id}-progress", daemon=True)
         self.sessions, self.run_id, self.path = sessions, run_id, metrics_path
         self.total, self.every = total_steps, every
@@ -452,8 +462,11 @@ class _ProgressWatcher(threading.Thread):
         step = curve[-1][0] if curve else 0
         return {
             "loss_curve": curve,
-            "progress": {"step": step, "total_steps": self.total,
-                         "fraction": round(min(1.0, step / max(1, self.total)), 4)},
+            "progress": {
+                "step": step,
+                "total_steps": self.total,
+                "fraction": round(min(1.0, step / max(1, self.total)), 4),
+            },
         }
 
     def run(self) -> None:
@@ -575,7 +588,8 @@ def gate(
     else:
         anchor_note = "; no anchor set"
     return GateDecision(
-        True, f"held-out {metric} {h_c:.4f} vs active {h_a:.4f} (gain {gain:+.4f} >= {margin:.4f})"
+        True,
+        f"held-out {metric} {h_c:.4f} vs active {h_a:.4f} (gain {gain:+.4f} >= {margin:.4f})"
         + anchor_note,
     )
 
@@ -674,10 +688,14 @@ def _execute(sessions, run_id, settings, store, say, runlog, t0):
         approved = _approved_ids(s, [rid for rid, _, _ in holdout_rows])
         holdout_pairs = [(k, t) for _, k, t in holdout_rows]
         anchor_pairs = [(k, t) for rid, k, t in holdout_rows if rid in approved]
-    say(f"run {run_id}: fine-tuning {base_name} (version {base_id}) on {len(train_pairs)} reviewed "
-        f"examples; {len(holdout_pairs)} held-out, {len(anchor_pairs)} held-out approvals")
+    say(
+        f"run {run_id}: fine-tuning {base_name} (version {base_id}) on {len(train_pairs)} reviewed "
+        f"examples; {len(holdout_pairs)} held-out, {len(anchor_pairs)} held-out approvals"
+    )
     if not train_pairs:
-        raise RuntimeError("the snapshot holds no training example (reviews rejected or deleted since)")
+        raise RuntimeError(
+            "the snapshot holds no training example (reviews rejected or deleted since)"
+        )
 
     from core_model import train as core_train
     from core_model.checkpoint import load_checkpoint, read_meta
@@ -687,7 +705,9 @@ def _execute(sessions, run_id, settings, store, say, runlog, t0):
     examples: list[tuple[Any, str]] = list(train_pairs)
     if settings.replay_data and settings.replay_ratio > 0:
         replay_records = _records(settings.replay_data, "train", base_meta)
-        replay = _sample(replay_records, round(settings.replay_ratio * len(train_pairs)), seed=run_id)
+        replay = _sample(
+            replay_records, round(settings.replay_ratio * len(train_pairs)), seed=run_id
+        )
         examples += [_pair(r) for r in replay]
         say(f"replaying {len(replay)} original training examples from {settings.replay_data}")
     anchor_records: list[Any] = list(anchor_pairs)
@@ -702,14 +722,20 @@ def _execute(sessions, run_id, settings, store, say, runlog, t0):
     cfg = finetune_config(settings, out_dir, seed=run_id)
     total = _total_steps(cfg, len(examples))
     val = examples[: min(32, len(examples))]
-    _merge_metrics(sessions, run_id, {"progress": {"step": 0, "total_steps": total, "fraction": 0.0}},
-                   runlog.text)
+    _merge_metrics(
+        sessions,
+        run_id,
+        {"progress": {"step": 0, "total_steps": total, "fraction": 0.0}},
+        runlog.text,
+    )
     metrics_path = out_dir / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # a re-delivered run starts its curve afresh
     watcher = _ProgressWatcher(sessions, run_id, metrics_path, total)
     watcher.start()
-    say(f"training {total} steps (batch {cfg['batch_size']}, lr {cfg['lr']}) on {len(examples)} examples")
+    say(
+        f"training {total} steps (batch {cfg['batch_size']}, lr {cfg['lr']}) on {len(examples)} examples"
+    )
     try:
         best_path, ft_metrics = core_train.fine_tune(
             base_path, examples, cfg, val_examples=val, read_bytes=_reader(store)
@@ -732,30 +758,52 @@ def _execute(sessions, run_id, settings, store, say, runlog, t0):
         scores["holdout"][who] = _score(model, holdout_records, _reader(store), metric)
         scores["anchor"][who] = _score(model, anchor_records, _reader(store), metric)
         del model
-        say(f"{who}: held-out {scores['holdout'][who].get(metric, 'n/a')}, "
-            f"anchor {scores['anchor'][who].get(metric, 'n/a')} ({metric})")
-    decision = gate(metric, scores["holdout"], scores["anchor"],
-                    settings.promote_margin, settings.anchor_tolerance)
+        say(
+            f"{who}: held-out {scores['holdout'][who].get(metric, 'n/a')}, "
+            f"anchor {scores['anchor'][who].get(metric, 'n/a')} ({metric})"
+        )
+    decision = gate(
+        metric,
+        scores["holdout"],
+        scores["anchor"],
+        settings.promote_margin,
+        settings.anchor_tolerance,
+    )
     say(("PROMOTE: " if decision.promote else "REJECT: ") + decision.reason)
 
     # 4. Register the candidate (uploaded to the store), promote it if it passed, finish the run:
     # one transaction, so a failure here leaves the active version as it was.
-    gate_info = {"metric": metric, "decision": "promoted" if decision.promote else "rejected",
-                 "reason": decision.reason, "promote_margin": settings.promote_margin,
-                 "anchor_tolerance": settings.anchor_tolerance}
+    gate_info = {
+        "metric": metric,
+        "decision": "promoted" if decision.promote else "rejected",
+        "reason": decision.reason,
+        "promote_margin": settings.promote_margin,
+        "anchor_tolerance": settings.anchor_tolerance,
+    }
     wall = round(time.perf_counter() - t0, 2)
     with session_scope(sessions) as s:
         name = _candidate_name(s, run_id)
         version = registry.register(
-            s, Path(best_path), name=name, store=store, parent_id=base_id,
-            metrics={"holdout": scores["holdout"]["candidate"], "anchor": scores["anchor"]["candidate"],
-                     "training_run_id": run_id, "gate": gate_info},
+            s,
+            Path(best_path),
+            name=name,
+            store=store,
+            parent_id=base_id,
+            metrics={
+                "holdout": scores["holdout"]["candidate"],
+                "anchor": scores["anchor"]["candidate"],
+                "training_run_id": run_id,
+                "gate": gate_info,
+            },
         )
         base_row = s.get(ModelVersion, base_id)
         if base_row is not None and not (base_row.metrics or {}).get("holdout"):
             # The base's own scores, for the side-by-side view (filled once).
-            base_row.metrics = {**(base_row.metrics or {}), "holdout": scores["holdout"]["active"],
-                                "anchor": scores["anchor"]["active"]}
+            base_row.metrics = {
+                **(base_row.metrics or {}),
+                "holdout": scores["holdout"]["active"],
+                "anchor": scores["anchor"]["active"],
+            }
         if decision.promote:
             registry.promote(s, version.id)
         run = s.get(TrainingRun, run_id)
@@ -764,9 +812,16 @@ def _execute(sessions, run_id, settings, store, say, runlog, t0):
         run.open_lock = None
         run.finished_at = utcnow()
         run.error = None if decision.promote else decision.reason
-        run.metrics = {**(run.metrics or {}), **progress, "finetune": _jsonable(ft_metrics),
-                       "holdout": scores["holdout"], "anchor": scores["anchor"], "gate": gate_info,
-                       "train_s": round(train_s, 2), "wall_s": wall}
+        run.metrics = {
+            **(run.metrics or {}),
+            **progress,
+            "finetune": _jsonable(ft_metrics),
+            "holdout": scores["holdout"],
+            "anchor": scores["anchor"],
+            "gate": gate_info,
+            "train_s": round(train_s, 2),
+            "wall_s": wall,
+        }
         say(f"candidate registered as {name} ({version.checkpoint_uri}); run took {wall:.0f} s")
         run.log = runlog.text
         status = TrainingStatus(run.status).value

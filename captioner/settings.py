@@ -119,17 +119,25 @@ class Settings(BaseSettings):
         "in the database. Empty means `<checkpoint_dir>/default`.",
     )
     caption_max_new_tokens: int | None = Field(
-        default=None, ge=1, description="Caption length cap in workers; empty means the model's own."
+        default=None,
+        ge=1,
+        description="Caption length cap in workers; empty means the model's own.",
     )
-    caption_num_beams: int = Field(default=1, ge=1, description="Beam width in workers (1 = greedy).")
-    caption_n_best: int = Field(default=3, ge=1, description="Candidates kept per image in workers.")
+    caption_num_beams: int = Field(
+        default=1, ge=1, description="Beam width in workers (1 = greedy)."
+    )
+    caption_n_best: int = Field(
+        default=3, ge=1, description="Candidates kept per image in workers."
+    )
     gpu_decode: bool = Field(
         default=True,
         description="On a CUDA worker, decode plain RGB/greyscale JPEGs on the GPU (nvJPEG) in "
         "batches; other images, and any the GPU cannot decode, take the CPU path.",
     )
     fetch_threads: int = Field(
-        default=8, ge=1, description="Threads a worker uses to fetch one batch's images from storage."
+        default=8,
+        ge=1,
+        description="Threads a worker uses to fetch one batch's images from storage.",
     )
     worker_pipeline_depth: int | None = Field(
         default=None,
@@ -207,7 +215,7 @@ class Settings(BaseSettings):
     url_allow_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts or CIDR networks an operator trusts although they are private or "
-        "loopback (URL submission and webhooks), e.g. `[\"10.0.0.0/8\", \"hooks.internal\"]`.",
+        'loopback (URL submission and webhooks), e.g. `["10.0.0.0/8", "hooks.internal"]`.',
     )
     webhook_max_attempts: int = Field(
         default=6, ge=1, description="Delivery attempts per webhook event before it is failed."
@@ -271,7 +279,7 @@ class Settings(BaseSettings):
         default=100,
         ge=1,
         description="A scheduled run starts only when at least this many reviews arrived since "
-        "the last finished run (\"retrain now\" ignores it).",
+        'the last finished run ("retrain now" ignores it).',
     )
     holdout_share: float = Field(
         default=0.2,

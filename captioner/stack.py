@@ -163,7 +163,9 @@ class Supervisor:
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
 
-    def stop_all(self, *, grace: float = STOP_GRACE_SECONDS, force: threading.Event | None = None) -> None:
+    def stop_all(
+        self, *, grace: float = STOP_GRACE_SECONDS, force: threading.Event | None = None
+    ) -> None:
         for child in reversed(self.children):
             self._stop(child, grace, force)
             if child.log_file is not None:
@@ -219,7 +221,9 @@ def ensure_model(
     if checkpoint is not None:
         checkpoint = checkpoint.expanduser().resolve()
         if not is_checkpoint(checkpoint):
-            raise StackError(f"{checkpoint} is not a model checkpoint (no config.json / model.safetensors)")
+            raise StackError(
+                f"{checkpoint} is not a model checkpoint (no config.json / model.safetensors)"
+            )
         echo(f"model: {checkpoint}")
         return checkpoint
     demo = models / "demo"
@@ -230,7 +234,9 @@ def ensure_model(
         if can_train:
             echo(f"training the demo model into {demo} (first run only; a few minutes on a CPU)")
             # Inherits the terminal: the trainer's progress bar shows, Ctrl-C reaches it.
-            result = subprocess.run(cli_argv("train", "--preset", "demo", "--out", str(demo)), env=env)
+            result = subprocess.run(
+                cli_argv("train", "--preset", "demo", "--out", str(demo)), env=env
+            )
             if result.returncode == 0 and is_checkpoint(demo):
                 return demo
             raise StackError(
@@ -241,7 +247,8 @@ def ensure_model(
     if not is_checkpoint(tiny):
         result = subprocess.run(
             cli_argv("init-model", "--preset", "tiny", "--out", str(tiny)),
-            env=env, stdout=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
         if result.returncode != 0 or not is_checkpoint(tiny):
             raise StackError(f"could not write a tiny model to {tiny} (exit {result.returncode})")
@@ -260,13 +267,20 @@ def start_redis(sup: Supervisor, data_dir: Path, port: int) -> Child:
         "redis",
         [
             find_redis_server(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(redis_dir),
-            "--appendonly", "yes",  # queued messages survive a restart of the stack
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(redis_dir),
+            "--appendonly",
+            "yes",  # queued messages survive a restart of the stack
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
         ],
     )
     wait_until(lambda: _redis_ping(port), what=f"Redis on port {port}", child=child, timeout=20)
@@ -296,7 +310,9 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while not ready():
         if child is not None and not child.alive():
-            raise StackError(f"{child.name} exited while starting; the end of {child.log_path}:\n{child.tail()}")
+            raise StackError(
+                f"{child.name} exited while starting; the end of {child.log_path}:\n{child.tail()}"
+            )
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
         if time.monotonic() > deadline:
@@ -383,7 +399,9 @@ def sample_job(database_url: str) -> int | None:
     engine = make_engine(database_url)
     try:
         with session_scope(engine) as session:
-            return session.scalar(select(Job.id).where(Job.name == SAMPLE_JOB_NAME).order_by(Job.id))
+            return session.scalar(
+                select(Job.id).where(Job.name == SAMPLE_JOB_NAME).order_by(Job.id)
+            )
     finally:
         engine.dispose()
 
@@ -432,7 +450,9 @@ def child_env(settings: Settings, **overrides: str) -> dict[str, str]:
     return env
 
 
-def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], None] = print) -> int:
+def run_stack(
+    settings: Settings, options: StackOptions, echo: Callable[[str], None] = print
+) -> int:
     """Start everything, supervise until SIGINT/SIGTERM or a child dies; returns an exit code."""
     from captioner import migrate
     from captioner.logging import configure_logging
@@ -441,7 +461,11 @@ def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], N
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration is noise here
     data_dir = settings.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    host, port, redis_port = settings.dashboard_host, settings.dashboard_port, settings.embedded_redis_port
+    host, port, redis_port = (
+        settings.dashboard_host,
+        settings.dashboard_port,
+        settings.embedded_redis_port,
+    )
     if port == redis_port:
         raise StackError(
             f"the dashboard and Redis cannot share port {port}: change CAPTIONER_DASHBOARD_PORT "
@@ -471,8 +495,12 @@ def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], N
     sup = Supervisor(env=env, log_dir=data_dir / "logs", echo=echo)
     try:
         checkpoint = ensure_model(
-            settings, checkpoint=options.checkpoint, untrained=options.untrained,
-            can_train=options.can_train, env=env, echo=echo,
+            settings,
+            checkpoint=options.checkpoint,
+            untrained=options.untrained,
+            can_train=options.can_train,
+            env=env,
+            echo=echo,
         )
         if stop.is_set():
             return 130
@@ -487,11 +515,18 @@ def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], N
 
         base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         dashboard = sup.start("dashboard", cli_argv("serve", "--host", host, "--port", str(port)))
-        sup.start("worker", cli_argv("worker", "-Q", WORKER_QUEUES, "-n", f"embedded-{os.getpid()}@%h"))
+        sup.start(
+            "worker", cli_argv("worker", "-Q", WORKER_QUEUES, "-n", f"embedded-{os.getpid()}@%h")
+        )
         sup.start("beat", cli_argv("beat"))
         echo(f"dashboard, worker and beat started; logs in {sup.log_dir}")
-        wait_until(lambda: _http_ok(base_url + "/health"), what=f"the dashboard on port {port}",
-                   child=dashboard, timeout=120, stop=stop)
+        wait_until(
+            lambda: _http_ok(base_url + "/health"),
+            what=f"the dashboard on port {port}",
+            child=dashboard,
+            timeout=120,
+            stop=stop,
+        )
 
         job_id = sample_job(settings.database_url) if options.submit_sample else None
         if options.submit_sample and job_id is None:
@@ -500,8 +535,10 @@ def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], N
 
         echo("")
         echo(f"Captioner is running: {base_url}/")
-        echo(f"  login: {admin.email}  password: {admin.password}"
-             + ("" if admin.created else "  (kept from an earlier run)"))
+        echo(
+            f"  login: {admin.email}  password: {admin.password}"
+            + ("" if admin.created else "  (kept from an earlier run)")
+        )
         echo(f"  API token: {admin.token}  (also in {data_dir / 'admin.json'})")
         echo("  Ctrl-C stops everything.")
         echo("")
@@ -517,23 +554,33 @@ def run_stack(settings: Settings, options: StackOptions, echo: Callable[[str], N
             echo("stopped")
 
 
-def _supervise(sup: Supervisor, stop: threading.Event, base_url: str, token: str,
-               job_id: int | None, echo: Callable[[str], None]) -> int:
+def _supervise(
+    sup: Supervisor,
+    stop: threading.Event,
+    base_url: str,
+    token: str,
+    job_id: int | None,
+    echo: Callable[[str], None],
+) -> int:
     watching = job_id
     while not stop.wait(1.0):
         dead = sup.dead()
         if dead:
             child = dead[0]
-            echo(f"{child.name} exited unexpectedly (code {child.process.returncode}); "
-                 f"the end of {child.log_path}:\n{child.tail()}")
+            echo(
+                f"{child.name} exited unexpectedly (code {child.process.returncode}); "
+                f"the end of {child.log_path}:\n{child.tail()}"
+            )
             return 1
         if watching is not None:
             with contextlib.suppress(Exception):  # progress is a courtesy; never stop for it
                 job = job_progress(base_url, token, watching)
                 if job["status"] in ("finished", "cancelled"):
                     p = job["progress"]
-                    echo(f"sample collection: {p['captioned']} captioned, {p['failed']} failed "
-                         f"-> {base_url}/jobs/{watching}")
+                    echo(
+                        f"sample collection: {p['captioned']} captioned, {p['failed']} failed "
+                        f"-> {base_url}/jobs/{watching}"
+                    )
                     watching = None
     return 0
 

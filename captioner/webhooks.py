@@ -165,7 +165,9 @@ def deliver(
     error = None
     try:
         # resolved once and checked; the POST connects only to these addresses (no rebinding)
-        addresses = checked_addresses(hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver)
+        addresses = checked_addresses(
+            hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver
+        )
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(hook.secret, body),

@@ -58,7 +58,10 @@ def save_checkpoint(model, path: str | Path, provenance: dict[str, Any] | None =
         meta = {
             "format_version": FORMAT_VERSION,
             "model_config": model.cfg.to_dict(),
-            "tokenizer": {"name": model.cfg.tokenizer, "vocab_size": model.cfg.decoder_config.vocab_size},
+            "tokenizer": {
+                "name": model.cfg.tokenizer,
+                "vocab_size": model.cfg.decoder_config.vocab_size,
+            },
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
             "provenance": provenance or {},
         }
@@ -140,5 +143,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the config ({first})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit the config ({first})"
+        ) from None
     return model.to(device).eval(), meta

@@ -54,7 +54,9 @@ class ModelConfig:
 
     # --- image encoder (timm) ---
     encoder_name: str = "vit_base_patch16_224"  # any timm model with forward_features/forward_head
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args (img_size, ...)
+    encoder_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # extra timm.create_model args (img_size, ...)
     freeze_encoder: bool = True  # frozen encoder: no grads, eval mode, features cacheable
     # convolutional stem in place of the ViT's patchify layer (timm ConvStem + HybridEmbed), for
     # encoders trained from scratch: {"channels": [..], "strides": [..], "kernel_size": 3}; the
@@ -65,8 +67,12 @@ class ModelConfig:
     embed_dim: int = 512  # encoder features are projected to this width first
     mapper_hidden: int = 0  # hidden width of the projection MLP (0 = 2 * embed_dim)
     n_prefix_tokens: int = 5  # prefix vectors handed to GPT-2 before the caption tokens
-    prefix_source: Literal["pooled", "patches"] = "pooled"  # refiner sees the pooled vector only, or every patch
-    prefix_keeps_patches: bool = False  # "patches": GPT-2 also sees the refined patch tokens after the prefix
+    prefix_source: Literal["pooled", "patches"] = (
+        "pooled"  # refiner sees the pooled vector only, or every patch
+    )
+    prefix_keeps_patches: bool = (
+        False  # "patches": GPT-2 also sees the refined patch tokens after the prefix
+    )
     refiner_layers: int = 2  # nn.TransformerEncoder layers over the prefix (0 = off)
     refiner_heads: int = 8  # attention heads in the refiner (must divide decoder width)
     dropout: float = 0.1  # dropout in the mapper and refiner
@@ -81,24 +87,36 @@ class ModelConfig:
             stem = self.encoder_stem
             unknown = set(stem) - {"channels", "strides", "kernel_size"}
             if unknown or not stem.get("channels"):
-                raise ValueError("encoder_stem needs 'channels' (and optionally 'strides', 'kernel_size')")
+                raise ValueError(
+                    "encoder_stem needs 'channels' (and optionally 'strides', 'kernel_size')"
+                )
             if len(stem.get("strides", stem["channels"])) != len(stem["channels"]):
                 raise ValueError("encoder_stem: one stride per channel count")
         if self.encoder_pos_init not in ("learned", "sincos"):
-            raise ValueError(f"encoder_pos_init must be 'learned' or 'sincos', not {self.encoder_pos_init!r}")
+            raise ValueError(
+                f"encoder_pos_init must be 'learned' or 'sincos', not {self.encoder_pos_init!r}"
+            )
         if self.prefix_source not in ("pooled", "patches"):
-            raise ValueError(f"prefix_source must be 'pooled' or 'patches', not {self.prefix_source!r}")
+            raise ValueError(
+                f"prefix_source must be 'pooled' or 'patches', not {self.prefix_source!r}"
+            )
         if self.prefix_source == "patches" and self.refiner_layers < 1:
-            raise ValueError("prefix_source='patches' needs refiner_layers >= 1 to attend across patches")
+            raise ValueError(
+                "prefix_source='patches' needs refiner_layers >= 1 to attend across patches"
+            )
         if self.prefix_keeps_patches and self.prefix_source != "patches":
             raise ValueError("prefix_keeps_patches needs prefix_source='patches'")
         if self.n_prefix_tokens < 1:
             raise ValueError("n_prefix_tokens must be >= 1")
         dec = self.decoder_config
         if self.refiner_layers and dec.n_embd % self.refiner_heads:
-            raise ValueError(f"refiner_heads={self.refiner_heads} must divide decoder width {dec.n_embd}")
+            raise ValueError(
+                f"refiner_heads={self.refiner_heads} must divide decoder width {dec.n_embd}"
+            )
         if self.n_prefix_tokens + self.max_caption_tokens > dec.n_positions:
-            raise ValueError("n_prefix_tokens + max_caption_tokens exceeds the decoder's n_positions")
+            raise ValueError(
+                "n_prefix_tokens + max_caption_tokens exceeds the decoder's n_positions"
+            )
 
     @property
     def decoder_config(self) -> DecoderConfig:
@@ -150,7 +168,9 @@ def preset(name: str) -> ModelConfig:
             refiner_layers=1,
             refiner_heads=4,
             dropout=0.0,
-            decoder=dict(n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2048, dropout=0.0),
+            decoder=dict(
+                n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2048, dropout=0.0
+            ),
             max_caption_tokens=24,
         )
     raise ValueError(f"unknown preset {name!r}; known: tiny, demo, base")

@@ -36,7 +36,9 @@ from torch.utils.data import Dataset
 
 from .imageops import to_rgb
 
-ImageRef = str | Path | bytes | Image.Image  # path or object-store key, raw bytes, or a decoded image
+ImageRef = (
+    str | Path | bytes | Image.Image
+)  # path or object-store key, raw bytes, or a decoded image
 ReadBytes = Callable[[str], bytes]  # object-store getter: key -> bytes
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VAL_PERCENT = 5  # share of a split-less source that becomes val/test
@@ -103,7 +105,9 @@ def _resolve(path: str, root: Path | None) -> str:
     return str(root / path)
 
 
-def load_karpathy(path: str | Path, split: str | None = "train", image_root: str | Path | None = None) -> list[CaptionRecord]:
+def load_karpathy(
+    path: str | Path, split: str | None = "train", image_root: str | Path | None = None
+) -> list[CaptionRecord]:
     """Karpathy-split JSON: {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}.
 
     Only images whose `split` is `split` are returned ("restval" counts as "train"); split=None
@@ -126,7 +130,9 @@ def load_karpathy(path: str | Path, split: str | None = "train", image_root: str
             name = img["filename"]
             captions = tuple(s["raw"].strip() for s in img["sentences"])
         except (KeyError, TypeError):
-            raise DatasetError(f"{path}: image #{k} lacks split, filename or sentences[].raw") from None
+            raise DatasetError(
+                f"{path}: image #{k} lacks split, filename or sentences[].raw"
+            ) from None
         if split is not None and (row_split if row_split != "restval" else "train") != split:
             continue
         rel = f"{img['filepath']}/{name}" if img.get("filepath") else name
@@ -135,7 +141,9 @@ def load_karpathy(path: str | Path, split: str | None = "train", image_root: str
     return out
 
 
-def _group(rows: list[tuple[str, str, str | None]], split: str | None, root: Path | None) -> list[CaptionRecord]:
+def _group(
+    rows: list[tuple[str, str, str | None]], split: str | None, root: Path | None
+) -> list[CaptionRecord]:
     """(image, caption, split) rows -> records, one per image, references in file order."""
     caps: dict[str, list[str]] = {}
     row_split: dict[str, str | None] = {}
@@ -149,7 +157,9 @@ def _group(rows: list[tuple[str, str, str | None]], split: str | None, root: Pat
     ]
 
 
-def load_jsonl(path: str | Path, split: str | None = "train", image_root: str | Path | None = None) -> list[CaptionRecord]:
+def load_jsonl(
+    path: str | Path, split: str | None = "train", image_root: str | Path | None = None
+) -> list[CaptionRecord]:
     """JSON lines of {"image": path-or-key, "caption": str | "captions": [str], "split"?: str}."""
     path = Path(path)
     rows = []
@@ -164,8 +174,14 @@ def load_jsonl(path: str | Path, split: str | None = "train", image_root: str | 
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or "image" not in obj or not ("caption" in obj or "captions" in obj):
-            raise DatasetError(f"{path}:{n}: expected an object with 'image' and 'caption' (or 'captions')")
+        if (
+            not isinstance(obj, dict)
+            or "image" not in obj
+            or not ("caption" in obj or "captions" in obj)
+        ):
+            raise DatasetError(
+                f"{path}:{n}: expected an object with 'image' and 'caption' (or 'captions')"
+            )
         captions = obj["captions"] if "captions" in obj else [obj["caption"]]
         for c in captions:
             rows.append((str(obj["image"]), str(c).strip(), obj.get("split")))
@@ -173,7 +189,9 @@ def load_jsonl(path: str | Path, split: str | None = "train", image_root: str | 
     return _group(rows, split, root)
 
 
-def load_csv(path: str | Path, split: str | None = "train", image_root: str | Path | None = None) -> list[CaptionRecord]:
+def load_csv(
+    path: str | Path, split: str | None = "train", image_root: str | Path | None = None
+) -> list[CaptionRecord]:
     """CSV with a header naming `image` and `caption` columns (and optionally `split`)."""
     path = Path(path)
     try:
@@ -221,13 +239,17 @@ def load_records(
             raise DatasetError(f"synthetic data has no split {split!r}; known: {', '.join(sizes)}")
         return (world or SyntheticWorld()).split(split, sizes[split])
     if not arg:
-        raise DatasetError(f"data spec {spec!r}: expected synthetic, karpathy:PATH, jsonl:PATH, csv:PATH or folder:PATH")
+        raise DatasetError(
+            f"data spec {spec!r}: expected synthetic, karpathy:PATH, jsonl:PATH, csv:PATH or folder:PATH"
+        )
     loaders = {"karpathy": load_karpathy, "jsonl": load_jsonl, "csv": load_csv}
     if kind in loaders:
         return loaders[kind](arg, split, image_root)
     if kind == "folder":
         return load_folder(arg, split)
-    raise DatasetError(f"unknown data kind {kind!r}; expected synthetic, karpathy, jsonl, csv or folder")
+    raise DatasetError(
+        f"unknown data kind {kind!r}; expected synthetic, karpathy, jsonl, csv or folder"
+    )
 
 
 SYNTHETIC_SIZES = {"train": 100_000, "val": 500, "test": 1_000, "unseen": 1_000, "concept": 1_000}
@@ -329,4 +351,7 @@ class Collate:
 
 def examples_to_records(examples: Sequence[tuple[Any, str]]) -> list[CaptionRecord]:
     """(image, caption) pairs (image: PIL, bytes or path/key) -> records, one per pair."""
-    return [CaptionRecord(image, (caption,), f"example-{k}") for k, (image, caption) in enumerate(examples)]
+    return [
+        CaptionRecord(image, (caption,), f"example-{k}")
+        for k, (image, caption) in enumerate(examples)
+    ]

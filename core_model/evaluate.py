@@ -47,7 +47,9 @@ def score_captions(
 
     missing = set(references) - set(predictions)
     if missing:
-        raise ValueError(f"{len(missing)} references have no prediction (e.g. {sorted(missing)[0]!r})")
+        raise ValueError(
+            f"{len(missing)} references have no prediction (e.g. {sorted(missing)[0]!r})"
+        )
     if not references:
         raise ValueError("nothing to score: no references")
     gts = {k: [normalize(r) for r in refs] for k, refs in references.items()}
@@ -104,11 +106,13 @@ def evaluate_model(
         with torch.no_grad():
             hyps = model.generate(pixels=pixels.to(model.device), num_beams=num_beams)
         for k, (r, h) in enumerate(zip(chunk, hyps, strict=True)):
-            rows.append({
-                "image_id": str(getattr(r, "image_id", start + k)),
-                "prediction": tok.decode(h[0].tokens),
-                "references": list(_refs(r)),
-            })
+            rows.append(
+                {
+                    "image_id": str(getattr(r, "image_id", start + k)),
+                    "prediction": tok.decode(h[0].tokens),
+                    "references": list(_refs(r)),
+                }
+            )
     preds = {str(i): row["prediction"] for i, row in enumerate(rows)}
     refs = {str(i): row["references"] for i, row in enumerate(rows)}
     return score_captions(preds, refs, meteor=meteor), rows

@@ -101,7 +101,11 @@ class FastGenerator:
 
     @torch.no_grad()
     def search(
-        self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int | None = None, min_new_tokens: int = 0
+        self,
+        pixels: torch.Tensor,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
     ) -> BeamState:
         """Run one batch; returns the BeamState (device tensors; copy them before the next call)."""
         max_new = max_new_tokens or self.model.cfg.max_caption_tokens
@@ -173,7 +177,9 @@ class FastGenerator:
                 handed_over.record(dec_s)
                 g.decode.replay()
                 st = g.state
-                out = BeamState(st.tokens.clone(), st.beam_sum.clone(), st.length.clone(), st.finished.clone())
+                out = BeamState(
+                    st.tokens.clone(), st.beam_sum.clone(), st.length.clone(), st.finished.clone()
+                )
                 done = torch.cuda.Event()
                 done.record(dec_s)
             if previous is not None:  # hand back batch i-1 while batch i decodes

@@ -57,8 +57,14 @@ class DecodeOptions:
     seed: int | None = None
 
 
-def max_batch_for_memory(model, free_bytes: int, max_new_tokens: int, num_beams: int = 1,
-                         dtype_bytes: int = 2, headroom: float = 0.5) -> int:
+def max_batch_for_memory(
+    model,
+    free_bytes: int,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    dtype_bytes: int = 2,
+    headroom: float = 0.5,
+) -> int:
     """Largest batch whose KV cache and activations fit in `headroom` of `free_bytes`.
 
     Per image: the decoder's KV cache (2 x layers x (prefix + new tokens) x width x beams),
@@ -109,8 +115,13 @@ class ImageCaptioner:
             self.batch_size = max(1, min(batch_size, fit))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32,
-                        fast: bool | None = None):
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        fast: bool | None = None,
+    ):
         model, meta = load_checkpoint(path, device="cpu")
         return cls(model, device=device, batch_size=batch_size, meta=meta, fast=fast)
 
@@ -154,7 +165,9 @@ class ImageCaptioner:
         return results
 
     @torch.no_grad()
-    def caption_tensors(self, pixels: torch.Tensor, options: DecodeOptions | None = None) -> list[list[Candidate]]:
+    def caption_tensors(
+        self, pixels: torch.Tensor, options: DecodeOptions | None = None
+    ) -> list[list[Candidate]]:
         """Preprocessed pixels (B, 3, H, W) -> candidates per image, best first."""
         o = options or DecodeOptions()
         if self.fast is not None and not o.do_sample:
@@ -183,8 +196,9 @@ class ImageCaptioner:
             if n < bs:
                 pad = chunk[-1:].expand(bs - n, *chunk.shape[1:])
                 chunk = torch.cat([chunk, pad])
-            hyps = self.fast.generate(chunk, num_beams=o.num_beams, n_best=o.n_best,
-                                      max_new_tokens=o.max_new_tokens)
+            hyps = self.fast.generate(
+                chunk, num_beams=o.num_beams, n_best=o.n_best, max_new_tokens=o.max_new_tokens
+            )
             out.extend(hyps[:n])
         return out
 

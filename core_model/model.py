@@ -59,7 +59,9 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout_p = cfg.dropout
 
-    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
@@ -162,7 +164,9 @@ def build_encoder(cfg: ModelConfig, pretrained: bool = False, weights_file: str 
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
     if cfg.encoder_stem is not None:
         if pretrained:
-            raise ValueError("a convolutional encoder_stem is trained from scratch: no pretrained weights")
+            raise ValueError(
+                "a convolutional encoder_stem is trained from scratch: no pretrained weights"
+            )
         kwargs.update(embed_layer=conv_stem_embed(cfg.encoder_stem), patch_size=1)
     encoder = timm.create_model(cfg.encoder_name, pretrained=pretrained, num_classes=0, **kwargs)
     if cfg.encoder_pos_init == "sincos" and not pretrained:
@@ -180,7 +184,10 @@ def conv_stem_embed(spec: dict):
     channels = tuple(int(c) for c in spec["channels"])
     strides = tuple(int(s) for s in spec.get("strides", (2,) * len(channels)))
     stem = ConvStem(
-        channels=channels, depth=len(channels), stride=strides, kernel_size=int(spec.get("kernel_size", 3))
+        channels=channels,
+        depth=len(channels),
+        stride=strides,
+        kernel_size=int(spec.get("kernel_size", 3)),
     )
     return partial(HybridEmbed, backbone=stem)
 
@@ -196,7 +203,7 @@ def init_sincos_pos_embed(encoder: nn.Module) -> None:
     if pos is None or grid is None:
         raise ValueError("encoder_pos_init='sincos' needs a ViT with pos_embed and a patch grid")
     table = build_sincos2d_pos_embed(list(grid), pos.shape[-1])  # (N, D)
-    pos[0, pos.shape[1] - table.shape[0]:] = table.to(pos.dtype)
+    pos[0, pos.shape[1] - table.shape[0] :] = table.to(pos.dtype)
 
 
 class PrefixMapper(nn.Module):
@@ -388,7 +395,12 @@ class CaptionModel(nn.Module):
         return self.decoder.logits(hidden[:, -1])  # (B, V) next-token logits
 
     def search(
-        self, prefix: torch.Tensor, max_new: int, K: int = 1, min_new: int = 0, early_stop: bool = True
+        self,
+        prefix: torch.Tensor,
+        max_new: int,
+        K: int = 1,
+        min_new: int = 0,
+        early_stop: bool = True,
     ) -> BeamState:
         """Greedy (K=1) or beam search from prefix embeddings (B, P, C).
 
@@ -456,7 +468,9 @@ class CaptionModel(nn.Module):
         scores = (total / count.clamp(min=1)).view(B, n).tolist()
         toks = tokens.view(B, n, max_new).tolist()
         return [
-            self._best([Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b], strict=False)], n)
+            self._best(
+                [Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b], strict=False)], n
+            )
             for b in range(B)
         ]
 
@@ -532,7 +546,11 @@ class BeamState:
             hyps = []
             for k, toks in enumerate(tokens[b]):
                 if score[b][k] != float("-inf"):
-                    hyps.append(Hypothesis(toks[: toks.index(eos_id)] if eos_id in toks else toks, score[b][k]))
+                    hyps.append(
+                        Hypothesis(
+                            toks[: toks.index(eos_id)] if eos_id in toks else toks, score[b][k]
+                        )
+                    )
             out.append(CaptionModel._best(hyps, n_best))
         return out
 

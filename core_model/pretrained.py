@@ -46,7 +46,10 @@ def find_encoder_file(encoder_name: str, weights_dir: str | Path) -> Path | None
     import timm
 
     root = Path(weights_dir)
-    candidates = [root / encoder_name / "model.safetensors", root / encoder_name.split(".")[0] / "model.safetensors"]
+    candidates = [
+        root / encoder_name / "model.safetensors",
+        root / encoder_name.split(".")[0] / "model.safetensors",
+    ]
     cfg = timm.models.get_pretrained_cfg(encoder_name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if hub_id:
@@ -66,7 +69,9 @@ def find_decoder_dir(decoder: str, weights_dir: str | Path) -> Path | None:
     return None
 
 
-def load_gpt2_state(folder: str | Path, vocab_size: int | None = None) -> tuple[DecoderConfig, dict[str, torch.Tensor]]:
+def load_gpt2_state(
+    folder: str | Path, vocab_size: int | None = None
+) -> tuple[DecoderConfig, dict[str, torch.Tensor]]:
     """Read an HF GPT-2 checkpoint folder into (DecoderConfig, state dict of our GPT2 module).
 
     HF stores GPT-2's projections as Conv1D with (in, out) weights: they are transposed into

@@ -54,14 +54,21 @@ class WorldConfig:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")  # subset of COLOURS
     shapes: tuple[str, ...] = ("circle", "square", "triangle")  # subset of SHAPES
     count_weights: tuple[float, ...] = (0.3, 0.7)  # P(1 object), P(2 objects)[, P(3 objects)]
-    held_out_concepts: tuple[str, ...] = ("purple",)  # colour/shape words absent from train/val/test/unseen
-    unseen_pairs: tuple[tuple[str, str], ...] = (("green", "triangle"), ("blue", "circle"))  # (colour, shape)
+    held_out_concepts: tuple[str, ...] = (
+        "purple",
+    )  # colour/shape words absent from train/val/test/unseen
+    unseen_pairs: tuple[tuple[str, str], ...] = (
+        ("green", "triangle"),
+        ("blue", "circle"),
+    )  # (colour, shape)
     colour_jitter: int = 20  # +- per channel around an object's base colour
     noise: float = 8.0  # std of Gaussian pixel noise over the whole image
     min_gap: float = 0.05  # smallest empty gap between two objects, fraction of the side
 
     def __post_init__(self) -> None:
-        bad = [c for c in self.colours if c not in COLOURS] + [s for s in self.shapes if s not in SHAPES]
+        bad = [c for c in self.colours if c not in COLOURS] + [
+            s for s in self.shapes if s not in SHAPES
+        ]
         if bad:
             raise ValueError(f"unknown colours/shapes {bad}; known: {sorted(COLOURS)} and {SHAPES}")
         if not 1 <= len(self.count_weights) <= 3 or sum(self.count_weights) <= 0:
@@ -72,7 +79,9 @@ class WorldConfig:
             raise ValueError(f"held-out concepts {unknown} are not colours or shapes of this world")
         for colour, shape in self.unseen_pairs:
             if colour not in self.train_colours or shape not in self.train_shapes:
-                raise ValueError(f"unseen pair ({colour}, {shape}) is not in this world or is held out")
+                raise ValueError(
+                    f"unseen pair ({colour}, {shape}) is not in this world or is held out"
+                )
         if not self.train_colours or not self.train_shapes:
             raise ValueError("holding out every colour or every shape leaves nothing to train on")
 
@@ -187,7 +196,9 @@ class SyntheticWorld:
     def __init__(self, config: WorldConfig | None = None):
         self.cfg = config or WorldConfig()
         S = self.cfg.image_size
-        self._grid = np.mgrid[0:S, 0:S].astype(np.float32)  # (2, S, S): row and column of each pixel
+        self._grid = np.mgrid[0:S, 0:S].astype(
+            np.float32
+        )  # (2, S, S): row and column of each pixel
 
     # --- splits -----------------------------------------------------------------------------
 
@@ -195,7 +206,9 @@ class SyntheticWorld:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
         if name == "unseen" and not self.cfg.unseen_pairs:
-            raise ValueError("this world holds out no colour-shape pairs, so it has no 'unseen' split")
+            raise ValueError(
+                "this world holds out no colour-shape pairs, so it has no 'unseen' split"
+            )
         if name == "concept" and not self.cfg.held_out_concepts:
             raise ValueError("this world holds out no concept, so it has no 'concept' split")
         return SyntheticSplit(self, name, size)
@@ -327,7 +340,9 @@ class SyntheticWorld:
         return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_mask(
+    shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float
+) -> np.ndarray:
     """Boolean (S, S) mask of `shape` centred at (cx, cy) with half-extent r (pixel centres)."""
     dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
     if shape == "circle":
@@ -350,6 +365,8 @@ def nearest_colour(rgb: Sequence[float], colours: Sequence[str] = tuple(COLOURS)
 
 def world_config_from_dict(d: dict) -> WorldConfig:
     """Inverse of dataclasses.asdict(WorldConfig) after a JSON round trip (lists -> tuples)."""
-    fixed = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-             for k, v in d.items()}
+    fixed = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in d.items()
+    }
     return WorldConfig(**fixed)

@@ -44,7 +44,9 @@ class TensorPreprocessor:
     normalise with the encoder's mean and std. Images of equal size are resized together.
     """
 
-    def __init__(self, cfg: dict[str, Any], device: str | torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, cfg: dict[str, Any], device: str | torch.device, dtype: torch.dtype = torch.float32
+    ):
         self.size = tuple(cfg["input_size"][1:])
         self.mode = "bicubic" if cfg.get("interpolation", "bicubic") == "bicubic" else "bilinear"
         self.device = torch.device(device)

@@ -52,7 +52,9 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps
-    weight_decay: float = 0.05  # AdamW decay on weight matrices (not biases, norms, embeddings' 1-d)
+    weight_decay: float = (
+        0.05  # AdamW decay on weight matrices (not biases, norms, embeddings' 1-d)
+    )
     beta1: float = 0.9  # AdamW betas
     beta2: float = 0.98
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
@@ -62,15 +64,21 @@ class TrainConfig:
     val_max_images: int = 500  # validation images (loss and greedy captions scored)
     eval_every: int = 0  # also validate every N steps (0 = once per epoch only)
     log_every: int = 10  # steps between metrics.jsonl lines
-    best_metric: str = "val_loss"  # "val_loss" (lower is better) or "exact_match" / "cider" (higher)
+    best_metric: str = (
+        "val_loss"  # "val_loss" (lower is better) or "exact_match" / "cider" (higher)
+    )
     cache_features: bool = True  # frozen encoder: compute features once, reuse every epoch
-    feature_cache_max_gb: float = 4.0  # run the encoder every step instead when the cache would be bigger
+    feature_cache_max_gb: float = (
+        4.0  # run the encoder every step instead when the cache would be bigger
+    )
     progress: bool = True  # tqdm progress bar
     device: str = ""  # "" = cuda when available, else cpu (never MPS on a CUDA machine)
 
     def __post_init__(self) -> None:
         if self.best_metric not in ("val_loss", "exact_match", "cider"):
-            raise ValueError(f"best_metric must be val_loss, exact_match or cider, not {self.best_metric!r}")
+            raise ValueError(
+                f"best_metric must be val_loss, exact_match or cider, not {self.best_metric!r}"
+            )
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
             raise ValueError("batch_size and epochs must be >= 1 and max_steps >= 0")
 
@@ -140,7 +148,9 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self._saved_step = -1  # step of the latest last/ save
         self.best: dict[str, Any] | None = None  # validation metrics of best/
-        self.features: dict[str, torch.Tensor] = {}  # "train"/"val" -> (N_images, ...) cached features
+        self.features: dict[
+            str, torch.Tensor
+        ] = {}  # "train"/"val" -> (N_images, ...) cached features
         B = cfg.batch_size
         n = len(self.train_set)
         self.steps_per_epoch = n // B if n >= B else 1
@@ -192,7 +202,9 @@ class Trainer:
                 return
             feats = torch.empty((n_images, *first.shape[1:]), dtype=torch.float32)
             images = _ImagesOnly(ds)
-            loader = DataLoader(images, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+            loader = DataLoader(
+                images, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers
+            )
             k = 0
             for pixels in _progress(loader, self.cfg.progress, f"caching {name} features"):
                 with self.autocast():
@@ -251,10 +263,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.2e}", epoch=epoch)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.write_metrics(
-                        event="train", step=self.step, epoch=epoch, loss=last_loss,
-                        loss_smooth=smooth, lr=lr, elapsed_s=round(time.perf_counter() - t0, 3),
+                        event="train",
+                        step=self.step,
+                        epoch=epoch,
+                        loss=last_loss,
+                        loss_smooth=smooth,
+                        lr=lr,
+                        elapsed_s=round(time.perf_counter() - t0, 3),
                     )
-                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                end_of_epoch = (
+                    self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                )
                 if end_of_epoch or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     val = self.validate_and_keep(epoch)
                 if self.step >= end:
@@ -305,8 +324,10 @@ class Trainer:
         total, count = 0.0, 0
         preds: dict[str, str] = {}
         n_images = len(self.val_records)
-        batches = [list(range(i, min(i + self.cfg.batch_size, len(self.val_set))))
-                   for i in range(0, len(self.val_set), self.cfg.batch_size)]
+        batches = [
+            list(range(i, min(i + self.cfg.batch_size, len(self.val_set))))
+            for i in range(0, len(self.val_set), self.cfg.batch_size)
+        ]
         for batch in self.loader(self.val_set, batches):
             loss = self.loss(batch, "val")
             n_tok = int(batch["lengths"].sum())
@@ -317,7 +338,9 @@ class Trainer:
             chunks = self.features["val"].split(self.cfg.batch_size)
         else:
             images = _ImagesOnly(self.val_set)
-            chunks = DataLoader(images, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+            chunks = DataLoader(
+                images, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers
+            )
         k = 0
         for chunk in chunks:
             with self.autocast():
@@ -354,8 +377,11 @@ class Trainer:
 
         save_checkpoint(self.model, path, self.provenance_now(val or {}))
         sd = self.optimizer.state_dict()
-        tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous()
-                   for pid, st in sd["state"].items() for k, v in st.items()}
+        tensors = {
+            f"state.{pid}.{k}": v.detach().cpu().contiguous()
+            for pid, st in sd["state"].items()
+            for k, v in st.items()
+        }
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -367,7 +393,9 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "weights_sha256": read_meta(path)["weights_sha256"],
         }
-        _atomic(path / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2), encoding="utf-8"))
+        _atomic(
+            path / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        )
         self._saved_step = self.step
         return path
 
@@ -381,10 +409,14 @@ class Trainer:
         try:
             state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise CheckpointError(f"{path} has no {STATE_FILE}: not a resumable training checkpoint") from None
+            raise CheckpointError(
+                f"{path} has no {STATE_FILE}: not a resumable training checkpoint"
+            ) from None
         model, meta = load_checkpoint(path, self.device)
         if meta["weights_sha256"] != state["weights_sha256"]:
-            raise CheckpointError(f"{path}: {STATE_FILE} belongs to other weights (interrupted save?)")
+            raise CheckpointError(
+                f"{path}: {STATE_FILE} belongs to other weights (interrupted save?)"
+            )
         if model.cfg.to_dict() != self.model.cfg.to_dict():
             raise CheckpointError(f"{path}: the checkpoint's model config differs from this run's")
         self.model.load_state_dict(model.state_dict())

@@ -183,7 +183,9 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
         return _html_error(error.code or 500, error.name, error.description)
 
     def _html_error(code: int, message: str, description: str | None = None):
-        return render_template("error.html", code=code, message=message, description=description), code
+        return render_template(
+            "error.html", code=code, message=message, description=description
+        ), code
 
     return app
 

@@ -372,7 +372,11 @@ def _opts(data: dict) -> services.JobOptions:
 @limiter.limit(submit_limit)
 @bp.input(JobCreateIn, arg_name="data")
 @bp.output(JobOut, status_code=202)
-@bp.doc(summary="Submit object keys, a storage prefix or http(s) URLs", responses=E401 | E413 | E422 | E429, **AUTH)
+@bp.doc(
+    summary="Submit object keys, a storage prefix or http(s) URLs",
+    responses=E401 | E413 | E422 | E429,
+    **AUTH,
+)
 def create_job(data):
     """Returns at once: a prefix is listed and URLs are fetched by background tasks."""
     session = db()
@@ -394,7 +398,9 @@ def create_job(data):
 @limiter.limit(submit_limit)
 @bp.input(UploadIn, location="form_and_files", arg_name="data")
 @bp.output(JobOut, status_code=202)
-@bp.doc(summary="Upload image files and/or one zip archive", responses=E401 | E413 | E422 | E429, **AUTH)
+@bp.doc(
+    summary="Upload image files and/or one zip archive", responses=E401 | E413 | E422 | E429, **AUTH
+)
 def upload_job(data):
     """Every file (and zip member) is checked before anything is stored: one refused file
     refuses the whole upload with its reason."""
@@ -424,10 +430,17 @@ def upload_job(data):
 
 @bp.get("/jobs")
 @api_auth()
-@bp.input(Schema.from_dict({
-    "limit": Integer(load_default=50, validate=Range(1, 500)),
-    "offset": Integer(load_default=0, validate=Range(0, 10_000_000)),
-}, name="JobsQuery"), location="query", arg_name="query")
+@bp.input(
+    Schema.from_dict(
+        {
+            "limit": Integer(load_default=50, validate=Range(1, 500)),
+            "offset": Integer(load_default=0, validate=Range(0, 10_000_000)),
+        },
+        name="JobsQuery",
+    ),
+    location="query",
+    arg_name="query",
+)
 @bp.output(JobListOut)
 @bp.doc(summary="Jobs you can see, newest first", responses=E401, **AUTH)
 def list_jobs(query):
@@ -460,7 +473,11 @@ def get_job(job_id):
 @api_auth()
 @bp.input(ImagesQueryIn, location="query", arg_name="query")
 @bp.output(ImageListOut)
-@bp.doc(summary="A job's images with status, failure reason, caption and review", responses=E401 | E404, **AUTH)
+@bp.doc(
+    summary="A job's images with status, failure reason, caption and review",
+    responses=E401 | E404,
+    **AUTH,
+)
 def job_images(job_id, query):
     session = db()
     job = _job_or_404(job_id)
@@ -475,7 +492,11 @@ def job_images(job_id, query):
 @bp.post("/jobs/<int:job_id>/cancel")
 @api_auth()
 @bp.output(JobOut)
-@bp.doc(summary="Cancel a job: its queued images are not captioned", responses=E401 | E404 | E409, **AUTH)
+@bp.doc(
+    summary="Cancel a job: its queued images are not captioned",
+    responses=E401 | E404 | E409,
+    **AUTH,
+)
 def cancel_job(job_id):
     job = _job_or_404(job_id)
     try:
@@ -498,7 +519,11 @@ def retry_job(job_id):
 @api_auth("reviewer")
 @bp.input(BulkApproveIn, arg_name="data")
 @bp.output(IdsOut)
-@bp.doc(summary="Approve every unreviewed caption of a job scoring at least min_score", responses=E401 | E403 | E404, **AUTH)
+@bp.doc(
+    summary="Approve every unreviewed caption of a job scoring at least min_score",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
 def approve_above(job_id, data):
     job = _job_or_404(job_id)
     return {"count": services.bulk_approve(db(), _user(), job, data["min_score"])}
@@ -510,7 +535,11 @@ def approve_above(job_id, data):
 @bp.get("/images/<int:image_id>")
 @api_auth()
 @bp.output(ImageOut)
-@bp.doc(summary="An image's status, caption (with n-best) and current review", responses=E401 | E404, **AUTH)
+@bp.doc(
+    summary="An image's status, caption (with n-best) and current review",
+    responses=E401 | E404,
+    **AUTH,
+)
 def get_image(image_id):
     return image_dict(db(), _image_or_404(image_id))
 
@@ -567,7 +596,11 @@ def review_queue(query):
 @api_auth("reviewer")
 @bp.input(ReviewIn, arg_name="data")
 @bp.output(ReviewOut, status_code=201)
-@bp.doc(summary="Approve, correct or reject an image's caption", responses=E401 | E403 | E404 | E409, **AUTH)
+@bp.doc(
+    summary="Approve, correct or reject an image's caption",
+    responses=E401 | E403 | E404 | E409,
+    **AUTH,
+)
 def add_review(image_id, data):
     image = _image_or_404(image_id)
     try:
@@ -585,7 +618,11 @@ def add_review(image_id, data):
 @bp.get("/images/<int:image_id>/reviews")
 @api_auth()
 @bp.output(HistoryOut)
-@bp.doc(summary="Every review of the image, oldest first (who, when, what)", responses=E401 | E404, **AUTH)
+@bp.doc(
+    summary="Every review of the image, oldest first (who, when, what)",
+    responses=E401 | E404,
+    **AUTH,
+)
 def review_history(image_id):
     image = _image_or_404(image_id)
     return {"items": [review_dict(r) for r in jobs.review_history(db(), image.id)]}
@@ -594,7 +631,11 @@ def review_history(image_id):
 @bp.post("/images/<int:image_id>/reviews/undo")
 @api_auth("reviewer")
 @bp.output(ReviewOut, status_code=201)
-@bp.doc(summary="Take back the current review (appends a restoring row)", responses=E401 | E403 | E404 | E409, **AUTH)
+@bp.doc(
+    summary="Take back the current review (appends a restoring row)",
+    responses=E401 | E403 | E404 | E409,
+    **AUTH,
+)
 def undo_review(image_id):
     image = _image_or_404(image_id)
     try:
@@ -669,7 +710,9 @@ def token_dict(row: ApiToken, raw: str | None = None) -> dict:
 @bp.output(TokenListOut)
 @bp.doc(summary="Your API tokens (never the tokens themselves)", responses=E401, **AUTH)
 def list_tokens():
-    rows = db().scalars(select(ApiToken).where(ApiToken.user_id == _user().id).order_by(ApiToken.id))
+    rows = db().scalars(
+        select(ApiToken).where(ApiToken.user_id == _user().id).order_by(ApiToken.id)
+    )
     return {"items": [token_dict(r) for r in rows]}
 
 
@@ -677,7 +720,11 @@ def list_tokens():
 @api_auth()
 @bp.input(TokenIn, arg_name="data")
 @bp.output(TokenOut, status_code=201)
-@bp.doc(summary="Create a personal token; the response is the only time it is shown", responses=E401, **AUTH)
+@bp.doc(
+    summary="Create a personal token; the response is the only time it is shown",
+    responses=E401,
+    **AUTH,
+)
 def create_token(data):
     raw, row = ApiToken.issue(_user().id, data.get("name", ""))
     db().add(row)
@@ -743,7 +790,9 @@ def create_user_view(data):
 @api_auth("admin")
 @bp.input(UserPatchIn, arg_name="data")
 @bp.output(UserOut)
-@bp.doc(summary="Change a user's name, role or password (admin)", responses=E401 | E403 | E404, **AUTH)
+@bp.doc(
+    summary="Change a user's name, role or password (admin)", responses=E401 | E403 | E404, **AUTH
+)
 def update_user(user_id, data):
     user = db().get(User, user_id)
     if user is None:
@@ -760,7 +809,12 @@ def update_user(user_id, data):
 
 
 def webhook_dict(hook: Webhook, with_secret: bool = False) -> dict:
-    data = {"id": hook.id, "url": hook.url, "events": list(hook.events or []), "created_at": hook.created_at}
+    data = {
+        "id": hook.id,
+        "url": hook.url,
+        "events": list(hook.events or []),
+        "created_at": hook.created_at,
+    }
     if with_secret:
         data["secret"] = hook.secret
     return data
@@ -772,7 +826,9 @@ def webhook_dict(hook: Webhook, with_secret: bool = False) -> dict:
 @bp.doc(summary="Your webhooks", responses=E401, **AUTH)
 def list_webhooks():
     rows = db().scalars(
-        select(Webhook).where(Webhook.owner_id == _user().id, Webhook.active.is_(True)).order_by(Webhook.id)
+        select(Webhook)
+        .where(Webhook.owner_id == _user().id, Webhook.active.is_(True))
+        .order_by(Webhook.id)
     )
     return {"items": [webhook_dict(h) for h in rows]}
 
@@ -781,14 +837,20 @@ def list_webhooks():
 @api_auth()
 @bp.input(WebhookIn, arg_name="data")
 @bp.output(WebhookOut, status_code=201)
-@bp.doc(summary="Register a URL for job.completed / job.failed events (signed; secret shown once)", responses=E401 | E422, **AUTH)
+@bp.doc(
+    summary="Register a URL for job.completed / job.failed events (signed; secret shown once)",
+    responses=E401 | E422,
+    **AUTH,
+)
 def create_webhook(data):
     settings = current_app.extensions["captioner"].settings
     try:
         url = ingest.check_url(data["url"], allow_hosts=settings.url_allow_hosts)
     except ingest.SubmissionRejected as exc:
         abort(422, exc.reason)
-    hook = Webhook(owner_id=_user().id, url=url, secret=webhooks.new_secret(), events=data["events"])
+    hook = Webhook(
+        owner_id=_user().id, url=url, secret=webhooks.new_secret(), events=data["events"]
+    )
     db().add(hook)
     db().commit()
     return webhook_dict(hook, with_secret=True)
@@ -805,4 +867,3 @@ def delete_webhook(webhook_id):
     hook.active = False
     db().commit()
     return ""
-

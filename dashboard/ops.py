@@ -126,7 +126,9 @@ class DatabaseCollector:
         from captioner.queue import ALL_QUEUES, queue_depths
 
         depth = GaugeMetricFamily(
-            "captioner_queue_depth", "Messages waiting in a queue (read from Redis).", labels=["queue"]
+            "captioner_queue_depth",
+            "Messages waiting in a queue (read from Redis).",
+            labels=["queue"],
         )
         try:
             depths = queue_depths(settings)
@@ -140,7 +142,9 @@ class DatabaseCollector:
 
     def _from_database(self, session):
         now = utcnow()
-        by_status = dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+        by_status = dict(
+            session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+        )
         images = GaugeMetricFamily("captioner_images", "Images by status.", labels=["status"])
         for status in ImageStatus:
             images.add_metric([status.value], by_status.get(status, 0))
@@ -185,7 +189,8 @@ class DatabaseCollector:
         yield failed
 
         reviews = CounterMetricFamily(
-            "captioner_reviews", "Reviews by decision (rate() gives review throughput).",
+            "captioner_reviews",
+            "Reviews by decision (rate() gives review throughput).",
             labels=["decision"],
         )
         by_decision = dict(
@@ -205,17 +210,25 @@ class DatabaseCollector:
 
         yield self._by_status(session, Job, JobStatus, "captioner_jobs", "Jobs by status.")
         yield self._by_status(
-            session, TrainingRun, TrainingStatus, "captioner_training_runs",
+            session,
+            TrainingRun,
+            TrainingStatus,
+            "captioner_training_runs",
             "Training runs by status.",
         )
         yield self._by_status(
-            session, ModelVersion, ModelStatus, "captioner_model_versions",
+            session,
+            ModelVersion,
+            ModelStatus,
+            "captioner_model_versions",
             "Model versions by status.",
         )
 
     @staticmethod
     def _by_status(session, model, enum_cls, name: str, doc: str) -> GaugeMetricFamily:
-        counts = dict(session.execute(select(model.status, func.count()).group_by(model.status)).all())
+        counts = dict(
+            session.execute(select(model.status, func.count()).group_by(model.status)).all()
+        )
         family = GaugeMetricFamily(name, doc, labels=["status"])
         for status in enum_cls:
             family.add_metric([status.value], counts.get(status, 0))
@@ -229,7 +242,9 @@ class DatabaseCollector:
             .order_by(Image.finished_at.desc())
             .limit(LATENCY_SAMPLE_LIMIT)
         ).all()
-        seconds = [max(0.0, (done - created).total_seconds()) for created, done in rows if done and created]
+        seconds = [
+            max(0.0, (done - created).total_seconds()) for created, done in rows if done and created
+        ]
         buckets = [(str(float(b)), sum(1 for s in seconds if s <= b)) for b in LATENCY_BUCKETS]
         buckets.append(("+Inf", len(seconds)))
         return GaugeHistogramMetricFamily(
@@ -260,8 +275,11 @@ def _check(fn) -> dict[str, Any]:
         detail = fn()
     except Exception as exc:
         log.warning("health check failed: %s", exc)
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300],
-                "seconds": round(time.monotonic() - start, 4)}
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "seconds": round(time.monotonic() - start, 4),
+        }
     result: dict[str, Any] = {"ok": True, "seconds": round(time.monotonic() - start, 4)}
     if detail:
         result["detail"] = detail

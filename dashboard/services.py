@@ -303,9 +303,7 @@ def _queue_query(
     elif status in ("approved", "corrected", "rejected"):
         query = query.where(Review.decision == status)
     elif status == "reviewed":
-        query = query.where(
-            and_(Review.id.is_not(None), Review.decision != ReviewDecision.UNDONE)
-        )
+        query = query.where(and_(Review.id.is_not(None), Review.decision != ReviewDecision.UNDONE))
     if min_score is not None:
         query = query.where(Caption.score >= min_score)
     if max_score is not None:

@@ -223,8 +223,11 @@ def list_models():
 @api_bp.post("/models/<int:version_id>/promote")
 @api_auth("admin")
 @api_bp.output(VersionOut)
-@api_bp.doc(summary="Make a version the active one; workers use it from their next batch",
-            responses=E401 | E403 | E404 | E409, **AUTH)
+@api_bp.doc(
+    summary="Make a version the active one; workers use it from their next batch",
+    responses=E401 | E403 | E404 | E409,
+    **AUTH,
+)
 def promote_model(version_id):
     try:
         return version_dict(_promote(version_id))
@@ -235,8 +238,11 @@ def promote_model(version_id):
 @api_bp.post("/models/rollback")
 @api_auth("admin")
 @api_bp.output(VersionOut)
-@api_bp.doc(summary="Re-activate the active version's parent (or the previous active one)",
-            responses=E401 | E403 | E409, **AUTH)
+@api_bp.doc(
+    summary="Re-activate the active version's parent (or the previous active one)",
+    responses=E401 | E403 | E409,
+    **AUTH,
+)
 def rollback_model():
     try:
         return version_dict(_rollback())
@@ -253,7 +259,10 @@ def list_runs(query):
     session = db()
     total = session.scalar(select(func.count(TrainingRun.id)))
     rows = session.scalars(
-        select(TrainingRun).order_by(TrainingRun.id.desc()).limit(query["limit"]).offset(query["offset"])
+        select(TrainingRun)
+        .order_by(TrainingRun.id.desc())
+        .limit(query["limit"])
+        .offset(query["offset"])
     )
     return {"items": [run_dict(r) for r in rows], "total": total}
 
@@ -261,8 +270,11 @@ def list_runs(query):
 @api_bp.get("/training-runs/<int:run_id>")
 @api_auth("reviewer")
 @api_bp.output(RunDetailOut)
-@api_bp.doc(summary="A training run: snapshot, progress, loss curve, metrics, gate, log",
-            responses=E401 | E403 | E404, **AUTH)
+@api_bp.doc(
+    summary="A training run: snapshot, progress, loss curve, metrics, gate, log",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
 def get_run(run_id):
     return run_dict(_run_or_404(run_id), detail=True)
 
@@ -270,8 +282,11 @@ def get_run(run_id):
 @api_bp.post("/training-runs")
 @api_auth("admin")
 @api_bp.output(RunOut, status_code=202)
-@api_bp.doc(summary="Retrain now: snapshot the reviews and queue a run (one at a time)",
-            responses=E401 | E403 | E409 | E422, **AUTH)
+@api_bp.doc(
+    summary="Retrain now: snapshot the reviews and queue a run (one at a time)",
+    responses=E401 | E403 | E409 | E422,
+    **AUTH,
+)
 def start_run():
     try:
         return run_dict(_retrain_now())
@@ -285,23 +300,34 @@ def start_run():
 @api_auth("admin")
 @api_bp.input(ExcludeIn, arg_name="data")
 @api_bp.output(ExcludeOut)
-@api_bp.doc(summary="Leave a reviewer's reviews out of future training runs (or bring them back)",
-            responses=E401 | E403 | E404, **AUTH)
+@api_bp.doc(
+    summary="Leave a reviewer's reviews out of future training runs (or bring them back)",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
 def exclude_reviewer(user_id, data):
     session = db()
     user = session.get(User, user_id)
     if user is None:
         abort(404, f"no user {user_id}")
-    user.training_excluded_at = (user.training_excluded_at or utcnow()) if data["excluded"] else None
+    user.training_excluded_at = (
+        (user.training_excluded_at or utcnow()) if data["excluded"] else None
+    )
     session.commit()
-    return {"id": user.id, "email": user.email, "excluded": user.training_excluded_at is not None,
-            "excluded_at": user.training_excluded_at}
+    return {
+        "id": user.id,
+        "email": user.email,
+        "excluded": user.training_excluded_at is not None,
+        "excluded_at": user.training_excluded_at,
+    }
 
 
 # --- pages ---------------------------------------------------------------------------------
 
 
-def loss_chart(curve: list, width: int = 640, height: int = 220, pad: int = 36) -> dict[str, Any] | None:
+def loss_chart(
+    curve: list, width: int = 640, height: int = 220, pad: int = 36
+) -> dict[str, Any] | None:
     """Coordinates for an inline SVG line chart of [[step, loss], ...] (None when empty)."""
     points = [(float(s), float(v)) for s, v in curve if v == v]  # drop NaN
     if not points:
@@ -336,8 +362,14 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         active, candidate = scores.get("active") or {}, scores.get("candidate") or {}
         for key in retrain.GATE_METRICS_KEPT:
             if key in active or key in candidate:
-                rows.append({"set": which, "metric": key,
-                             "active": active.get(key), "candidate": candidate.get(key)})
+                rows.append(
+                    {
+                        "set": which,
+                        "metric": key,
+                        "active": active.get(key),
+                        "candidate": candidate.get(key),
+                    }
+                )
     return rows
 
 
@@ -349,7 +381,9 @@ def runs_page():
     reviewers = session.scalars(
         select(User).where(User.role.in_([UserRole.REVIEWER, UserRole.ADMIN])).order_by(User.email)
     )
-    return render_template("training.html", runs=[run_dict(r) for r in rows], reviewers=list(reviewers))
+    return render_template(
+        "training.html", runs=[run_dict(r) for r in rows], reviewers=list(reviewers)
+    )
 
 
 @ui_bp.get("/training/<int:run_id>")
@@ -424,5 +458,8 @@ def exclude_form(user_id: int):
     excluded = request.form.get("excluded", "1") == "1"
     user.training_excluded_at = (user.training_excluded_at or utcnow()) if excluded else None
     session.commit()
-    flash(f"{user.email}: reviews {'left out of' if excluded else 'used in'} future training runs.", "ok")
+    flash(
+        f"{user.email}: reviews {'left out of' if excluded else 'used in'} future training runs.",
+        "ok",
+    )
     return redirect(url_for("training_ui.runs_page"), 303)

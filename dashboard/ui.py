@@ -44,7 +44,10 @@ def jobs_page():
     session = db()
     page = _int(request.args.get("page"), 1, 1, 100_000)
     rows = session.scalars(
-        services.visible_jobs(current_user()).order_by(Job.id.desc()).limit(50).offset((page - 1) * 50)
+        services.visible_jobs(current_user())
+        .order_by(Job.id.desc())
+        .limit(50)
+        .offset((page - 1) * 50)
     )
     return render_template("jobs.html", jobs=[job_dict(session, j) for j in rows], page=page)
 
@@ -190,11 +193,15 @@ def export_page():
 @login_required()
 def account():
     session, user = db(), current_user()
-    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    tokens = session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    )
     hooks = session.scalars(
         select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True))
     )
-    return render_template("account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=None)
+    return render_template(
+        "account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=None
+    )
 
 
 @bp.post("/account/tokens")
@@ -204,10 +211,16 @@ def new_token():
     raw, row = ApiToken.issue(user.id, (request.form.get("name") or "").strip()[:200])
     session.add(row)
     session.commit()
-    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
-    hooks = session.scalars(select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True)))
+    tokens = session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    )
+    hooks = session.scalars(
+        select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True))
+    )
     # Rendered directly (not redirected): the plain token exists only in this response.
-    return render_template("account.html", tokens=list(tokens), hooks=list(hooks), new_token=raw, new_secret=None)
+    return render_template(
+        "account.html", tokens=list(tokens), hooks=list(hooks), new_token=raw, new_secret=None
+    )
 
 
 @bp.post("/account/tokens/<int:token_id>/revoke")
@@ -235,10 +248,18 @@ def new_webhook():
     hook = Webhook(owner_id=user.id, url=url, secret=webhooks.new_secret(), events=[])
     session.add(hook)
     session.commit()
-    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
-    hooks = session.scalars(select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True)))
+    tokens = session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    )
+    hooks = session.scalars(
+        select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True))
+    )
     return render_template(
-        "account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=hook.secret
+        "account.html",
+        tokens=list(tokens),
+        hooks=list(hooks),
+        new_token=None,
+        new_secret=hook.secret,
     )
 
 
@@ -279,4 +300,3 @@ def admin_update_user(user_id: int):
     session.commit()
     flash(f"User {user.email} updated.", "ok")
     return redirect(url_for("ui.admin_users"), 303)
-

@@ -76,7 +76,10 @@ def main() -> int:
     new = block()
     if args.check:
         if old != new:
-            print("README.md's configuration table is stale: run scripts/gen_config_table.py", file=sys.stderr)
+            print(
+                "README.md's configuration table is stale: run scripts/gen_config_table.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(text.replace(old, new))

@@ -59,7 +59,9 @@ def make_user(app, email: str, role: str) -> Account:
 def active_version(session) -> int:
     version = session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE))
     if version is None:
-        version = ModelVersion(name="v1", checkpoint_uri="file:///nowhere", status=ModelStatus.ACTIVE)
+        version = ModelVersion(
+            name="v1", checkpoint_uri="file:///nowhere", status=ModelStatus.ACTIVE
+        )
         session.add(version)
         session.flush()
     return version.id
@@ -80,7 +82,10 @@ def fake_caption(app, job_id: int, texts=None, scores=None) -> list[int]:
                 model_version_id=version,
                 text=text,
                 score=score,
-                candidates=[{"text": text, "score": score}, {"text": text + " again", "score": score - 0.5}],
+                candidates=[
+                    {"text": text, "score": score},
+                    {"text": text + " again", "score": score - 0.5},
+                ],
                 width=24,
                 height=16,
             )

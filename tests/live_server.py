@@ -36,8 +36,18 @@ class DashboardProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         args = [
-            sys.executable, "-m", "flask", "--app", "dashboard:create_app", "run",
-            "--host", "127.0.0.1", "--port", str(self.port), "--no-reload", "--no-debugger",
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "dashboard:create_app",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--no-reload",
+            "--no-debugger",
             "--with-threads",
         ]
         self.proc = subprocess.Popen(

@@ -32,7 +32,12 @@ def upload(client, account, files=(), archive=None, **form):
     data["files"] = [(io.BytesIO(content), name) for name, content in files]
     if archive is not None:
         data["archive"] = (io.BytesIO(archive), "photos.zip")
-    return client.post("/api/v1/jobs/upload", data=data, headers=account.headers, content_type="multipart/form-data")
+    return client.post(
+        "/api/v1/jobs/upload",
+        data=data,
+        headers=account.headers,
+        content_type="multipart/form-data",
+    )
 
 
 def count(app, model) -> int:
@@ -57,7 +62,10 @@ def test_bad_token_is_401_and_no_token_is_401(client, users):
     assert client.get("/api/v1/jobs").status_code == 401
     r = client.get("/api/v1/jobs", headers={"Authorization": "Bearer cap_nope"})
     assert r.status_code == 401 and "invalid" in r.json["message"]
-    assert client.get("/api/v1/me", headers=users["alice"].headers).json["email"] == "alice@example.com"
+    assert (
+        client.get("/api/v1/me", headers=users["alice"].headers).json["email"]
+        == "alice@example.com"
+    )
 
 
 def test_revoked_token_is_401(client, users):
@@ -68,14 +76,26 @@ def test_revoked_token_is_401(client, users):
     assert client.get("/api/v1/me", headers=new).status_code == 200
     listed = client.get("/api/v1/tokens", headers=alice.headers).json["items"]
     assert all("token" not in t for t in listed)  # shown once, never listed
-    assert client.delete(f"/api/v1/tokens/{created.json['id']}", headers=alice.headers).status_code == 204
+    assert (
+        client.delete(f"/api/v1/tokens/{created.json['id']}", headers=alice.headers).status_code
+        == 204
+    )
     assert client.get("/api/v1/me", headers=new).status_code == 401
     # Another user cannot revoke alice's token.
-    assert client.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=users["bob"].headers).status_code == 404
+    assert (
+        client.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=users["bob"].headers).status_code
+        == 404
+    )
 
 
 def test_upload_files_creates_job_and_publishes_after_commit(app, client, users, publisher):
-    r = upload(client, users["alice"], files=[("a.png", png()), ("b.png", png((0, 0, 255)))], name="two", n_best=2)
+    r = upload(
+        client,
+        users["alice"],
+        files=[("a.png", png()), ("b.png", png((0, 0, 255)))],
+        name="two",
+        n_best=2,
+    )
     assert r.status_code == 202, r.json
     job = r.json
     assert job["name"] == "two" and job["progress"]["queued"] == 2 and job["options"]["n_best"] == 2
@@ -85,7 +105,9 @@ def test_upload_files_creates_job_and_publishes_after_commit(app, client, users,
 
 
 def test_zip_upload_and_progress_and_images(app, client, users):
-    archive = make_zip({"x/one.png": png(), "two.png": png((1, 2, 3)), "__MACOSX/._two.png": b"junk"})
+    archive = make_zip(
+        {"x/one.png": png(), "two.png": png((1, 2, 3)), "__MACOSX/._two.png": b"junk"}
+    )
     r = upload(client, users["alice"], archive=archive)
     assert r.status_code == 202, r.json
     job_id = r.json["id"]
@@ -98,22 +120,33 @@ def test_zip_upload_and_progress_and_images(app, client, users):
     first = images["items"][0]
     assert first["caption"]["text"].startswith("a photo of")
     content = client.get(first["content_url"], headers=users["alice"].headers)
-    assert content.status_code == 200 and content.mimetype == "image/png" and content.data[:4] == b"\x89PNG"
+    assert (
+        content.status_code == 200
+        and content.mimetype == "image/png"
+        and content.data[:4] == b"\x89PNG"
+    )
 
 
 def test_other_submitters_job_is_404(app, client, users):
     job_id = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
     [image_id] = image_ids(app, job_id)
     bob = users["bob"].headers
-    for path in (f"/api/v1/jobs/{job_id}", f"/api/v1/jobs/{job_id}/images", f"/api/v1/images/{image_id}",
-                 f"/api/v1/images/{image_id}/content", f"/api/v1/images/{image_id}/reviews",
-                 f"/api/v1/export?job_id={job_id}"):
+    for path in (
+        f"/api/v1/jobs/{job_id}",
+        f"/api/v1/jobs/{job_id}/images",
+        f"/api/v1/images/{image_id}",
+        f"/api/v1/images/{image_id}/content",
+        f"/api/v1/images/{image_id}/reviews",
+        f"/api/v1/export?job_id={job_id}",
+    ):
         assert client.get(path, headers=bob).status_code == 404, path
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bob).status_code == 404
     assert client.post(f"/api/v1/jobs/{job_id}/retry", headers=bob).status_code == 404
     assert client.get("/api/v1/jobs", headers=bob).json["total"] == 0
     # A reviewer sees every job.
-    assert client.get(f"/api/v1/jobs/{job_id}", headers=users["reviewer"].headers).status_code == 200
+    assert (
+        client.get(f"/api/v1/jobs/{job_id}", headers=users["reviewer"].headers).status_code == 200
+    )
 
 
 def test_oversize_upload_is_413(app, client, users):
@@ -144,7 +177,7 @@ def _zip_with_symlink() -> bytes:
         z.writestr("ok.png", png())
         info = zipfile.ZipInfo("link.png")
         info.create_system = 3
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         z.writestr(info, "/etc/passwd")
     return buf.getvalue()
 
@@ -176,19 +209,31 @@ def test_hostile_zips_are_422_and_store_nothing(app, client, users, archive, rea
 
 
 def test_zip_member_count_cap(app, client, users):
-    app.extensions["captioner"].settings = app.extensions["captioner"].settings.model_copy(update={"zip_max_members": 2})
-    r = upload(client, users["alice"], archive=make_zip({f"{i}.png": png((i, 0, 0)) for i in range(3)}))
+    app.extensions["captioner"].settings = app.extensions["captioner"].settings.model_copy(
+        update={"zip_max_members": 2}
+    )
+    r = upload(
+        client, users["alice"], archive=make_zip({f"{i}.png": png((i, 0, 0)) for i in range(3)})
+    )
     assert r.status_code == 422 and "3 members > limit 2" in r.json["message"]
 
 
 def test_bulk_keys_accepted_in_one_call(app, client, users, publisher):
     keys = [f"bulk/{i:05d}.jpg" for i in range(10_000)]
-    r = client.post("/api/v1/jobs", json={"name": "bulk", "keys": keys}, headers=users["alice"].headers)
+    r = client.post(
+        "/api/v1/jobs", json={"name": "bulk", "keys": keys}, headers=users["alice"].headers
+    )
     assert r.status_code == 202 and r.json["image_count"] == 10_000
     assert len(publisher.ids_for(r.json["id"])) == 10_000
-    bad = client.post("/api/v1/jobs", json={"keys": ["../etc/passwd"]}, headers=users["alice"].headers)
+    bad = client.post(
+        "/api/v1/jobs", json={"keys": ["../etc/passwd"]}, headers=users["alice"].headers
+    )
     assert bad.status_code == 422 and "invalid object key" in bad.json["message"]
-    both = client.post("/api/v1/jobs", json={"keys": ["a.jpg"], "urls": ["https://example.com/a.jpg"]}, headers=users["alice"].headers)
+    both = client.post(
+        "/api/v1/jobs",
+        json={"keys": ["a.jpg"], "urls": ["https://example.com/a.jpg"]},
+        headers=users["alice"].headers,
+    )
     assert both.status_code == 422
 
 
@@ -196,32 +241,53 @@ def test_prefix_is_enumerated_in_background(client, users, publisher):
     r = client.post("/api/v1/jobs", json={"prefix": "photos/2024/"}, headers=users["alice"].headers)
     assert r.status_code == 202 and r.json["image_count"] == 0
     assert publisher.tasks == [("captioner.enumerate_prefix", (r.json["id"],))]
-    outside = client.post("/api/v1/jobs", json={"prefix": "s3://other/x/"}, headers=users["alice"].headers)
+    outside = client.post(
+        "/api/v1/jobs", json={"prefix": "s3://other/x/"}, headers=users["alice"].headers
+    )
     assert outside.status_code == 422
 
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://[::1]/a.png",
-     "http://localhost:8080/a.png", "file:///etc/passwd", "gopher://example.com/", "http://10.1.2.3/a.jpg"],
+    [
+        "http://127.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/a.png",
+        "http://localhost:8080/a.png",
+        "file:///etc/passwd",
+        "gopher://example.com/",
+        "http://10.1.2.3/a.jpg",
+    ],
 )
 def test_private_urls_refused_at_submit(app, client, users, url, publisher):
-    r = client.post("/api/v1/jobs", json={"urls": ["https://example.com/ok.jpg", url]}, headers=users["alice"].headers)
+    r = client.post(
+        "/api/v1/jobs",
+        json={"urls": ["https://example.com/ok.jpg", url]},
+        headers=users["alice"].headers,
+    )
     assert r.status_code == 422 and "refused URL" in r.json["message"]
     assert count(app, Job) == 0 and publisher.tasks == []
 
 
 def test_public_urls_go_to_background_fetch(client, users, publisher):
-    r = client.post("/api/v1/jobs", json={"urls": ["https://example.com/a.jpg"]}, headers=users["alice"].headers)
+    r = client.post(
+        "/api/v1/jobs", json={"urls": ["https://example.com/a.jpg"]}, headers=users["alice"].headers
+    )
     assert r.status_code == 202 and "urls" not in r.json["options"]
     assert publisher.tasks == [("captioner.fetch_urls", (r.json["id"],))]
 
 
 def test_cancel_and_retry(app, client, users, publisher):
     alice = users["alice"].headers
-    job_id = upload(client, users["alice"], files=[("a.png", png()), ("b.png", png((5, 5, 5)))]).json["id"]
+    job_id = upload(
+        client, users["alice"], files=[("a.png", png()), ("b.png", png((5, 5, 5)))]
+    ).json["id"]
     r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=alice)
-    assert r.status_code == 200 and r.json["status"] == "cancelled" and r.json["progress"]["failed"] == 2
+    assert (
+        r.status_code == 200
+        and r.json["status"] == "cancelled"
+        and r.json["progress"]["failed"] == 2
+    )
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=alice).status_code == 409
     images = client.get(f"/api/v1/jobs/{job_id}/images?status=failed", headers=alice).json["items"]
     assert {i["failure_reason"] for i in images} == {"job cancelled"}
@@ -237,14 +303,20 @@ def test_identical_images_reuse_the_active_models_caption(app, client, users, pu
     again = upload(client, users["bob"], files=[("copy.png", png())]).json
     assert again["status"] == "finished" and again["progress"]["captioned"] == 1
     assert publisher.ids_for(again["id"]) == []
-    [image] = client.get(f"/api/v1/jobs/{again['id']}/images", headers=users["bob"].headers).json["items"]
+    [image] = client.get(f"/api/v1/jobs/{again['id']}/images", headers=users["bob"].headers).json[
+        "items"
+    ]
     assert image["caption"]["text"] == "a red square"
     forced = upload(client, users["bob"], files=[("copy.png", png())], recaption="true").json
     assert forced["progress"]["queued"] == 1 and len(publisher.ids_for(forced["id"])) == 1
 
 
-def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(app, client, users, publisher):
-    hook = client.post("/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=users["bob"].headers)
+def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(
+    app, client, users, publisher
+):
+    hook = client.post(
+        "/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=users["bob"].headers
+    )
     assert hook.status_code == 201, hook.json
     first = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
     fake_caption(app, first, texts=["a red square"])
@@ -252,7 +324,11 @@ def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(ap
     assert again["status"] == "finished" and publisher.ids_for(again["id"]) == []
     with session_scope(app.extensions["captioner"].sessionmaker) as session:
         [delivery] = session.scalars(select(WebhookDelivery)).all()
-        assert (delivery.job_id, delivery.webhook_id, delivery.event) == (again["id"], hook.json["id"], "job.completed")
+        assert (delivery.job_id, delivery.webhook_id, delivery.event) == (
+            again["id"],
+            hook.json["id"],
+            "job.completed",
+        )
         assert delivery.payload["job"]["captioned_count"] == 1
     assert [t for t in publisher.tasks if t[0] == webhooks.TASK_DELIVER_WEBHOOK] == [
         (webhooks.TASK_DELIVER_WEBHOOK, (delivery.id,))
@@ -262,7 +338,9 @@ def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(ap
 def _captioned_job(app, client, owner, n=3):
     files = [(f"img{i}.png", png((i * 40, 10, 10))) for i in range(n)]
     job_id = upload(client, owner, files=files).json["id"]
-    fake_caption(app, job_id, texts=[f"caption {i}" for i in range(n)], scores=[-0.2, -2.0, -1.0][:n])
+    fake_caption(
+        app, job_id, texts=[f"caption {i}" for i in range(n)], scores=[-0.2, -2.0, -1.0][:n]
+    )
     return job_id
 
 
@@ -272,13 +350,19 @@ def test_review_queue_order_filters_and_roles(app, client, users):
     queue = client.get("/api/v1/review/queue", headers=rev).json
     assert [i["caption"]["score"] for i in queue["items"]] == [-2.0, -1.0, -0.2]
     assert queue["total"] == 3
-    ranged = client.get(f"/api/v1/review/queue?job_id={job_id}&min_score=-1.5&max_score=-0.5", headers=rev).json
+    ranged = client.get(
+        f"/api/v1/review/queue?job_id={job_id}&min_score=-1.5&max_score=-0.5", headers=rev
+    ).json
     assert [i["caption"]["text"] for i in ranged["items"]] == ["caption 2"]
     found = client.get("/api/v1/review/queue?q=caption%200", headers=rev).json
     assert [i["caption"]["text"] for i in found["items"]] == ["caption 0"]
     # A submitter cannot review.
     image_id = queue["items"][0]["id"]
-    r = client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=users["alice"].headers)
+    r = client.post(
+        f"/api/v1/images/{image_id}/reviews",
+        json={"decision": "approved"},
+        headers=users["alice"].headers,
+    )
     assert r.status_code == 403
 
 
@@ -288,17 +372,43 @@ def test_approve_correct_reject_history_and_undo(app, client, users):
     items = client.get(f"/api/v1/review/queue?job_id={job_id}", headers=rev).json["items"]
     a, b, c = (i["id"] for i in items)
     r = client.post(f"/api/v1/images/{a}/reviews", json={"decision": "approved"}, headers=rev)
-    assert r.status_code == 201 and r.json["text"] == "caption 1" and r.json["reviewer"] == "rev@example.com"
-    r = client.post(f"/api/v1/images/{b}/reviews", json={"decision": "corrected", "text": "a dog"}, headers=rev)
+    assert (
+        r.status_code == 201
+        and r.json["text"] == "caption 1"
+        and r.json["reviewer"] == "rev@example.com"
+    )
+    r = client.post(
+        f"/api/v1/images/{b}/reviews", json={"decision": "corrected", "text": "a dog"}, headers=rev
+    )
     assert r.json["decision"] == "corrected" and r.json["text"] == "a dog"
-    assert client.post(f"/api/v1/images/{c}/reviews", json={"decision": "rejected"}, headers=rev).json["text"] is None
-    assert client.post(f"/api/v1/images/{c}/reviews", json={"decision": "corrected"}, headers=rev).status_code == 422
+    assert (
+        client.post(f"/api/v1/images/{c}/reviews", json={"decision": "rejected"}, headers=rev).json[
+            "text"
+        ]
+        is None
+    )
+    assert (
+        client.post(
+            f"/api/v1/images/{c}/reviews", json={"decision": "corrected"}, headers=rev
+        ).status_code
+        == 422
+    )
     assert client.get("/api/v1/review/queue", headers=rev).json["total"] == 0
-    assert client.get("/api/v1/review/queue?status=corrected", headers=rev).json["items"][0]["id"] == b
+    assert (
+        client.get("/api/v1/review/queue?status=corrected", headers=rev).json["items"][0]["id"] == b
+    )
     # Correct again, then undo twice: back to the first correction, then to unreviewed.
-    client.post(f"/api/v1/images/{b}/reviews", json={"decision": "corrected", "text": "a big dog"}, headers=rev)
+    client.post(
+        f"/api/v1/images/{b}/reviews",
+        json={"decision": "corrected", "text": "a big dog"},
+        headers=rev,
+    )
     undo = client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev)
-    assert undo.status_code == 201 and undo.json["decision"] == "corrected" and undo.json["text"] == "a dog"
+    assert (
+        undo.status_code == 201
+        and undo.json["decision"] == "corrected"
+        and undo.json["text"] == "a dog"
+    )
     undo = client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev)
     assert undo.json["decision"] == "undone"
     assert client.post(f"/api/v1/images/{b}/reviews/undo", headers=rev).status_code == 409
@@ -315,34 +425,58 @@ def test_bulk_approve_above_threshold(app, client, users):
     assert r.json["count"] == 2
     left = client.get("/api/v1/review/queue", headers=rev).json["items"]
     assert [i["caption"]["score"] for i in left] == [-2.0]
-    assert client.post(f"/api/v1/jobs/{job_id}/approve-above", json={"min_score": -1.0}, headers=users["alice"].headers).status_code == 403
+    assert (
+        client.post(
+            f"/api/v1/jobs/{job_id}/approve-above",
+            json={"min_score": -1.0},
+            headers=users["alice"].headers,
+        ).status_code
+        == 403
+    )
 
 
 def test_export_formats_and_visibility(app, client, users):
     job_id = _captioned_job(app, client, users["alice"], n=2)
     rev = users["reviewer"].headers
     items = client.get("/api/v1/review/queue", headers=rev).json["items"]
-    client.post(f"/api/v1/images/{items[0]['id']}/reviews", json={"decision": "corrected", "text": "=HYPERLINK(\"x\")"}, headers=rev)
+    client.post(
+        f"/api/v1/images/{items[0]['id']}/reviews",
+        json={"decision": "corrected", "text": '=HYPERLINK("x")'},
+        headers=rev,
+    )
     alice = users["alice"].headers
     jsonl = client.get(f"/api/v1/export?job_id={job_id}&format=jsonl&which=both", headers=alice)
     rows = [json.loads(line) for line in jsonl.data.decode().splitlines()]
     assert jsonl.status_code == 200 and len(rows) == 2
     assert {r["reviewed_caption"] for r in rows} == {'=HYPERLINK("x")', None}
-    csv_text = client.get(f"/api/v1/export?job_id={job_id}&format=csv&which=reviewed", headers=alice).data.decode()
+    csv_text = client.get(
+        f"/api/v1/export?job_id={job_id}&format=csv&which=reviewed", headers=alice
+    ).data.decode()
     assert "'=HYPERLINK" in csv_text and csv_text.count("\r\n") == 2
     coco = client.get("/api/v1/export?format=coco&which=model", headers=alice).json
-    assert len(coco["images"]) == 2 and {a["caption"] for a in coco["annotations"]} == {"caption 0", "caption 1"}
-    assert client.get("/api/v1/export?format=coco", headers=users["bob"].headers).json["images"] == []
+    assert len(coco["images"]) == 2 and {a["caption"] for a in coco["annotations"]} == {
+        "caption 0",
+        "caption 1",
+    }
+    assert (
+        client.get("/api/v1/export?format=coco", headers=users["bob"].headers).json["images"] == []
+    )
     assert client.get("/api/v1/export?format=xml", headers=alice).status_code == 422
 
 
 def test_users_admin_only(app, client, users):
     body = {"email": "new@example.com", "password": "long enough pw", "role": "reviewer"}
-    assert client.post("/api/v1/users", json=body, headers=users["alice"].headers).status_code == 403
+    assert (
+        client.post("/api/v1/users", json=body, headers=users["alice"].headers).status_code == 403
+    )
     r = client.post("/api/v1/users", json=body, headers=users["admin"].headers)
     assert r.status_code == 201 and r.json["role"] == "reviewer"
-    assert client.post("/api/v1/users", json=body, headers=users["admin"].headers).status_code == 409
-    r = client.patch(f"/api/v1/users/{r.json['id']}", json={"role": "submitter"}, headers=users["admin"].headers)
+    assert (
+        client.post("/api/v1/users", json=body, headers=users["admin"].headers).status_code == 409
+    )
+    r = client.patch(
+        f"/api/v1/users/{r.json['id']}", json={"role": "submitter"}, headers=users["admin"].headers
+    )
     assert r.json["role"] == "submitter"
     assert len(client.get("/api/v1/users", headers=users["admin"].headers).json["items"]) == 5
 
@@ -355,7 +489,10 @@ def test_webhook_registration_refuses_private_urls(client, users):
     r = client.post("/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=alice)
     assert r.status_code == 201 and len(r.json["secret"]) > 20
     assert "secret" not in client.get("/api/v1/webhooks", headers=alice).json["items"][0]
-    assert client.delete(f"/api/v1/webhooks/{r.json['id']}", headers=users["bob"].headers).status_code == 404
+    assert (
+        client.delete(f"/api/v1/webhooks/{r.json['id']}", headers=users["bob"].headers).status_code
+        == 404
+    )
     assert client.delete(f"/api/v1/webhooks/{r.json['id']}", headers=alice).status_code == 204
 
 
@@ -363,24 +500,45 @@ def test_script_caption_is_json_text(app, client, users):
     job_id = _captioned_job(app, client, users["alice"], n=1)
     [image_id] = image_ids(app, job_id)
     rev = users["reviewer"].headers
-    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "corrected", "text": "<script>alert(1)</script>"}, headers=rev)
+    client.post(
+        f"/api/v1/images/{image_id}/reviews",
+        json={"decision": "corrected", "text": "<script>alert(1)</script>"},
+        headers=rev,
+    )
     r = client.get(f"/api/v1/images/{image_id}", headers=rev)
-    assert r.mimetype == "application/json" and r.json["review"]["text"] == "<script>alert(1)</script>"
+    assert (
+        r.mimetype == "application/json" and r.json["review"]["text"] == "<script>alert(1)</script>"
+    )
 
 
 def test_submission_rate_limit(app, client, users):
     from captioner.settings import Settings
 
     settings: Settings = app.extensions["captioner"].settings
-    app.extensions["captioner"].settings = settings.model_copy(update={"submit_rate_limit": "2/minute"})
-    codes = [client.post("/api/v1/jobs", json={"keys": [f"k{i}.jpg"]}, headers=users["alice"].headers).status_code for i in range(3)]
+    app.extensions["captioner"].settings = settings.model_copy(
+        update={"submit_rate_limit": "2/minute"}
+    )
+    codes = [
+        client.post(
+            "/api/v1/jobs", json={"keys": [f"k{i}.jpg"]}, headers=users["alice"].headers
+        ).status_code
+        for i in range(3)
+    ]
     assert codes == [202, 202, 429]
     # The limit is per user: bob is not slowed down by alice.
-    assert client.post("/api/v1/jobs", json={"keys": ["b.jpg"]}, headers=users["bob"].headers).status_code == 202
+    assert (
+        client.post(
+            "/api/v1/jobs", json={"keys": ["b.jpg"]}, headers=users["bob"].headers
+        ).status_code
+        == 202
+    )
 
 
 def test_session_api_calls_need_csrf(app, client, users):
-    assert client.post("/login", data={"email": "alice@example.com", "password": PASSWORD}).status_code == 400
+    assert (
+        client.post("/login", data={"email": "alice@example.com", "password": PASSWORD}).status_code
+        == 400
+    )
     assert login(client, "alice@example.com").status_code == 302
     assert client.post("/api/v1/jobs", json={"keys": ["a.jpg"]}).status_code == 403
     with client.session_transaction() as s:
@@ -394,7 +552,11 @@ def test_session_api_calls_need_csrf(app, client, users):
 def test_reviews_record_reviewer(app, client, users):
     job_id = _captioned_job(app, client, users["alice"], n=1)
     [image_id] = image_ids(app, job_id, ImageStatus.CAPTIONED)
-    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=users["admin"].headers)
+    client.post(
+        f"/api/v1/images/{image_id}/reviews",
+        json={"decision": "approved"},
+        headers=users["admin"].headers,
+    )
     with session_scope(app.extensions["captioner"].sessionmaker) as session:
         assert session.scalar(select(Review.reviewer_id)) == users["admin"].id
 
@@ -431,10 +593,14 @@ def test_cli_submit_wait_and_export_through_a_live_server(app, users, tmp_path, 
         assert "3 captioned, 0 failed" in result.output
         job_id = int(result.output.split()[1])
         out = tmp_path / "e.jsonl"
-        result = CliRunner().invoke(cli, ["export", str(job_id), "--format", "jsonl", "--server", url, "-o", str(out)])
+        result = CliRunner().invoke(
+            cli, ["export", str(job_id), "--format", "jsonl", "--server", url, "-o", str(out)]
+        )
         assert result.exit_code == 0, result.output
         assert len(out.read_text().splitlines()) == 3
-        bad = CliRunner().invoke(cli, ["export", "999", "--server", url], env={"CAPTIONER_TOKEN": "cap_wrong"})
+        bad = CliRunner().invoke(
+            cli, ["export", "999", "--server", url], env={"CAPTIONER_TOKEN": "cap_wrong"}
+        )
         assert bad.exit_code != 0 and "401" in bad.output
     finally:
         server.shutdown()
@@ -445,7 +611,19 @@ def test_cli_user_create(dashboard_settings, client):
 
     from captioner.cli import cli
 
-    result = CliRunner().invoke(cli, ["user", "create", "boss@example.com", "--role", "admin", "--password", "long password",
-                                      "--url", dashboard_settings.database_url])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "user",
+            "create",
+            "boss@example.com",
+            "--role",
+            "admin",
+            "--password",
+            "long password",
+            "--url",
+            dashboard_settings.database_url,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert login(client, "boss@example.com", "long password").status_code == 302

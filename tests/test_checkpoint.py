@@ -103,6 +103,9 @@ def test_weights_that_do_not_fit_the_config_are_refused(model, tmp_path):
     meta = json.loads((path / "config.json").read_text())
     meta["model_config"]["n_prefix_tokens"] = 3
     (path / "config.json").write_text(json.dumps(meta))
-    assert meta["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        meta["weights_sha256"]
+        == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    )
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)

@@ -78,14 +78,19 @@ def check_gunicorn_command(argv: list[str]) -> None:
 
         # gunicorn calls the factory with no arguments.
         params = inspect.signature(getattr(module, factory)).parameters.values()
-        assert all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+        assert all(
+            p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params
+        )
 
 
 @pytest.mark.parametrize("name", OURS)
 def test_every_command_names_a_real_entry_point(name):
     argv = command_of(SERVICES[name])
-    checks = {"captioner": check_captioner_command, "celery": check_celery_command,
-              "gunicorn": check_gunicorn_command}
+    checks = {
+        "captioner": check_captioner_command,
+        "celery": check_celery_command,
+        "gunicorn": check_gunicorn_command,
+    }
     assert argv[0] in checks, f"{name}: unknown entry point {argv[0]}"
     checks[argv[0]](argv)
 
@@ -123,9 +128,13 @@ def test_every_dependency_is_healthy_or_a_one_shot_that_succeeded():
             assert target in SERVICES, f"{name} depends on unknown {target}"
             condition = spec.get("condition")
             if condition == "service_healthy":
-                assert "healthcheck" in SERVICES[target], f"{target} has no healthcheck ({name} waits)"
+                assert "healthcheck" in SERVICES[target], (
+                    f"{target} has no healthcheck ({name} waits)"
+                )
             else:
-                assert condition == "service_completed_successfully", f"{name} -> {target}: {condition}"
+                assert condition == "service_completed_successfully", (
+                    f"{name} -> {target}: {condition}"
+                )
                 assert SERVICES[target].get("restart") == "no", f"{target} is not a one-shot"
     # Every long-running service has a health check itself.
     for name, svc in SERVICES.items():
@@ -161,7 +170,9 @@ def test_deployment_has_the_parts_the_design_names():
     assert len(device["device_ids"]) == 1  # one worker per GPU
     assert gpu["build"]["args"]["FLAVOR"] == "cuda"
 
-    assert any(a.startswith("--queues=") and "train" in a for a in command_of(SERVICES["worker-train"]))
+    assert any(
+        a.startswith("--queues=") and "train" in a for a in command_of(SERVICES["worker-train"])
+    )
     assert command_of(SERVICES["beat"])[:2] == ["captioner", "beat"]
     flower = command_of(SERVICES["flower"])
     assert "flower" in flower and any(a.startswith("--basic-auth=") for a in flower)
@@ -193,7 +204,9 @@ def test_dockerfile_has_cpu_and_cuda_flavours_the_compose_file_uses():
 def test_readme_configuration_table_is_generated_from_settings():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gen_config_table", ROOT / "scripts" / "gen_config_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_table", ROOT / "scripts" / "gen_config_table.py"
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     readme = (ROOT / "README.md").read_text()

@@ -32,7 +32,12 @@ def png(colour, size=(20, 12)) -> bytes:
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """A stand-in preprocessor: (3, H, W) floats in [0, 1]."""
-    return torch.tensor(list(im.resize((8, 8)).tobytes()), dtype=torch.float32).view(8, 8, 3).permute(2, 0, 1) / 255
+    return (
+        torch.tensor(list(im.resize((8, 8)).tobytes()), dtype=torch.float32)
+        .view(8, 8, 3)
+        .permute(2, 0, 1)
+        / 255
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +52,16 @@ def karpathy(tmp_path):
     for k, split in enumerate(["train", "val", "test", "restval", "test"]):
         name = f"im{k}.png"
         (tmp_path / "imgs" / "val2014" / name).write_bytes(png((40 * k, 0, 0)))
-        images.append({
-            "filepath": "val2014", "filename": name, "split": split, "imgid": k, "cocoid": 100 + k,
-            "sentences": [{"raw": f"image {k} caption {j}.", "tokens": []} for j in range(2)],
-        })
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": split,
+                "imgid": k,
+                "cocoid": 100 + k,
+                "sentences": [{"raw": f"image {k} caption {j}.", "tokens": []} for j in range(2)],
+            }
+        )
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"dataset": "coco", "images": images}))
     return path, tmp_path / "imgs"
@@ -77,7 +88,9 @@ def test_karpathy_respects_split(karpathy, tok):
 
 def test_karpathy_flickr_layout_without_filepath(tmp_path):
     (tmp_path / "a.jpg").write_bytes(png((1, 2, 3)))
-    data = {"images": [{"filename": "a.jpg", "split": "test", "imgid": 0, "sentences": [{"raw": "x"}]}]}
+    data = {
+        "images": [{"filename": "a.jpg", "split": "test", "imgid": 0, "sentences": [{"raw": "x"}]}]
+    }
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
     recs = load_records(f"karpathy:{tmp_path / 'dataset_flickr30k.json'}", split="test")
     assert recs[0].image == str(tmp_path / "a.jpg")
@@ -107,7 +120,8 @@ def test_jsonl_groups_references_and_respects_split(tmp_path, tok):
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     train = load_jsonl(path, "train")
     assert [(r.image_id, r.captions) for r in train] == [
-        ("a.png", ("a red thing", "something red")), ("b.png", ("green", "a green thing")),
+        ("a.png", ("a red thing", "something red")),
+        ("b.png", ("green", "a green thing")),
     ]
     assert [r.image_id for r in load_jsonl(path, "test")] == ["c.png"]
     ds = CaptionDataset(train, tok, to_tensor, max_tokens=8)
@@ -119,7 +133,9 @@ def test_jsonl_groups_references_and_respects_split(tmp_path, tok):
 
 def test_splitless_sources_hold_out_a_stable_val_part(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"image": f"{i}.png", "caption": "c"}) + "\n" for i in range(400)))
+    path.write_text(
+        "".join(json.dumps({"image": f"{i}.png", "caption": "c"}) + "\n" for i in range(400))
+    )
     train = {r.image_id for r in load_jsonl(path, "train")}
     val = {r.image_id for r in load_jsonl(path, "val")}
     assert train and val and not train & val and len(train | val) == 400
@@ -130,9 +146,13 @@ def test_splitless_sources_hold_out_a_stable_val_part(tmp_path):
 def test_csv(tmp_path):
     (tmp_path / "x.png").write_bytes(png((9, 9, 9)))
     path = tmp_path / "d.csv"
-    path.write_text('image,caption,split\nx.png,"a grey, square thing",train\nx.png,grey,train\ny.png,z,val\n')
+    path.write_text(
+        'image,caption,split\nx.png,"a grey, square thing",train\nx.png,grey,train\ny.png,z,val\n'
+    )
     recs = load_csv(path, "train")
-    assert recs == [CaptionRecord(str(tmp_path / "x.png"), ("a grey, square thing", "grey"), "x.png")]
+    assert recs == [
+        CaptionRecord(str(tmp_path / "x.png"), ("a grey, square thing", "grey"), "x.png")
+    ]
     (tmp_path / "bad.csv").write_text("path,text\n")
     with pytest.raises(DatasetError, match="image"):
         load_csv(tmp_path / "bad.csv")
@@ -147,7 +167,8 @@ def test_folder_with_sidecars(tmp_path, tok):
     (tmp_path / "lonely.png").write_bytes(png((0, 0, 0)))  # no sidecar: skipped
     recs = load_folder(tmp_path, split=None)
     assert [(r.image_id, r.captions) for r in recs] == [
-        ("one.jpg", ("first caption", "second caption")), ("sub/two.png", ("blue",)),
+        ("one.jpg", ("first caption", "second caption")),
+        ("sub/two.png", ("blue",)),
     ]
     ds = CaptionDataset(recs, tok, to_tensor, max_tokens=8)
     assert len(ds) == 3 and ds[2]["pixels"][2].mean() == pytest.approx(200 / 255)
@@ -163,21 +184,38 @@ def test_object_store_keys_are_read_lazily(tok):
         reads.append(key)
         return store[key]
 
-    recs = [CaptionRecord("bucket/a.png", ("yellow",), "a"), CaptionRecord("bucket/b.png", ("cyan",), "b")]
+    recs = [
+        CaptionRecord("bucket/a.png", ("yellow",), "a"),
+        CaptionRecord("bucket/b.png", ("cyan",), "b"),
+    ]
     ds = CaptionDataset(recs, tok, to_tensor, max_tokens=8, read_bytes=read_bytes)
     assert reads == []  # nothing decoded at start-up
     item = ds[1]
     assert reads == ["bucket/b.png"] and item["pixels"][0].mean() == 0.0
     # (image, caption) tuples with raw bytes or PIL images work too
-    ds2 = CaptionDataset([(store["bucket/a.png"], "yellow"), (Image.new("L", (4, 4), 128), "grey")],
-                         tok, to_tensor, max_tokens=8)
+    ds2 = CaptionDataset(
+        [(store["bucket/a.png"], "yellow"), (Image.new("L", (4, 4), 128), "grey")],
+        tok,
+        to_tensor,
+        max_tokens=8,
+    )
     assert ds2[0]["pixels"][2].mean() == 0.0 and ds2[1]["pixels"].shape == (3, 8, 8)
 
 
 def test_collate_pads_with_eos_and_counts_lengths(tok):
     items = [
-        {"input_ids": [5, 6, tok.eos_id], "image_index": 0, "caption": "x", "pixels": torch.zeros(3, 2, 2)},
-        {"input_ids": [7, tok.eos_id], "image_index": 3, "caption": "y", "pixels": torch.ones(3, 2, 2)},
+        {
+            "input_ids": [5, 6, tok.eos_id],
+            "image_index": 0,
+            "caption": "x",
+            "pixels": torch.zeros(3, 2, 2),
+        },
+        {
+            "input_ids": [7, tok.eos_id],
+            "image_index": 3,
+            "caption": "y",
+            "pixels": torch.ones(3, 2, 2),
+        },
     ]
     b = collate(items, tok.eos_id)
     assert b["input_ids"].tolist() == [[5, 6, tok.eos_id], [7, tok.eos_id, tok.eos_id]]

@@ -60,7 +60,11 @@ def _receiver():
 def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "captioner.cli", *args],
-        cwd=REPO, env=clean_env(env), capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -141,15 +145,23 @@ def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_p
         with stack.sessions() as s:
             job = s.scalar(select(Job).where(Job.owner_id == admin_id))
             assert job.name == "fifty" and job.status == JobStatus.FINISHED
-            assert (job.image_count, job.captioned_count, job.failed_count) == (N_IMAGES, N_IMAGES, 0)
+            assert (job.image_count, job.captioned_count, job.failed_count) == (
+                N_IMAGES,
+                N_IMAGES,
+                0,
+            )
             statuses = dict(
                 s.execute(
-                    select(Image.status, func.count()).where(Image.job_id == job.id).group_by(Image.status)
+                    select(Image.status, func.count())
+                    .where(Image.job_id == job.id)
+                    .group_by(Image.status)
                 ).all()
             )
             assert statuses == {ImageStatus.CAPTIONED: N_IMAGES}
             captions = s.scalar(
-                select(func.count(Caption.id)).join(Image, Image.id == Caption.image_id).where(Image.job_id == job.id)
+                select(func.count(Caption.id))
+                .join(Image, Image.id == Caption.image_id)
+                .where(Image.job_id == job.id)
             )
             assert captions == N_IMAGES
             job_id = job.id
@@ -158,7 +170,11 @@ def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_p
         def delivered():
             with stack.sessions() as s:
                 rows = s.scalars(select(WebhookDelivery)).all()
-                return rows if rows and all(r.status == WebhookStatus.DELIVERED for r in rows) else None
+                return (
+                    rows
+                    if rows and all(r.status == WebhookStatus.DELIVERED for r in rows)
+                    else None
+                )
 
         [delivery] = wait_for(delivered, 60, what="webhook delivered")
         assert delivery.job_id == job_id and delivery.event == "job.completed"

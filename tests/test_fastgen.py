@@ -27,7 +27,9 @@ def model():
 def test_fast_path_matches_plain_path(model, beams, n_best):
     pixels = torch.randn(5, 3, 160, 160, generator=torch.Generator().manual_seed(1))
     plain = model.generate(pixels, num_beams=beams, n_best=n_best, max_new_tokens=12)
-    fast = FastGenerator(copy.deepcopy(model)).generate(pixels, num_beams=beams, n_best=n_best, max_new_tokens=12)
+    fast = FastGenerator(copy.deepcopy(model)).generate(
+        pixels, num_beams=beams, n_best=n_best, max_new_tokens=12
+    )
     assert [[h.tokens for h in per] for per in fast] == [[h.tokens for h in per] for per in plain]
     for f, p in zip(fast, plain, strict=False):
         assert [h.score for h in f] == pytest.approx([h.score for h in p], abs=1e-5)
@@ -40,7 +42,9 @@ def test_fast_path_without_cuda_refuses_graphs(model):
         FastGenerator(copy.deepcopy(model), use_cuda_graphs=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)"
+)
 def test_cuda_graph_path_matches_plain_path_within_bf16(model):
     pixels = torch.randn(8, 3, 160, 160)
     plain = copy.deepcopy(model).cuda().generate(pixels.cuda(), num_beams=2, max_new_tokens=10)
@@ -55,7 +59,9 @@ def test_cuda_graph_path_matches_plain_path_within_bf16(model):
             assert f[0].score == pytest.approx(p[0].score, abs=0.05)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)"
+)
 def test_pipelined_search_many_matches_one_at_a_time(model):
     fast = FastGenerator(copy.deepcopy(model).cuda())
     batches = [torch.randn(6, 3, 160, 160, device="cuda") for _ in range(3)]

@@ -41,7 +41,7 @@ def http_server():
                 self.wfile.write(body)
             elif self.path.startswith("/to?u="):
                 self.send_response(302)
-                self.send_header("Location", self.path[len("/to?u="):])
+                self.send_header("Location", self.path[len("/to?u=") :])
                 self.end_headers()
             elif self.path == "/big":
                 self.send_response(200)
@@ -66,8 +66,16 @@ def settings(**kw) -> Settings:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1/", "http://169.254.169.254/latest", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/",
-            "http://192.168.1.1/", "http://[fe80::1]/", "ftp://example.com/x"],
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://169.254.169.254/latest",
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+        "http://192.168.1.1/",
+        "http://[fe80::1]/",
+        "ftp://example.com/x",
+    ],
 )
 def test_unsafe_urls_refused(url):
     with pytest.raises(ingest.UnsafeURL):
@@ -79,7 +87,9 @@ def test_names_resolving_to_private_addresses_refused():
         ingest.check_url("http://metadata.example/", resolver=lambda h, p: ["169.254.169.254"])
     assert ingest.check_url("http://public.example/a.png", resolver=lambda h, p: ["93.184.215.14"])
     with pytest.raises(ingest.UnsafeURL):  # one bad address among good ones is enough
-        ingest.check_url("http://mixed.example/", resolver=lambda h, p: ["93.184.215.14", "10.0.0.1"])
+        ingest.check_url(
+            "http://mixed.example/", resolver=lambda h, p: ["93.184.215.14", "10.0.0.1"]
+        )
 
 
 def test_loopback_fetch_refused_unless_allow_listed(http_server):
@@ -89,7 +99,10 @@ def test_loopback_fetch_refused_unless_allow_listed(http_server):
     assert data == png()
 
 
-@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/x.png", "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/x.png", "file:///etc/passwd"],
+)
 def test_redirect_to_private_address_refused(http_server, target):
     s = settings(url_allow_hosts=["127.0.0.1"])
     with pytest.raises(ingest.UnsafeURL):
@@ -109,11 +122,17 @@ def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, htt
     store = LocalObjectStore(tmp_path / "objects")
     job = jobs.create_job(session, "urls")
     s = settings(url_allow_hosts=["127.0.0.1"])
-    urls = [http_server + "/img.png", http_server + "/missing.png", f"{http_server}/to?u=http://169.254.169.254/"]
+    urls = [
+        http_server + "/img.png",
+        http_server + "/missing.png",
+        f"{http_server}/to?u=http://169.254.169.254/",
+    ]
     queued = ingest.fetch_urls(session, job.id, urls, store=store, settings=s)
     assert len(queued) == 1
     rows = {i.original_name: i for i in session.query(Image).filter_by(job_id=job.id)}
-    assert rows[urls[0]].status == ImageStatus.QUEUED and store.get(rows[urls[0]].storage_key) == png()
+    assert (
+        rows[urls[0]].status == ImageStatus.QUEUED and store.get(rows[urls[0]].storage_key) == png()
+    )
     assert rows[urls[1]].failure_reason.endswith("HTTP 404")
     assert "refused URL" in rows[urls[2]].failure_reason
     # Idempotent: a second run adds nothing.
@@ -131,8 +150,13 @@ def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
         job_id = jobs.create_job(session, "p", options={"prefix": "photos/"}).id
     monkeypatch.setattr(ingest, "PAGE_SIZE", 2)
     sent = []
-    total = ingest.run_enumerate_prefix(job_id, session_factory=factory, store=store, settings=settings(),
-                                        publish=lambda j, ids: sent.append(ids))
+    total = ingest.run_enumerate_prefix(
+        job_id,
+        session_factory=factory,
+        store=store,
+        settings=settings(),
+        publish=lambda j, ids: sent.append(ids),
+    )
     assert total == 5 and [len(ids) for ids in sent] == [2, 2, 1]
 
 
@@ -155,11 +179,16 @@ def _deliver(factory, delivery_ids, s: Settings) -> list[tuple[str, dict]]:
 
     for delivery_id in delivery_ids:
         with session_scope(factory) as session:
-            assert webhooks.deliver(session, delivery_id, settings=s, post=post).status == WebhookStatus.DELIVERED
+            assert (
+                webhooks.deliver(session, delivery_id, settings=s, post=post).status
+                == WebhookStatus.DELIVERED
+            )
     return posts
 
 
-def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(engine, tmp_path, http_server):
+def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
+    engine, tmp_path, http_server
+):
     factory = make_sessionmaker(engine)
     owner_id = _owner_with_hook(factory, http_server + "/hook")
     urls = [http_server + "/missing.png", f"{http_server}/to?u=http://169.254.169.254/"]
@@ -167,9 +196,14 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(eng
         job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     sent, published = [], []
-    total = ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"),
-                                  settings=s, publish=lambda j, ids: sent.append(ids),
-                                  publish_deliveries=published.extend)
+    total = ingest.run_fetch_urls(
+        job_id,
+        session_factory=factory,
+        store=LocalObjectStore(tmp_path / "o"),
+        settings=s,
+        publish=lambda j, ids: sent.append(ids),
+        publish_deliveries=published.extend,
+    )
     assert total == 0 and sent == []
     with factory() as session:
         job = session.get(Job, job_id)
@@ -177,10 +211,18 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(eng
         [delivery] = session.query(WebhookDelivery).filter_by(job_id=job_id).all()
         assert delivery.event == "job.failed" and published == [delivery.id]
     [(event, body)] = _deliver(factory, published, s)
-    assert event == "job.failed" and body["job"]["id"] == job_id and body["job"]["failed_count"] == 2
+    assert (
+        event == "job.failed" and body["job"]["id"] == job_id and body["job"]["failed_count"] == 2
+    )
     # The same task again (a redelivery) records and publishes nothing more.
-    ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"), settings=s,
-                          publish=lambda j, ids: sent.append(ids), publish_deliveries=published.extend)
+    ingest.run_fetch_urls(
+        job_id,
+        session_factory=factory,
+        store=LocalObjectStore(tmp_path / "o"),
+        settings=s,
+        publish=lambda j, ids: sent.append(ids),
+        publish_deliveries=published.extend,
+    )
     assert len(published) == 1 and sent == []
 
 
@@ -191,9 +233,14 @@ def test_url_job_is_not_finished_while_urls_are_left_to_fetch(engine, tmp_path, 
     with session_scope(factory) as session:
         job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
     sent, published = [], []
-    total = ingest.run_fetch_urls(job_id, session_factory=factory, store=LocalObjectStore(tmp_path / "o"),
-                                  settings=settings(url_allow_hosts=["127.0.0.1"]),
-                                  publish=lambda j, ids: sent.append(ids), publish_deliveries=published.extend)
+    total = ingest.run_fetch_urls(
+        job_id,
+        session_factory=factory,
+        store=LocalObjectStore(tmp_path / "o"),
+        settings=settings(url_allow_hosts=["127.0.0.1"]),
+        publish=lambda j, ids: sent.append(ids),
+        publish_deliveries=published.extend,
+    )
     # The first chunk failed entirely, but the job goes on: no premature job.failed.
     assert total == 1 and len(sent) == 1 and published == []
     with factory() as session:
@@ -210,8 +257,14 @@ def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
         job_id = jobs.create_job(session, "p", owner_id=owner_id, options={"prefix": "photos/"}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     published = []
-    total = ingest.run_enumerate_prefix(job_id, session_factory=factory, store=store, settings=s,
-                                        publish=lambda j, ids: None, publish_deliveries=published.extend)
+    total = ingest.run_enumerate_prefix(
+        job_id,
+        session_factory=factory,
+        store=store,
+        settings=s,
+        publish=lambda j, ids: None,
+        publish_deliveries=published.extend,
+    )
     assert total == 0
     with factory() as session:
         assert session.get(Job, job_id).status == JobStatus.FINISHED
@@ -238,7 +291,6 @@ def test_prefix_within_store():
 # --- DNS rebinding: the fetch connects only to the address that was checked -------------------
 
 
-
 def _logging_handler(seen: list[tuple[str, str]]) -> type[BaseHTTPRequestHandler]:
     """Serves a PNG (or redirects /to?u=URL) and records (path, Host header) of each request."""
 
@@ -247,7 +299,7 @@ def _logging_handler(seen: list[tuple[str, str]]) -> type[BaseHTTPRequestHandler
             seen.append((self.path, self.headers.get("Host", "")))
             if self.path.startswith("/to?u="):
                 self.send_response(302)
-                self.send_header("Location", self.path[len("/to?u="):])
+                self.send_header("Location", self.path[len("/to?u=") :])
                 self.end_headers()
                 return
             body = png()
@@ -300,11 +352,15 @@ def test_pinned_fetch_keeps_host_header_and_checks_every_hop(logged_server):
     names = {"pinned.example": ["127.0.0.1"], "inner.example": ["10.0.0.5"]}
     resolver = lambda host, _port: names[host]  # noqa: E731
     s = settings(url_allow_hosts=["pinned.example"])
-    assert pinned_http.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver) == png()
+    assert (
+        pinned_http.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver)
+        == png()
+    )
     assert seen == [("/img.png", f"pinned.example:{port}")]
     with pytest.raises(ingest.UnsafeURL, match="private, loopback or link-local"):
-        pinned_http.fetch_url(f"http://pinned.example:{port}/to?u=http://inner.example/x.png", s,
-                              resolver=resolver)
+        pinned_http.fetch_url(
+            f"http://pinned.example:{port}/to?u=http://inner.example/x.png", s, resolver=resolver
+        )
 
 
 def test_pinned_adapter_connects_to_the_ip_but_keeps_the_name_for_host_sni_and_cert():
@@ -345,25 +401,33 @@ def _tls_files(tmp_path, name: str):
 
     def cert(subject, key, issuer, issuer_key, *, ca):
         builder = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False
+            )
         return builder.sign(issuer_key, hashes.SHA256())
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     ca_cert = cert(ca_name, ca_key, ca_name, ca_key, ca=True)
-    leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, ca_name, ca_key, ca=False)
+    leaf = cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, ca_name, ca_key, ca=False
+    )
     pem = serialization.Encoding.PEM
     (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (tmp_path / "cert.pem").write_bytes(leaf.public_bytes(pem))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
@@ -386,7 +450,9 @@ def test_pinned_https_verifies_the_name_not_the_ip(tmp_path):
         with requests.Session() as http:
             http.trust_env = False
             http.mount("https://", PinnedAdapter("pinned.example", "127.0.0.1"))
-            response = http.get(f"https://pinned.example:{port}/img.png", verify=str(ca), timeout=10)
+            response = http.get(
+                f"https://pinned.example:{port}/img.png", verify=str(ca), timeout=10
+            )
             assert response.status_code == 200 and response.content == png()
             assert seen == [("/img.png", f"pinned.example:{port}")]
             # A name the certificate does not cover fails verification although the IP is the same.

@@ -22,7 +22,9 @@ def test_bulk_complete_saves_every_caption_and_spares_reviewed_ones(session):
     jobs.add_review(session, image_id=ids[0], caption_id=cap0.id, decision="approved")
 
     rows = [
-        jobs.CaptionRow(i, f"caption {i}", -0.5, [{"text": f"caption {i}", "score": -0.5}], 32 + n, 24)
+        jobs.CaptionRow(
+            i, f"caption {i}", -0.5, [{"text": f"caption {i}", "score": -0.5}], 32 + n, 24
+        )
         for n, i in enumerate(ids)
     ]
     jobs.complete_images(session, mv.id, rows)
@@ -32,10 +34,14 @@ def test_bulk_complete_saves_every_caption_and_spares_reviewed_ones(session):
     assert len(caps) == 5
     assert caps[ids[0]].text == "kept" and caps[ids[0]].score == -1.0
     for i in ids[1:]:
-        assert caps[i].text == f"caption {i}" and caps[i].candidates == [{"text": f"caption {i}", "score": -0.5}]
+        assert caps[i].text == f"caption {i}" and caps[i].candidates == [
+            {"text": f"caption {i}", "score": -0.5}
+        ]
     images = {im.id: im for im in session.scalars(select(Image))}
     for n, i in enumerate(ids):
         im = images[i]
-        assert im.status == ImageStatus.CAPTIONED and im.lease_owner is None and im.lease_until is None
+        assert (
+            im.status == ImageStatus.CAPTIONED and im.lease_owner is None and im.lease_until is None
+        )
         assert (im.width, im.height) == (32 + n, 24)
     assert jobs.job_progress(session, job.id).is_complete

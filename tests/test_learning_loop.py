@@ -85,11 +85,15 @@ class Loop:
     def review(self, image_ids, texts, reviewer_id=None, decision="corrected") -> list[int]:
         with session_scope(self.sessions) as s:
             return [
-                jobs.add_review(s, image_id=i, decision=decision, text=t, reviewer_id=reviewer_id).id
+                jobs.add_review(
+                    s, image_id=i, decision=decision, text=t, reviewer_id=reviewer_id
+                ).id
                 for i, t in zip(image_ids, texts, strict=True)
             ]
 
-    def register(self, checkpoint: Path, name: str, *, promote: bool = False, parent_id=None) -> int:
+    def register(
+        self, checkpoint: Path, name: str, *, promote: bool = False, parent_id=None
+    ) -> int:
         with session_scope(self.sessions) as s:
             v = registry.register(s, checkpoint, name=name, store=self.store, parent_id=parent_id)
             if promote:
@@ -243,7 +247,9 @@ def test_a_run_whose_worker_was_lost_is_failed_after_the_timeout(sqlite_loop):
     second = loop.start()
     assert second is not None and second != run_id
     old = loop.get(TrainingRun, run_id)
-    assert old.status == TrainingStatus.FAILED and "worker lost" in old.error and old.open_lock is None
+    assert (
+        old.status == TrainingStatus.FAILED and "worker lost" in old.error and old.open_lock is None
+    )
 
 
 # --- the snapshot ---------------------------------------------------------------------------
@@ -274,10 +280,15 @@ def test_snapshot_caps_each_reviewer_share_and_leaves_out_excluded_reviewers(sql
 
 
 def test_cap_reviewer_share_pure():
-    ex = [retrain.Example(i, i, "k", "t", Split.TRAIN, i % 2, ReviewDecision.CORRECTED) for i in range(10)]
+    ex = [
+        retrain.Example(i, i, "k", "t", Split.TRAIN, i % 2, ReviewDecision.CORRECTED)
+        for i in range(10)
+    ]
     kept, dropped = retrain.cap_reviewer_share(ex, 0.5)
     assert len(kept) == 10 and dropped == {}
-    one = [retrain.Example(i, i, "k", "t", Split.TRAIN, 7, ReviewDecision.CORRECTED) for i in range(5)]
+    one = [
+        retrain.Example(i, i, "k", "t", Split.TRAIN, 7, ReviewDecision.CORRECTED) for i in range(5)
+    ]
     kept, dropped = retrain.cap_reviewer_share(one, 0.5)
     assert kept == [] and dropped == {"7": 5}  # a lone reviewer can never be at most half
     assert retrain.cap_reviewer_share(one, 1.0)[0] == one
@@ -305,9 +316,13 @@ def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
     run2 = loop.get(TrainingRun, loop.start())
     with loop.sessions() as s:
         held_images2 = set(s.scalars(select(Image.id).where(Image.split == Split.HOLDOUT)))
-        train_images2 = set(s.scalars(select(Image.id).join(
-            retrain.Review, retrain.Review.image_id == Image.id).where(
-            retrain.Review.id.in_(run2.train_review_ids))))
+        train_images2 = set(
+            s.scalars(
+                select(Image.id)
+                .join(retrain.Review, retrain.Review.image_id == Image.id)
+                .where(retrain.Review.id.in_(run2.train_review_ids))
+            )
+        )
     assert held_images <= held_images2
     assert held_images2 == {i for i in ids if retrain.holdout_bucket(i) < 0.3}
     assert not held_images2 & train_images2
@@ -317,7 +332,9 @@ def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
 # --- executing a run: crash, gate ----------------------------------------------------------
 
 
-def test_a_crash_mid_run_marks_it_failed_and_leaves_the_active_version(sqlite_loop, checkpoints, monkeypatch):
+def test_a_crash_mid_run_marks_it_failed_and_leaves_the_active_version(
+    sqlite_loop, checkpoints, monkeypatch
+):
     loop = sqlite_loop
     active = loop.register(checkpoints["a"], "v1", promote=True)
     ids = loop.images(range(6))
@@ -343,7 +360,9 @@ def test_a_crash_mid_run_marks_it_failed_and_leaves_the_active_version(sqlite_lo
     assert loop.start(force=True) is not None
 
 
-def test_a_worse_candidate_is_not_promoted_and_kept_with_the_reason(sqlite_loop, checkpoints, captions_of):
+def test_a_worse_candidate_is_not_promoted_and_kept_with_the_reason(
+    sqlite_loop, checkpoints, captions_of
+):
     """Real fine-tuning: reviewers approved what v1 says on the held-out images and taught it
     nonsense on the training images; the candidate scores worse and is rejected."""
     loop = sqlite_loop
@@ -364,7 +383,11 @@ def test_a_worse_candidate_is_not_promoted_and_kept_with_the_reason(sqlite_loop,
     assert m["gate"]["decision"] == "rejected" and "held-out" in m["gate"]["reason"]
     assert run.error == m["gate"]["reason"]
     # The run recorded its curve, progress, log and snapshot.
-    assert len(m["loss_curve"]) == 3 and m["progress"]["step"] == 3 and m["progress"]["fraction"] == 1.0
+    assert (
+        len(m["loss_curve"]) == 3
+        and m["progress"]["step"] == 3
+        and m["progress"]["fraction"] == 1.0
+    )
     assert "PROMOTE" not in run.log and "REJECT" in run.log
     # The candidate is kept: registered, uploaded to the store, not active.
     cand = loop.get(ModelVersion, run.candidate_model_version_id)
@@ -408,8 +431,11 @@ def test_a_better_candidate_is_promoted_unless_the_anchor_set_regresses(
     lines = []
     for k in range(20, 30):
         (anchor / f"{k}.png").write_bytes(png(k))
-        lines.append(json.dumps({"image": str(anchor / f"{k}.png"), "caption": captions_of["a"][k],
-                                 "split": "test"}))
+        lines.append(
+            json.dumps(
+                {"image": str(anchor / f"{k}.png"), "caption": captions_of["a"][k], "split": "test"}
+            )
+        )
     (anchor / "anchor.jsonl").write_text("\n".join(lines) + "\n")
     loop.settings.anchor_data = f"jsonl:{anchor / 'anchor.jsonl'}"
     loop.settings.anchor_split = "test"
@@ -504,10 +530,16 @@ def test_promote_keeps_exactly_one_active_version(any_loop, checkpoints):
 
 def test_rollback_with_nothing_to_go_back_to_is_refused(sqlite_loop, checkpoints):
     loop = sqlite_loop
-    with pytest.raises(registry.RegistryError, match="no active"), session_scope(loop.sessions) as s:
+    with (
+        pytest.raises(registry.RegistryError, match="no active"),
+        session_scope(loop.sessions) as s,
+    ):
         registry.rollback(s)
     loop.register(checkpoints["a"], "only", promote=True)
-    with pytest.raises(registry.RegistryError, match="no parent"), session_scope(loop.sessions) as s:
+    with (
+        pytest.raises(registry.RegistryError, match="no parent"),
+        session_scope(loop.sessions) as s,
+    ):
         registry.rollback(s)
     assert loop.active()[1] == "only"
 
@@ -567,7 +599,10 @@ def test_api_models_promote_rollback_and_their_errors(seeded_app, client):
     admin, reviewer = users["admin"].headers, users["reviewer"].headers
     listed = client.get("/api/v1/models", headers=users["submitter"].headers)
     assert listed.status_code == 200
-    assert listed.json["active_id"] == ids["v1"] and {v["name"] for v in listed.json["items"]} == {"v1", "v2"}
+    assert listed.json["active_id"] == ids["v1"] and {v["name"] for v in listed.json["items"]} == {
+        "v1",
+        "v2",
+    }
     assert client.get("/api/v1/models").status_code == 401
 
     assert client.post(f"/api/v1/models/{ids['v2']}/promote", headers=reviewer).status_code == 403
@@ -596,17 +631,24 @@ def test_api_training_runs_retrain_now_and_exclusion(seeded_app, client, publish
         job = jobs.create_job(s, "j")
         image_ids = jobs.submit_images(s, job.id, [f"k/{i}.png" for i in range(4)])
         for i in image_ids:
-            jobs.add_review(s, image_id=i, decision="corrected", text="a cat", reviewer_id=users["reviewer"].id)
+            jobs.add_review(
+                s, image_id=i, decision="corrected", text="a cat", reviewer_id=users["reviewer"].id
+            )
     r = client.post("/api/v1/training-runs", headers=admin)
     assert r.status_code == 202 and r.json["status"] == "queued" and r.json["train_examples"] == 4
     assert publisher.tasks == [(retrain.TASK_MAYBE_RETRAIN, ())]
     assert client.post("/api/v1/training-runs", headers=admin).status_code == 409
     run_id = r.json["id"]
-    assert client.get("/api/v1/training-runs", headers=users["submitter"].headers).status_code == 403
+    assert (
+        client.get("/api/v1/training-runs", headers=users["submitter"].headers).status_code == 403
+    )
     listed = client.get("/api/v1/training-runs", headers=reviewer).json
     assert listed["total"] == 1 and listed["items"][0]["trigger"] == "manual"
     detail = client.get(f"/api/v1/training-runs/{run_id}", headers=reviewer).json
-    assert len(detail["train_review_ids"]) == 4 and detail["params"]["requested_by"] == users["admin"].id
+    assert (
+        len(detail["train_review_ids"]) == 4
+        and detail["params"]["requested_by"] == users["admin"].id
+    )
     assert client.get("/api/v1/training-runs/99999", headers=reviewer).status_code == 404
 
     path = f"/api/v1/reviewers/{users['reviewer'].id}/exclude"
@@ -629,13 +671,19 @@ def test_pages_show_runs_loss_chart_and_versions_with_csrf_forms(seeded_app, cli
     ext = app.extensions["captioner"]
     with session_scope(ext.sessionmaker) as s:
         run = TrainingRun(
-            status=TrainingStatus.REJECTED, base_model_version_id=ids["v1"],
-            candidate_model_version_id=ids["v2"], train_review_ids=[1, 2], holdout_review_ids=[3],
-            metrics={"loss_curve": [[1, 3.2], [2, 2.5], [3, 1.9]],
-                     "progress": {"step": 3, "total_steps": 3, "fraction": 1.0},
-                     "holdout": {"active": {"exact_match": 0.5}, "candidate": {"exact_match": 0.25}},
-                     "gate": {"decision": "rejected", "reason": "held-out exact_match went down"}},
-            log="line one\n<script>x</script>\n", params={"trigger": "manual"},
+            status=TrainingStatus.REJECTED,
+            base_model_version_id=ids["v1"],
+            candidate_model_version_id=ids["v2"],
+            train_review_ids=[1, 2],
+            holdout_review_ids=[3],
+            metrics={
+                "loss_curve": [[1, 3.2], [2, 2.5], [3, 1.9]],
+                "progress": {"step": 3, "total_steps": 3, "fraction": 1.0},
+                "holdout": {"active": {"exact_match": 0.5}, "candidate": {"exact_match": 0.25}},
+                "gate": {"decision": "rejected", "reason": "held-out exact_match went down"},
+            },
+            log="line one\n<script>x</script>\n",
+            params={"trigger": "manual"},
         )
         s.add(run)
         s.flush()
@@ -650,7 +698,10 @@ def test_pages_show_runs_loss_chart_and_versions_with_csrf_forms(seeded_app, cli
     assert "&lt;script&gt;" in detail and "<script>x" not in detail
     assert client.get("/training/99999").status_code == 404
     assert "Promote" not in client.get("/models").get_data(as_text=True)
-    assert client.post(f"/models/{ids['v2']}/promote", data={"csrf_token": csrf(client)}).status_code == 403
+    assert (
+        client.post(f"/models/{ids['v2']}/promote", data={"csrf_token": csrf(client)}).status_code
+        == 403
+    )
 
     client.post("/logout", data={"csrf_token": csrf(client)})
     login(client, "admin@example.com")
@@ -670,10 +721,17 @@ def test_web_process_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from dashboard import training; from captioner import retrain, registry; "
-            "import workers.training; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; from dashboard import training; from captioner import retrain, registry; "
+        "import workers.training; print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "False", out.stderr
 
 

@@ -25,8 +25,16 @@ CAPTIONS = [
 
 def _image(i: int) -> Image.Image:
     """Eight clearly different pictures."""
-    colours = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (230, 210, 40),
-               (128, 128, 128), (150, 40, 170), (240, 120, 20), (20, 20, 20)]
+    colours = [
+        (220, 30, 30),
+        (30, 60, 220),
+        (30, 180, 60),
+        (230, 210, 40),
+        (128, 128, 128),
+        (150, 40, 170),
+        (240, 120, 20),
+        (20, 20, 20),
+    ]
     im = Image.new("RGB", (160, 160), colours[(i + 3) % 8])
     d = ImageDraw.Draw(im)
     d.rectangle([10 * i, 20, 10 * i + 60, 100], fill=colours[i])
@@ -222,8 +230,12 @@ def test_preprocess_uses_the_encoders_data_config():
 
 def test_prefix_can_keep_the_patch_tokens(tiny_cfg):
     """GPT-2 may attend to every refined patch token, not only the n_prefix_tokens summary."""
-    cfg = tiny_cfg.replace(prefix_source="patches", refiner_layers=1, prefix_keeps_patches=True,
-                           decoder={**tiny_cfg.decoder, "n_positions": 160})
+    cfg = tiny_cfg.replace(
+        prefix_source="patches",
+        refiner_layers=1,
+        prefix_keeps_patches=True,
+        decoder={**tiny_cfg.decoder, "n_positions": 160},
+    )
     model = CaptionModel(cfg)
     feats = model.encode(torch.randn(2, 3, 160, 160))
     prefix = model.prefix(feats)
@@ -257,7 +269,9 @@ def test_conv_stem_replaces_the_patchify_layer_and_round_trips(tiny_cfg, tmp_pat
     assert tokens.shape[1] == 16 + model.encoder.num_prefix_tokens  # grid tokens + class token
     save_checkpoint(model, tmp_path / "m")
     again, _ = load_checkpoint(tmp_path / "m")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert again.cfg.encoder_stem == cfg.encoder_stem
 
@@ -269,9 +283,9 @@ def test_sincos_position_init_matches_timm_table(tiny_cfg):
     pos = model.encoder.pos_embed[0].detach()
     grid = list(model.encoder.patch_embed.grid_size)
     table = build_sincos2d_pos_embed(grid, pos.shape[-1])
-    assert torch.allclose(pos[-table.shape[0]:], table)
+    assert torch.allclose(pos[-table.shape[0] :], table)
     learned = CaptionModel(tiny_cfg).encoder.pos_embed[0].detach()
-    assert not torch.allclose(learned[-table.shape[0]:], table)
+    assert not torch.allclose(learned[-table.shape[0] :], table)
 
 
 def test_conv_stem_config_errors(tiny_cfg):

@@ -61,7 +61,11 @@ def seeded(app):
 def _failures_for(operation, headers: dict[str, str], path_parameters=None) -> list[str]:
     """Run bounded generated cases against one operation; the failures found, described."""
     found: list[str] = []
-    strategy = operation.as_strategy(path_parameters=path_parameters) if path_parameters else operation.as_strategy()
+    strategy = (
+        operation.as_strategy(path_parameters=path_parameters)
+        if path_parameters
+        else operation.as_strategy()
+    )
 
     @given(case=strategy)
     @settings(

@@ -47,7 +47,9 @@ def ops_redis(redis_dbs):
 def ops_app(dashboard_settings, publisher, ops_redis):
     from dashboard import create_app
 
-    app = create_app(dashboard_settings.model_copy(update={"redis_url": ops_redis[0]}), publisher=publisher)
+    app = create_app(
+        dashboard_settings.model_copy(update={"redis_url": ops_redis[0]}), publisher=publisher
+    )
     app.config["TESTING"] = True
     yield app
     app.extensions["captioner"].engine.dispose()
@@ -55,8 +57,16 @@ def ops_app(dashboard_settings, publisher, ops_redis):
 
 def submit(client, account, n: int, green: int) -> int:
     """A job of `n` distinct images (distinct across jobs too: same bytes would be reused)."""
-    data = {"files": [(io.BytesIO(png((10 * i, green, 0))), f"{i}.png") for i in range(n)], "name": "m"}
-    r = client.post("/api/v1/jobs/upload", data=data, headers=account.headers, content_type="multipart/form-data")
+    data = {
+        "files": [(io.BytesIO(png((10 * i, green, 0))), f"{i}.png") for i in range(n)],
+        "name": "m",
+    }
+    r = client.post(
+        "/api/v1/jobs/upload",
+        data=data,
+        headers=account.headers,
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 202, r.json
     return r.json["id"]
 
@@ -73,10 +83,23 @@ def test_metrics_expose_queue_throughput_latency_failures_reviews_training(ops_a
         jobs.fail_image(session, failing[0], "image file not found in storage")
         jobs.fail_image(session, failing[1], "could not prepare the image for the model: boom")
         caption = session.query(Caption).filter_by(image_id=ids[0]).one()
-        session.add(Review(image_id=ids[0], caption_id=caption.id, reviewer_id=admin.id,
-                           decision=ReviewDecision.APPROVED, text=caption.text))
-        session.add(Review(image_id=ids[1], reviewer_id=admin.id, decision=ReviewDecision.CORRECTED,
-                           text="a red square"))
+        session.add(
+            Review(
+                image_id=ids[0],
+                caption_id=caption.id,
+                reviewer_id=admin.id,
+                decision=ReviewDecision.APPROVED,
+                text=caption.text,
+            )
+        )
+        session.add(
+            Review(
+                image_id=ids[1],
+                reviewer_id=admin.id,
+                decision=ReviewDecision.CORRECTED,
+                text="a red square",
+            )
+        )
         session.add(TrainingRun(status=TrainingStatus.PROMOTED))
         session.add(TrainingRun(status=TrainingStatus.FAILED, error="out of memory"))
         jobs.finish_completed_jobs(session)
@@ -119,7 +142,9 @@ def test_metrics_expose_queue_throughput_latency_failures_reviews_training(ops_a
 def test_metrics_still_answer_when_redis_is_down(dashboard_settings, publisher):
     from dashboard import create_app
 
-    settings = dashboard_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
+    settings = dashboard_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"}
+    )
     app = create_app(settings, publisher=publisher)
     try:
         r = app.test_client().get("/metrics")
@@ -163,7 +188,9 @@ def test_health_is_503_when_the_database_is_unreachable(dashboard_settings, publ
     from dashboard import create_app
 
     url = f"postgresql+psycopg://nobody@127.0.0.1:{closed_port()}/none?connect_timeout=2"
-    settings = dashboard_settings.model_copy(update={"database_url": url, "redis_url": ops_redis[0]})
+    settings = dashboard_settings.model_copy(
+        update={"database_url": url, "redis_url": ops_redis[0]}
+    )
     app = create_app(settings, publisher=publisher)
     try:
         r = app.test_client().get("/health")
@@ -180,8 +207,13 @@ def test_failure_reasons_become_a_small_label_set():
     from dashboard.ops import failure_kind
 
     assert failure_kind("image file not found in storage") == "not_found"
-    assert failure_kind("gave up after 3 attempts (worker lost or timed out each time)") == "lease_exhausted"
-    assert failure_kind("could not read the image from storage after 5 attempts: timeout") == "storage"
+    assert (
+        failure_kind("gave up after 3 attempts (worker lost or timed out each time)")
+        == "lease_exhausted"
+    )
+    assert (
+        failure_kind("could not read the image from storage after 5 attempts: timeout") == "storage"
+    )
     assert failure_kind("something nobody foresaw") == "other"
     assert failure_kind(None) == "other"
 
@@ -210,7 +242,9 @@ def test_json_log_lines_carry_job_and_image_ids():
     assert first["logger"] == "captioner.test_ops" and first["ts"].endswith("Z")
     assert "job_id" not in second and "image_id" not in second
     assert "ValueError: bad" in third["exc"]
-    assert isinstance(JsonFormatter(), logging.Formatter) and isinstance(TextFormatter(), logging.Formatter)
+    assert isinstance(JsonFormatter(), logging.Formatter) and isinstance(
+        TextFormatter(), logging.Formatter
+    )
 
 
 def test_text_log_lines_name_the_job():

@@ -56,12 +56,16 @@ def test_hf_cache_layout_and_vocab_limit(tmp_path):
     snap = tmp_path / "models--timm--test_vit.r160_in1k" / "snapshots" / "0123abc"
     enc = _save_timm(snap / "model.safetensors")
     hf = _save_hf_gpt2(tmp_path / "models--acme--tiny-gpt2" / "snapshots" / "feed")
-    model = from_pretrained(preset("tiny"), weights_dir=tmp_path, decoder="acme/tiny-gpt2", vocab_size=1024)
+    model = from_pretrained(
+        preset("tiny"), weights_dir=tmp_path, decoder="acme/tiny-gpt2", vocab_size=1024
+    )
     assert torch.equal(model.encoder.patch_embed.proj.weight, enc.patch_embed.proj.weight)
     wte = model.decoder.wte.weight
     assert wte.shape[0] == 1024
     ref = hf.transformer.wte.weight
-    assert torch.equal(wte[:1023], ref[:1023]) and torch.equal(wte[1023], ref[50256])  # EOS moved last
+    assert torch.equal(wte[:1023], ref[:1023]) and torch.equal(
+        wte[1023], ref[50256]
+    )  # EOS moved last
 
 
 def test_missing_weights_name_what_is_missing(tmp_path, monkeypatch):
@@ -72,7 +76,9 @@ def test_missing_weights_name_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(PretrainedWeightsError, match="no GPT-2 checkpoint 'gpt2'"):
         from_pretrained(preset("tiny"), weights_dir=tmp_path, decoder="gpt2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PretrainedWeightsError, match="offline and no weights given; pass --weights-dir"):
+    with pytest.raises(
+        PretrainedWeightsError, match="offline and no weights given; pass --weights-dir"
+    ):
         from_pretrained(preset("base"))
     with pytest.raises(PretrainedWeightsError, match="name the GPT-2 checkpoint"):
         from_pretrained(preset("tiny"))

@@ -44,11 +44,31 @@ class RunningStack:
 
     def __init__(self, data_dir: Path, port: int, redis_port: int, *extra: str) -> None:
         env = dict(os.environ)
-        env.update(CAPTIONER_DEVICE="cpu", CAPTIONER_CAPTION_MAX_NEW_TOKENS="8", PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "captioner.cli", "run", "--data-dir", str(data_dir),
-                "--port", str(port), "--redis-port", str(redis_port), "--untrained", *extra]
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, stdin=subprocess.DEVNULL)
+        env.update(
+            CAPTIONER_DEVICE="cpu", CAPTIONER_CAPTION_MAX_NEW_TOKENS="8", PYTHONUNBUFFERED="1"
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "captioner.cli",
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--redis-port",
+            str(redis_port),
+            "--untrained",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -111,8 +131,12 @@ def login(base: str, email: str, password: str) -> requests.Session:
     http = requests.Session()
     page = http.get(f"{base}/login", timeout=30)
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    r = http.post(f"{base}/login", data={"email": email, "password": password, "csrf_token": csrf},
-                  timeout=30, allow_redirects=False)
+    r = http.post(
+        f"{base}/login",
+        data={"email": email, "password": password, "csrf_token": csrf},
+        timeout=30,
+        allow_redirects=False,
+    )
     assert r.status_code == 302, r.text[:500]
     me = http.get(f"{base}/api/v1/me", timeout=30)
     assert me.status_code == 200 and me.json()["email"] == email
@@ -145,16 +169,25 @@ def test_run_serves_captions_and_stops_everything_then_reuses_what_exists(tmp_pa
         email, password = creds.group(1), creds.group(2)
         stack.started = stack.children()
         commands = [" ".join(p.cmdline()) for p in stack.started]
-        for part in ("redis-server", "captioner.cli serve", "captioner.cli worker", "captioner.cli beat"):
+        for part in (
+            "redis-server",
+            "captioner.cli serve",
+            "captioner.cli worker",
+            "captioner.cli beat",
+        ):
             assert any(part in c for c in commands), commands
         assert any(f":{redis_port}" in c or str(redis_port) in c for c in commands)
 
         http = login(base, email, password)
         job = wait_captioned(http, base)
         assert job["progress"]["captioned"] == SAMPLE_IMAGES and job["progress"]["failed"] == 0
-        images = http.get(f"{base}/api/v1/jobs/{job['id']}/images", params={"per_page": 50}, timeout=30).json()
+        images = http.get(
+            f"{base}/api/v1/jobs/{job['id']}/images", params={"per_page": 50}, timeout=30
+        ).json()
         assert len(images["items"]) == SAMPLE_IMAGES
-        assert all(i["status"] == "captioned" and i["caption"]["text"] is not None for i in images["items"])
+        assert all(
+            i["status"] == "captioned" and i["caption"]["text"] is not None for i in images["items"]
+        )
 
         assert requests.get(f"{base}/health", timeout=30).json()["status"] == "ok"
         metrics = requests.get(f"{base}/metrics", timeout=30).text
@@ -188,14 +221,30 @@ def test_run_serves_captions_and_stops_everything_then_reuses_what_exists(tmp_pa
 def test_a_port_in_use_is_refused_with_one_line_naming_port_and_setting(tmp_path, which):
     port, redis_port = free_port(), free_port()
     busy = port if which == "dashboard" else redis_port
-    setting = "CAPTIONER_DASHBOARD_PORT" if which == "dashboard" else "CAPTIONER_EMBEDDED_REDIS_PORT"
+    setting = (
+        "CAPTIONER_DASHBOARD_PORT" if which == "dashboard" else "CAPTIONER_EMBEDDED_REDIS_PORT"
+    )
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", busy))
         holder.listen()
         out = subprocess.run(
-            [sys.executable, "-m", "captioner.cli", "run", "--data-dir", str(tmp_path / "d"),
-             "--port", str(port), "--redis-port", str(redis_port), "--untrained"],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "captioner.cli",
+                "run",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--port",
+                str(port),
+                "--redis-port",
+                str(redis_port),
+                "--untrained",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
         )
     assert out.returncode == 1
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]

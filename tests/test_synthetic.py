@@ -104,7 +104,9 @@ def test_captions_match_the_drawn_pixels(world):
 
 def test_shape_masks_differ():
     ys, xs = np.mgrid[0:32, 0:32].astype(np.float32)
-    masks = {s: shape_mask(s, xs, ys, 16, 16, 10) for s in ("circle", "square", "triangle", "diamond")}
+    masks = {
+        s: shape_mask(s, xs, ys, 16, 16, 10) for s in ("circle", "square", "triangle", "diamond")
+    }
     assert masks["square"].sum() > masks["circle"].sum() > masks["triangle"].sum()
     assert masks["triangle"][25, 16] and not masks["triangle"][7, 10]  # apex up, base down
 
@@ -128,8 +130,12 @@ def test_held_out_concept_and_unseen_pairs_never_in_training(world):
 
 def test_vocabulary_is_configurable():
     w = SyntheticWorld(
-        WorldConfig(colours=("red", "blue", "orange"), shapes=("circle", "diamond"),
-                    held_out_concepts=("diamond",), unseen_pairs=())
+        WorldConfig(
+            colours=("red", "blue", "orange"),
+            shapes=("circle", "diamond"),
+            held_out_concepts=("diamond",),
+            unseen_pairs=(),
+        )
     )
     captions = [ex.caption for ex in w.split("train", 200)]
     assert all("diamond" not in c and "green" not in c for c in captions)

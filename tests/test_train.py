@@ -40,10 +40,19 @@ def world():
 def make_trainer(tmp_path, world, model=None, n_train=24, n_val=4, **cfg):
     torch.manual_seed(0)
     model = model or CaptionModel(tiny_cfg(freeze_encoder=False))
-    defaults = dict(out_dir=str(tmp_path), batch_size=8, lr=3e-3, warmup_steps=2, progress=False,
-                    log_every=1, val_max_images=n_val)
+    defaults = dict(
+        out_dir=str(tmp_path),
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        progress=False,
+        log_every=1,
+        val_max_images=n_val,
+    )
     tc = TrainConfig(**{**defaults, **cfg})
-    return Trainer(model, world.split("train", n_train), world.split("val", n_val), tc, log=lambda s: None)
+    return Trainer(
+        model, world.split("train", n_train), world.split("val", n_val), tc, log=lambda s: None
+    )
 
 
 def weights(model):
@@ -72,8 +81,11 @@ def test_resume_continues_from_the_saved_step_with_identical_state(tmp_path, wor
     ws, wr = weights(straight.model), weights(resumed.model)
     for k in ws:
         assert torch.allclose(ws[k], wr[k], atol=1e-6), k
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")
-             if '"train"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in open(tmp_path / "b" / "metrics.jsonl")
+        if '"train"' in line
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run continued at step 4, not 1
 
 
@@ -141,8 +153,14 @@ def test_fine_tune_returns_a_loadable_checkpoint_and_metrics(tmp_path, world):
     base.fit()
     examples = [(ex.image, ex.caption) for ex in world.split("concept", 6)]  # PIL images
     examples.append((examples[0][0].tobytes() and _png_bytes(examples[0][0]), examples[0][1]))
-    cfg = TrainConfig(out_dir=str(tmp_path / "ft"), epochs=2, batch_size=4, lr=1e-3, warmup_steps=1,
-                      progress=False)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "ft"),
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=1,
+        progress=False,
+    )
     path, metrics = fine_tune(tmp_path / "base" / "best", examples, cfg)
     model, meta = load_checkpoint(path)
     assert meta["provenance"]["fine_tuned_from"] == str(tmp_path / "base" / "best")
@@ -167,8 +185,17 @@ def test_tiny_model_overfits_a_few_synthetic_examples(tmp_path, world):
     records = world.split("train", 2)
     assert records[0].caption != records[1].caption
     train = [(ex.image, ex.caption) for ex in records] * 16
-    tc = TrainConfig(out_dir=str(tmp_path), max_steps=120, batch_size=4, lr=1e-2, warmup_steps=10,
-                     progress=False, log_every=20, val_max_images=2, best_metric="exact_match")
+    tc = TrainConfig(
+        out_dir=str(tmp_path),
+        max_steps=120,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=10,
+        progress=False,
+        log_every=20,
+        val_max_images=2,
+        best_metric="exact_match",
+    )
     summary = Trainer(model, train, records, tc, log=lambda s: None).fit()
     # below log(2) / caption length: the model must read the image to tell the two apart
     assert summary["train_loss"] < 0.02

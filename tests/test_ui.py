@@ -28,13 +28,24 @@ def test_pages_need_login(client):
 def test_wrong_password_and_open_redirect(client, accounts):
     assert login(client, "alice@example.com", "wrong").status_code == 401
     client.get("/login")
-    r = client.post("/login?next=https://evil.example/", data={"email": "alice@example.com", "password": "correct horse battery", "csrf_token": csrf(client)})
+    r = client.post(
+        "/login?next=https://evil.example/",
+        data={
+            "email": "alice@example.com",
+            "password": "correct horse battery",
+            "csrf_token": csrf(client),
+        },
+    )
     assert r.status_code == 302 and r.headers["Location"] == "/jobs"
 
 
 def test_submit_zip_from_the_form_and_watch_job(app, client, accounts, publisher):
     login(client, "alice@example.com")
-    data = {"csrf_token": csrf(client), "name": "holiday", "archive": (io.BytesIO(make_zip({"a.png": png()})), "h.zip")}
+    data = {
+        "csrf_token": csrf(client),
+        "name": "holiday",
+        "archive": (io.BytesIO(make_zip({"a.png": png()})), "h.zip"),
+    }
     r = client.post("/jobs/new", data=data, content_type="multipart/form-data")
     assert r.status_code == 303
     job_page = client.get(r.headers["Location"])
@@ -47,8 +58,13 @@ def test_submit_zip_from_the_form_and_watch_job(app, client, accounts, publisher
 
 def test_refused_upload_is_flashed(client, accounts):
     login(client, "alice@example.com")
-    data = {"csrf_token": csrf(client), "archive": (io.BytesIO(make_zip({"../x.png": png()})), "bad.zip")}
-    r = client.post("/jobs/new", data=data, content_type="multipart/form-data", follow_redirects=True)
+    data = {
+        "csrf_token": csrf(client),
+        "archive": (io.BytesIO(make_zip({"../x.png": png()})), "bad.zip"),
+    }
+    r = client.post(
+        "/jobs/new", data=data, content_type="multipart/form-data", follow_redirects=True
+    )
     assert b"path escapes the archive" in r.data
 
 
@@ -60,7 +76,11 @@ def test_script_caption_renders_as_text_everywhere(app, client, accounts):
     fake_caption(app, job["id"], texts=[XSS])
     [image_id] = image_ids(app, job["id"])
     rev = accounts["reviewer"].headers
-    client.post(f"/api/v1/images/{image_id}/reviews", json={"decision": "corrected", "text": XSS}, headers=rev)
+    client.post(
+        f"/api/v1/images/{image_id}/reviews",
+        json={"decision": "corrected", "text": XSS},
+        headers=rev,
+    )
     pages = ["/jobs", f"/jobs/{job['id']}", "/review", "/export", "/account", "/try"]
     for path in pages:
         body = client.get(path).data.decode()
@@ -84,21 +104,41 @@ def test_roles_on_pages(client, accounts):
 
 def test_admin_creates_user_and_token_shown_once(client, accounts):
     login(client, "admin@example.com")
-    r = client.post("/admin/users", data={"csrf_token": csrf(client), "email": "new@example.com", "password": "long enough", "role": "reviewer"}, follow_redirects=True)
+    r = client.post(
+        "/admin/users",
+        data={
+            "csrf_token": csrf(client),
+            "email": "new@example.com",
+            "password": "long enough",
+            "role": "reviewer",
+        },
+        follow_redirects=True,
+    )
     assert b"new@example.com" in r.data
     r = client.post("/account/tokens", data={"csrf_token": csrf(client), "name": "cli"})
     token = r.data.decode().split('<pre id="new-token">')[1].split("</pre>")[0]
-    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json["email"] == "admin@example.com"
+    assert (
+        client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json["email"]
+        == "admin@example.com"
+    )
     assert token not in client.get("/account").data.decode()
 
 
 def test_cancel_retry_and_bulk_approve_forms(app, client, accounts):
     login(client, "rev@example.com")
     token = csrf(client)
-    client.post("/jobs/new", data={"csrf_token": token, "files": [(io.BytesIO(png()), "a.png")]}, content_type="multipart/form-data")
+    client.post(
+        "/jobs/new",
+        data={"csrf_token": token, "files": [(io.BytesIO(png()), "a.png")]},
+        content_type="multipart/form-data",
+    )
     [job] = client.get("/api/v1/jobs", headers=accounts["reviewer"].headers).json["items"]
     fake_caption(app, job["id"], scores=[-0.1])
-    r = client.post(f"/jobs/{job['id']}/approve-above", data={"csrf_token": token, "min_score": "-1"}, follow_redirects=True)
+    r = client.post(
+        f"/jobs/{job['id']}/approve-above",
+        data={"csrf_token": token, "min_score": "-1"},
+        follow_redirects=True,
+    )
     assert b"Approved 1 captions" in r.data
 
 

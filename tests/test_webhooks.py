@@ -54,7 +54,9 @@ def test_sign_and_verify():
     body = b'{"event":"job.completed"}'
     signature = webhooks.sign("k", body)
     assert signature.startswith("sha256=") and webhooks.verify("k", body, signature)
-    assert not webhooks.verify("k", body + b" ", signature) and not webhooks.verify("other", body, signature)
+    assert not webhooks.verify("k", body + b" ", signature) and not webhooks.verify(
+        "other", body, signature
+    )
 
 
 def test_delivery_signed_to_allow_listed_loopback(session, receiver):
@@ -78,7 +80,9 @@ def test_loopback_refused_without_allow_list(session, receiver):
     job = finished_job(session, url)
     [delivery_id] = webhooks.record_job_events(session, [job.id])
     attempt = webhooks.deliver(session, delivery_id, settings=Settings())
-    assert attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error and received == []
+    assert (
+        attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error and received == []
+    )
 
 
 def test_retries_with_exponential_backoff_then_fail(session, receiver):
@@ -86,15 +90,21 @@ def test_retries_with_exponential_backoff_then_fail(session, receiver):
     codes.extend([500, 503, 500])
     job = finished_job(session, url)
     [delivery_id] = webhooks.record_job_events(session, [job.id])
-    settings = Settings(url_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3)
-    delays = [webhooks.deliver(session, delivery_id, settings=settings).retry_in_seconds for _ in range(2)]
+    settings = Settings(
+        url_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3
+    )
+    delays = [
+        webhooks.deliver(session, delivery_id, settings=settings).retry_in_seconds for _ in range(2)
+    ]
     assert delays == [5, 10]
     last = webhooks.deliver(session, delivery_id, settings=settings)
     assert last.status == WebhookStatus.FAILED and last.error == "HTTP 500"
     assert session.get(WebhookDelivery, delivery_id).attempts == 3 and len(received) == 3
 
 
-def test_delivery_connects_to_the_checked_address_not_a_rebound_one(session, receiver, rebinding_dns):
+def test_delivery_connects_to_the_checked_address_not_a_rebound_one(
+    session, receiver, rebinding_dns
+):
     """The hook's name answers a public address for the check and 127.0.0.1 afterwards: the POST
     goes to the checked address (refused here) and never reaches the loopback receiver."""
     url, received, _ = receiver
@@ -103,6 +113,8 @@ def test_delivery_connects_to_the_checked_address_not_a_rebound_one(session, rec
     job = finished_job(session, f"http://rebind.example:{port}/hook")
     [delivery_id] = webhooks.record_job_events(session, [job.id])
     attempt = webhooks.deliver(session, delivery_id, settings=Settings())
-    assert attempt.status == WebhookStatus.PENDING and "ConnectionError" in attempt.error  # retried later
+    assert (
+        attempt.status == WebhookStatus.PENDING and "ConnectionError" in attempt.error
+    )  # retried later
     assert lookups == ["rebind.example"] and connects == [PUBLIC_IP]
     assert received == []

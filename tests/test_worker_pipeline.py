@@ -168,7 +168,9 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
     model_calls = [e for e in events if " model " in e]
     assert model_calls == ["b1 model enter", "b1 model exit", "b2 model enter", "b2 model exit"]
     # Batch 2's fetch happened inside batch 1's model call; batch 1's save inside batch 2's.
-    assert events.index("b1 model enter") < events.index("b2 fetched") < events.index("b1 model exit")
+    assert (
+        events.index("b1 model enter") < events.index("b2 fetched") < events.index("b1 model exit")
+    )
     assert events.index("b2 model enter") < events.index("b1 saving")
     counts = stack.caption_counts(ids)
     assert len(counts) == 8 and set(counts.values()) == {1}
@@ -264,14 +266,22 @@ def test_a_newer_wanted_switches_and_a_failed_load_lets_the_next_batch_try(monke
         ({"device": "cuda"}, None, None, "caption", ("threads", 2)),
         ({"device": "cpu", "worker_pipeline_depth": 3}, None, None, "caption", ("threads", 3)),
         ({"device": "cuda:1", "worker_pipeline_depth": 1}, None, None, "caption", ("solo", 1)),
-        ({"device": "cuda:0"}, None, None, "train,maintenance", ("solo", 1)),  # not a caption worker
+        (
+            {"device": "cuda:0"},
+            None,
+            None,
+            "train,maintenance",
+            ("solo", 1),
+        ),  # not a caption worker
         ({"device": "cuda:0"}, "solo", None, "caption", ("solo", 1)),  # what was asked for
         ({"device": "cuda:0"}, "threads", 4, "caption", ("threads", 4)),
         ({"device": "cpu"}, "threads", None, "caption", ("threads", 1)),
         ({"device": "cuda:0"}, "prefork", None, "maintenance", ("prefork", 1)),
     ],
 )
-def test_worker_pool_is_pipelined_on_cuda_and_solo_on_the_cpu(env, pool, concurrency, queues, expected):
+def test_worker_pool_is_pipelined_on_cuda_and_solo_on_the_cpu(
+    env, pool, concurrency, queues, expected
+):
     from captioner.cli_worker import choose_pool
 
     assert choose_pool(pool, concurrency, queues, Settings(**env)) == expected
@@ -334,7 +344,9 @@ def test_pipelined_worker_process_captions_every_image_exactly_once(stack):
         # Two messages in hand at once: the second batch arrived before the first was done
         # (its model load alone takes seconds; a solo worker takes the next only after).
         lines = log.splitlines()
-        received = [n for n, line in enumerate(lines) if "caption_batch[" in line and "received" in line]
+        received = [
+            n for n, line in enumerate(lines) if "caption_batch[" in line and "received" in line
+        ]
         first_done = next(n for n, line in enumerate(lines) if "batch done" in line)
         assert len(received) == 6 and received[1] < first_done, log[-3000:]
         assert "Traceback" not in log and worker.alive()

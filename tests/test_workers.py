@@ -175,12 +175,17 @@ def test_bad_inputs_fail_alone_with_reasons(stack, worker, env, bad_inputs):
         else:
             assert im.status == ImageStatus.FAILED, key
             assert im.failure_reason, key
-            assert exp.reason_contains.lower() in im.failure_reason.lower(), (key, im.failure_reason)
+            assert exp.reason_contains.lower() in im.failure_reason.lower(), (
+                key,
+                im.failure_reason,
+            )
     missing = images["mixed/missing.png"]
     assert missing.status == ImageStatus.FAILED and "not found" in missing.failure_reason
     counts = stack.caption_counts(ids)
-    assert all(counts.get(im.id) == (1 if im.status == ImageStatus.CAPTIONED else None)
-               for im in images.values())
+    assert all(
+        counts.get(im.id) == (1 if im.status == ImageStatus.CAPTIONED else None)
+        for im in images.values()
+    )
     # The worker stays up and keeps working.
     assert worker.alive()
     job2, _ = stack.submit_pngs(3, name="after-bad")
@@ -199,13 +204,21 @@ def _run_batch_in_process(job_id, ids):
 def _snapshot(stack, ids):
     with stack.sessions() as s:
         caps = s.execute(
-            select(Caption.id, Caption.image_id, Caption.model_version_id, Caption.text,
-                   Caption.score, Caption.updated_at).where(Caption.image_id.in_(ids))
+            select(
+                Caption.id,
+                Caption.image_id,
+                Caption.model_version_id,
+                Caption.text,
+                Caption.score,
+                Caption.updated_at,
+            )
+            .where(Caption.image_id.in_(ids))
             .order_by(Caption.id)
         ).all()
         imgs = s.execute(
             select(Image.id, Image.status, Image.failure_reason, Image.attempts)
-            .where(Image.id.in_(ids)).order_by(Image.id)
+            .where(Image.id.in_(ids))
+            .order_by(Image.id)
         ).all()
     return caps, imgs
 
@@ -235,7 +248,9 @@ def test_model_caption_never_overwrites_a_review(stack, env):
     with session_scope(stack.sessions) as s:
         caption = s.scalars(select(Caption).where(Caption.image_id == reviewed)).one()
         caption.text = "a red square on a table"  # the text the reviewer approved
-        jobs.add_review(s, image_id=reviewed, decision=ReviewDecision.APPROVED, caption_id=caption.id)
+        jobs.add_review(
+            s, image_id=reviewed, decision=ReviewDecision.APPROVED, caption_id=caption.id
+        )
         other_caption = s.scalars(select(Caption).where(Caption.image_id == other)).one()
         other_caption.text = "stale text, not reviewed"
         s.execute(update(Image).where(Image.id.in_(ids)).values(status=ImageStatus.QUEUED))
@@ -261,7 +276,10 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch,
         database_url=_migrated_sqlite(root / "captioner.db"),
         redis_url=redis_dbs.flushed("scratch"),
         checkpoint=checkpoints["a"],
-        extra_env={"CAPTIONER_QUEUED_TIMEOUT_SECONDS": "2", "CAPTIONER_CAPTION_MAX_NEW_TOKENS": "12"},
+        extra_env={
+            "CAPTIONER_QUEUED_TIMEOUT_SECONDS": "2",
+            "CAPTIONER_CAPTION_MAX_NEW_TOKENS": "12",
+        },
     )
     stack.apply_env(monkeypatch)
     job_id, ids = stack.submit_pngs(200, name="wipe", publish=False)
@@ -270,8 +288,9 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch,
     publish_caption_batches(job_id, ids, settings=stack.settings())
     w = WorkerProcess(stack, "wipe").wait_ready()
     try:
-        wait_for(lambda: stack.progress(job_id).captioned >= 16, 60, interval=0.05,
-                 what="first batches")
+        wait_for(
+            lambda: stack.progress(job_id).captioned >= 16, 60, interval=0.05, what="first batches"
+        )
         stack.redis.flushdb()  # every key of this Redis db, as FLUSHALL would
         time.sleep(3)
         stalled = stack.progress(job_id)
@@ -362,7 +381,10 @@ def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeyp
     root = tmp_path / "pair"
     root.mkdir()
     stack = Stack(
-        root=root, database_url=url, redis_url=redis_dbs.flushed("scratch"), checkpoint=checkpoints["a"]
+        root=root,
+        database_url=url,
+        redis_url=redis_dbs.flushed("scratch"),
+        checkpoint=checkpoints["a"],
     )
     stack.apply_env(monkeypatch)
     workers = [WorkerProcess(stack, f"twin{i}") for i in range(2)]
@@ -401,18 +423,28 @@ def test_worker_switches_to_newly_activated_model_version(stack, worker, env, ch
     with session_scope(stack.sessions) as s:
         s.execute(update(ModelVersion).values(status=ModelStatus.RETIRED))
         s.flush()
-        v1 = ModelVersion(name="v1", checkpoint_uri=str(checkpoints["a"]), status=ModelStatus.ACTIVE)
+        v1 = ModelVersion(
+            name="v1", checkpoint_uri=str(checkpoints["a"]), status=ModelStatus.ACTIVE
+        )
         s.add(v1)
         s.flush()
         v1_id = v1.id
     job1, ids1 = stack.submit_pngs(20, name="v1-job")
     wait_for(lambda: _done(stack, job1), 60, what="v1 job")
     with session_scope(stack.sessions) as s:
-        s.execute(update(ModelVersion).where(ModelVersion.id == v1_id)
-                  .values(status=ModelStatus.RETIRED, retired_at=utcnow()))
+        s.execute(
+            update(ModelVersion)
+            .where(ModelVersion.id == v1_id)
+            .values(status=ModelStatus.RETIRED, retired_at=utcnow())
+        )
         s.flush()
-        v2 = ModelVersion(name="v2", checkpoint_uri=f"file://{checkpoints['b']}",
-                          status=ModelStatus.ACTIVE, parent_id=v1_id, promoted_at=utcnow())
+        v2 = ModelVersion(
+            name="v2",
+            checkpoint_uri=f"file://{checkpoints['b']}",
+            status=ModelStatus.ACTIVE,
+            parent_id=v1_id,
+            promoted_at=utcnow(),
+        )
         s.add(v2)
         s.flush()
         v2_id = v2.id
@@ -425,8 +457,9 @@ def test_worker_switches_to_newly_activated_model_version(stack, worker, env, ch
     assert worker.alive() and worker.pid == pid
     assert "model switched" in worker.log()
     with session_scope(stack.sessions) as s:  # back to the settings checkpoint for later tests
-        s.execute(update(ModelVersion).where(ModelVersion.id == v2_id)
-                  .values(status=ModelStatus.RETIRED))
+        s.execute(
+            update(ModelVersion).where(ModelVersion.id == v2_id).values(status=ModelStatus.RETIRED)
+        )
 
 
 # --- 6. interactive before bulk ----------------------------------------------------------------
@@ -487,8 +520,9 @@ def test_metrics_endpoint(stack, worker, env):
 
     port = stack.env["CAPTIONER_METRICS_PORT"]
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    captioned = [line for line in body.splitlines()
-                 if line.startswith("captioner_images_captioned_total ")]
+    captioned = [
+        line for line in body.splitlines() if line.startswith("captioner_images_captioned_total ")
+    ]
     assert captioned and float(captioned[0].split()[1]) > 0
     assert 'captioner_queue_depth{queue="caption.interactive"}' in body
     assert "captioner_batch_seconds_bucket" in body

@@ -157,7 +157,9 @@ def _owner_with_hook(stack: Stack, url: str, email: str) -> tuple[int, int, str]
 def _deliveries(stack: Stack, hook_id: int) -> list[WebhookDelivery]:
     with stack.sessions() as s:
         rows = s.scalars(
-            select(WebhookDelivery).where(WebhookDelivery.webhook_id == hook_id).order_by(WebhookDelivery.id)
+            select(WebhookDelivery)
+            .where(WebhookDelivery.webhook_id == hook_id)
+            .order_by(WebhookDelivery.id)
         ).all()
         s.expunge_all()
     return list(rows)
@@ -204,7 +206,9 @@ def test_fetch_urls_task_fetches_queues_and_fails_bad_urls_alone(stack, worker, 
     job = wait_for(lambda: _finished(stack, job_id), 60, what="URL job finished")
     assert (job.image_count, job.captioned_count, job.failed_count) == (4, 3, 1)
     with stack.sessions() as s:
-        images = {im.original_name: im for im in s.scalars(select(Image).where(Image.job_id == job_id))}
+        images = {
+            im.original_name: im for im in s.scalars(select(Image).where(Image.job_id == job_id))
+        }
     assert set(images) == set(urls)
     missing = images[urls[-1]]
     assert missing.status == ImageStatus.FAILED and "404" in missing.failure_reason
@@ -213,7 +217,9 @@ def test_fetch_urls_task_fetches_queues_and_fails_bad_urls_alone(stack, worker, 
     assert stack.store.get(images[urls[0]].storage_key) == png(10)
 
 
-def test_fetch_urls_task_finishing_a_job_of_failed_urls_delivers_job_failed(stack, worker, receiver):
+def test_fetch_urls_task_finishing_a_job_of_failed_urls_delivers_job_failed(
+    stack, worker, receiver
+):
     owner_id, hook_id, secret = _owner_with_hook(stack, f"{receiver.url}/hook-d", "d@example.com")
     urls = [f"{receiver.url}/img/gone-{i}.png" for i in range(2)]
     with session_scope(stack.sessions) as s:
@@ -246,10 +252,15 @@ def test_worker_finishing_a_job_delivers_one_signed_event_with_retry(stack, work
 
     publish_caption_batches(job_id, ids, settings=stack.settings())
 
-    wait_for(lambda: len(receiver.posts_to("/hook-a")) >= 2, 60, what="webhook retried and delivered")
+    wait_for(
+        lambda: len(receiver.posts_to("/hook-a")) >= 2, 60, what="webhook retried and delivered"
+    )
     # the receiver records a post before it answers; the worker saves the outcome after the answer
-    wait_for(lambda: _deliveries(stack, hook_id)[0].status != WebhookStatus.PENDING, 30,
-             what="delivery outcome saved")
+    wait_for(
+        lambda: _deliveries(stack, hook_id)[0].status != WebhookStatus.PENDING,
+        30,
+        what="delivery outcome saved",
+    )
     [delivery] = _deliveries(stack, hook_id)
     assert delivery.status == WebhookStatus.DELIVERED
     assert delivery.attempts == 2 and delivery.response_status == 200
@@ -261,7 +272,9 @@ def test_worker_finishing_a_job_delivers_one_signed_event_with_retry(stack, work
         event = json.loads(body)
         assert event["event"] == "job.completed"
         assert event["job"]["id"] == job_id and event["job"]["captioned_count"] == 5
-    assert not webhooks.verify("wrong secret", posts[-1][1], posts[-1][0][webhooks.SIGNATURE_HEADER])
+    assert not webhooks.verify(
+        "wrong secret", posts[-1][1], posts[-1][0][webhooks.SIGNATURE_HEADER]
+    )
 
 
 def test_deliver_webhook_task_refuses_an_unsafe_url_without_retrying(stack, env):
@@ -287,7 +300,9 @@ def test_deliver_webhook_task_refuses_an_unsafe_url_without_retrying(stack, env)
     assert _deliveries(stack, hook_id)[0].attempts == 1
 
 
-def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(stack, worker, receiver, env):
+def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(
+    stack, worker, receiver, env
+):
     owner_id, hook_id, secret = _owner_with_hook(stack, f"{receiver.url}/hook-c", "c@example.com")
     with session_scope(stack.sessions) as s:
         # A job whose images were all done but that nobody finished (its worker died).
@@ -319,7 +334,8 @@ def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(stack, 
     assert all(webhooks.verify(secret, b, h[webhooks.SIGNATURE_HEADER]) for h, b in posts)
     wait_for(
         lambda: all(d.status == WebhookStatus.DELIVERED for d in _deliveries(stack, hook_id)),
-        30, what="deliveries marked delivered",
+        30,
+        what="deliveries marked delivered",
     )
     # A second sweep finds nothing to finish, record or re-send.
     again = run_sweep()

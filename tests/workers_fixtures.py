@@ -156,12 +156,16 @@ class Stack:
     def statuses(self, job_id: int) -> dict[str, int]:
         with self.sessions() as s:
             rows = s.execute(
-                select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
+                select(Image.status, func.count())
+                .where(Image.job_id == job_id)
+                .group_by(Image.status)
             ).all()
         return {ImageStatus(k).value: v for k, v in rows}
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2, what: str = ""):
+def wait_for(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.2, what: str = ""
+):
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

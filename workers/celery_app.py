@@ -42,8 +42,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     # Background ingestion and webhook deliveries run on the maintenance queue, like the sweep.
     maintenance = {"queue": QUEUE_MAINTENANCE, "routing_key": QUEUE_MAINTENANCE}
     conf["task_routes"] = dict(conf["task_routes"]) | {
-        name: maintenance
-        for name in (TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS, TASK_DELIVER_WEBHOOK)
+        name: maintenance for name in (TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS, TASK_DELIVER_WEBHOOK)
     }
     # The learning loop: the retrain check is light (maintenance); training has its own queue.
     conf["task_routes"][TASK_MAYBE_RETRAIN] = maintenance

@@ -17,15 +17,11 @@ from captioner.queue import ALL_QUEUES
 
 log = logging.getLogger(__name__)
 
-IMAGES_CAPTIONED = Counter(
-    "captioner_images_captioned_total", "Images captioned by this worker."
-)
+IMAGES_CAPTIONED = Counter("captioner_images_captioned_total", "Images captioned by this worker.")
 IMAGES_FAILED = Counter(
     "captioner_images_failed_total", "Images this worker marked failed, by reason.", ["reason"]
 )
-BATCHES = Counter(
-    "captioner_batches_total", "Caption batches handled, by outcome.", ["outcome"]
-)
+BATCHES = Counter("captioner_batches_total", "Caption batches handled, by outcome.", ["outcome"])
 BATCH_SECONDS = Histogram(
     "captioner_batch_seconds",
     "Wall time of one caption batch: claim, fetch, decode, model, save.",

@@ -147,7 +147,9 @@ class ModelRuntime:
             return loaded
 
     @contextmanager
-    def use(self, wanted: tuple[int, str, str], as_of: float | None = None) -> Iterator[LoadedModel]:
+    def use(
+        self, wanted: tuple[int, str, str], as_of: float | None = None
+    ) -> Iterator[LoadedModel]:
         """The model `wanted` (loaded or switched to first if needed), held until the block ends.
 
         `as_of`: the `time.monotonic()` taken before `wanted` was read (default: now). If the

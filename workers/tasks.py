@@ -167,7 +167,9 @@ class BatchOutcome:
     deliveries: list[int] = field(default_factory=list)  # webhook deliveries recorded
 
 
-def _prepare(store, key: str, settings: Settings, preprocess, device_jpeg: bool = False) -> _Prepared:
+def _prepare(
+    store, key: str, settings: Settings, preprocess, device_jpeg: bool = False
+) -> _Prepared:
     try:
         data = store.get(key)
     except (ObjectNotFound, InvalidKey) as exc:
@@ -206,9 +208,7 @@ def _decode_on_cpu(data: bytes, settings: Settings, preprocess) -> _Prepared:
     try:
         pixels = preprocess(image)
     except (OSError, ValueError, RuntimeError) as exc:
-        return _Prepared(
-            reason=MODEL_REJECTED_REASON.format(error=exc), reason_kind="preprocess"
-        )
+        return _Prepared(reason=MODEL_REJECTED_REASON.format(error=exc), reason_kind="preprocess")
     return _Prepared(pixels=pixels, width=image.width, height=image.height)
 
 
@@ -354,7 +354,13 @@ def run_caption_batch(
     with res.runtime.use(wanted, as_of) as loaded:
         out.model_version_id = loaded.version_id
         claimed = _claim_prepare_and_caption(
-            res, loaded, job_id, ids, out, worker_id=worker_id, settings=settings,
+            res,
+            loaded,
+            job_id,
+            ids,
+            out,
+            worker_id=worker_id,
+            settings=settings,
             retrying=retrying,
         )
     if claimed is None:
@@ -427,7 +433,8 @@ def _publish_deliveries(delivery_ids: list[int], settings: Settings) -> None:
     except (OSError, KombuOperationalError) as exc:
         log.warning(
             "could not publish %d webhook deliveries (the sweeper re-sends them): %s",
-            len(delivery_ids), exc,
+            len(delivery_ids),
+            exc,
         )
 
 
@@ -457,14 +464,22 @@ def caption_batch(self, job_id: int, image_ids: list[int]) -> dict[str, Any]:
             metrics.BATCHES.labels(outcome="gave_up").inc()
             log.error(
                 "gave up: job %s, %d images after %d retries (%s); the sweeper re-publishes them",
-                job_id, len(retry_ids), retries, exc,
+                job_id,
+                len(retry_ids),
+                retries,
+                exc,
             )
             return {"outcome": "gave_up", "error": str(exc)}
         countdown = _backoff(retries)
         metrics.BATCHES.labels(outcome="retry").inc()
         log.warning(
             "retrying: job %s, %d images in %.1fs (retry %d of %d): %s",
-            job_id, len(retry_ids), countdown, retries + 1, settings.task_max_retries, exc,
+            job_id,
+            len(retry_ids),
+            countdown,
+            retries + 1,
+            settings.task_max_retries,
+            exc,
         )
         raise self.retry(args=(job_id, retry_ids), countdown=countdown, exc=exc) from None
     except SoftTimeLimitExceeded:
@@ -487,20 +502,28 @@ def caption_batch(self, job_id: int, image_ids: list[int]) -> dict[str, Any]:
         log.info("nothing to claim: job %s, %d ids already taken or done", job_id, len(image_ids))
         return {"outcome": "nothing_to_claim"}
     if out.lost:
-        log.warning("lost lease: job %s, %d images now held by another worker", job_id, len(out.lost))
+        log.warning(
+            "lost lease: job %s, %d images now held by another worker", job_id, len(out.lost)
+        )
     if out.retry:
         # The images are back in the queue (SQL); a new message for them, after a pause.
-        log.warning("retrying: job %s, %d images had transient storage errors", job_id, len(out.retry))
+        log.warning(
+            "retrying: job %s, %d images had transient storage errors", job_id, len(out.retry)
+        )
         if retries < settings.task_max_retries:
-            self.retry(
-                args=(job_id, out.retry), countdown=_backoff(retries), throw=False
-            )
+            self.retry(args=(job_id, out.retry), countdown=_backoff(retries), throw=False)
     metrics.BATCHES.labels(outcome="done").inc()
     log.info(
         "batch done: job %s, %d claimed, %d captioned, %d failed, %d retried, %d lost, "
         "model version %s, %.2fs",
-        job_id, len(out.claimed), len(out.captioned), len(out.failed), len(out.retry),
-        len(out.lost), out.model_version_id, elapsed,
+        job_id,
+        len(out.claimed),
+        len(out.captioned),
+        len(out.failed),
+        len(out.retry),
+        len(out.lost),
+        out.model_version_id,
+        elapsed,
     )
     return {
         "outcome": "done",
@@ -588,7 +611,10 @@ def _run_ingest(task, job_id: int, what: str, done: str, run) -> dict[str, Any]:
     retries = task.request.retries or 0
     try:
         n = run(
-            job_id, session_factory=res.sessions, store=res.store, settings=settings,
+            job_id,
+            session_factory=res.sessions,
+            store=res.store,
+            settings=settings,
             publish_deliveries=lambda ids: _publish_deliveries(ids, settings),
         )
     except Exception as exc:
@@ -631,7 +657,9 @@ def deliver_webhook(self, delivery_id: int) -> dict[str, Any]:
     until `Settings.webhook_max_attempts` (counted in SQL, so a re-sent message changes nothing)."""
     attempt = run_deliver_webhook(delivery_id)
     log.info(
-        "webhook delivery %s: %s%s", delivery_id, attempt.status.value,
+        "webhook delivery %s: %s%s",
+        delivery_id,
+        attempt.status.value,
         f" ({attempt.error})" if attempt.error else "",
     )
     if attempt.retry_in_seconds is not None:
@@ -648,7 +676,10 @@ def _on_worker_ready(sender=None, **_kwargs) -> None:
     port = metrics.start_metrics_server(settings.metrics_port)
     log.info(
         "worker ready: %s pid %d, device %s, batch size %d, metrics %s",
-        getattr(sender, "hostname", "?"), os.getpid(), settings.device, settings.batch_size,
+        getattr(sender, "hostname", "?"),
+        os.getpid(),
+        settings.device,
+        settings.batch_size,
         f"on port {port}" if port else "off",
     )
 

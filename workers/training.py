@@ -24,7 +24,9 @@ from captioner.settings import Settings, get_settings
 log = logging.getLogger("captioner.worker.training")
 
 
-def run_maybe_retrain(settings: Settings | None = None, *, publish=publish_train_run) -> dict[str, Any]:
+def run_maybe_retrain(
+    settings: Settings | None = None, *, publish=publish_train_run
+) -> dict[str, Any]:
     """One beat tick: start a due run (committed), then dispatch queued runs to the train queue."""
     from workers.tasks import resources
 
