@@ -28,6 +28,8 @@ test: $(STAMP) services
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

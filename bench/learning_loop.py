@@ -97,7 +97,7 @@ class InlineWorkers:
         self.pending.append(("task", name, args))
 
     def drain(self) -> None:
-        from captioner import retrain
+        from captioner import tasks
         from workers.tasks import run_caption_batch
         from workers.training import run_maybe_retrain, run_train
 
@@ -112,14 +112,14 @@ class InlineWorkers:
                         settings=self.settings,
                         retrying=False,
                     )
-            elif a == retrain.TASK_MAYBE_RETRAIN:
+            elif a == tasks.TASK_MAYBE_RETRAIN:
                 run_maybe_retrain(
                     self.settings,
                     publish=lambda run_id, _s: self.pending.append(
-                        ("task", retrain.TASK_TRAIN_RUN, (run_id,))
+                        ("task", tasks.TASK_TRAIN_RUN, (run_id,))
                     ),
                 )
-            elif a == retrain.TASK_TRAIN_RUN:
+            elif a == tasks.TASK_TRAIN_RUN:
                 run_train(b[0], self.settings)
             else:
                 raise RuntimeError(f"unexpected task {a}")
@@ -145,10 +145,11 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from sqlalchemy import select
 
-    from captioner import migrate, registry
-    from captioner.db import session_scope
-    from captioner.models import ApiToken, TrainingRun
+    from captioner.learning import registry
     from captioner.settings import Settings
+    from captioner.state import migrate
+    from captioner.state.db import session_scope
+    from captioner.state.models import ApiToken, TrainingRun
     from core_model.checkpoint import load_checkpoint
     from core_model.evaluate import evaluate_model, normalize
     from core_model.synthetic import SyntheticWorld, world_config_from_dict

@@ -51,7 +51,7 @@ def make_jpegs(n: int, size: int) -> list[bytes]:
 def model_alone(checkpoint: Path, jpegs: list[bytes], args) -> float:
     import torch
 
-    from captioner.images import decode_image
+    from captioner.intake.decode import decode_image
     from core_model.inference import DecodeOptions, ImageCaptioner
 
     captioner = ImageCaptioner.from_checkpoint(
@@ -76,11 +76,11 @@ def pipeline(
     """Images/s through a real worker; depth > 0 sets CAPTIONER_WORKER_PIPELINE_DEPTH."""
     import redis
 
-    from captioner import jobs, migrate
-    from captioner.db import make_engine, make_sessionmaker, session_scope
-    from captioner.queue import publish_caption_batches
     from captioner.settings import Settings
+    from captioner.state import jobs, migrate
+    from captioner.state.db import make_engine, make_sessionmaker, session_scope
     from captioner.storage import LocalObjectStore
+    from captioner.tasks import publish_caption_batches
 
     database_url = args.database_url or f"sqlite:///{root / 'captioner.db'}"
     migrate.upgrade(database_url)

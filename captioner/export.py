@@ -18,8 +18,8 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner.jobs import current_review_ids
-from captioner.models import Caption, Image, Job, Review, ReviewDecision, User
+from captioner.state.models import Caption, Image, Job, Review, ReviewDecision, User
+from captioner.state.reviews import current_review_ids
 
 Which = Literal["model", "reviewed", "both"]
 FORMATS = ("jsonl", "csv", "coco")

@@ -134,7 +134,7 @@ def install_celery_logging(settings: Settings | None = None, *, level: str | Non
     and bind `job_id`/`image_ids`/`task_id` around each task from its arguments."""
     from celery import signals
 
-    from captioner.queue import TASK_CAPTION_BATCH
+    from captioner.tasks import TASK_CAPTION_BATCH
 
     def _setup(**_kwargs: Any) -> None:  # connecting this stops Celery configuring logging
         configure_logging(settings, level=level)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner.ingest import Resolver, UnsafeURL
-from captioner.models import (
+from captioner.intake.submit import Resolver, UnsafeURL
+from captioner.state.models import (
     Job,
     JobStatus,
     Webhook,
@@ -38,7 +38,6 @@ from captioner.models import (
 if TYPE_CHECKING:
     from captioner.settings import Settings
 
-TASK_DELIVER_WEBHOOK = "captioner.deliver_webhook"
 EVENTS = ("job.completed", "job.failed")
 SIGNATURE_HEADER = "X-Captioner-Signature"
 EVENT_HEADER = "X-Captioner-Event"
@@ -150,8 +149,8 @@ def deliver(
 
     import requests
 
-    from captioner.pinned_http import checked_addresses
-    from captioner.pinned_http import post as pinned_post
+    from captioner.intake.urls import checked_addresses
+    from captioner.intake.urls import post as pinned_post
 
     settings = _settings(settings)
     delivery = session.get(WebhookDelivery, delivery_id)
@@ -225,11 +224,3 @@ def due_deliveries(session: Session, now: datetime | None = None) -> list[int]:
             .order_by(WebhookDelivery.id)
         )
     )
-
-
-def publish_deliveries(delivery_ids: list[int], settings: Settings | None = None) -> None:
-    """Send `captioner.deliver_webhook(delivery_id)` for each id (after the commit)."""
-    from captioner.ingest import send_task
-
-    for delivery_id in delivery_ids:
-        send_task(TASK_DELIVER_WEBHOOK, int(delivery_id), settings=settings)

@@ -23,8 +23,8 @@ from flask import g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
-from captioner.db import make_engine, make_sessionmaker
 from captioner.settings import Settings, get_settings
+from captioner.state.db import make_engine, make_sessionmaker
 from captioner.storage import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Publisher:
         self.settings = settings
 
     def captions(self, job_id: int, image_ids: list[int], *, interactive: bool = False) -> None:
-        from captioner.queue import publish_caption_batches
+        from captioner.tasks import publish_caption_batches
 
         if not image_ids:
             return
@@ -52,7 +52,7 @@ class Publisher:
             log.warning("could not publish job %s (%d images): %s", job_id, len(image_ids), exc)
 
     def task(self, name: str, *args: Any) -> None:
-        from captioner.ingest import send_task
+        from captioner.tasks import send_task
 
         try:
             send_task(name, *args, settings=self.settings)

@@ -17,9 +17,20 @@ from flask import Response, current_app, stream_with_context
 from marshmallow import ValidationError, validates_schema
 from sqlalchemy import func, select
 
-from captioner import export, ingest, jobs, webhooks
-from captioner.images import ImageRejected, open_image
-from captioner.models import ApiToken, Image, ImageStatus, Job, User, UserRole, Webhook, utcnow
+from captioner import export, webhooks
+from captioner.intake import submit
+from captioner.intake.decode import ImageRejected, open_image
+from captioner.state import jobs, reviews
+from captioner.state.models import (
+    ApiToken,
+    Image,
+    ImageStatus,
+    Job,
+    User,
+    UserRole,
+    Webhook,
+    utcnow,
+)
 from captioner.storage import ObjectNotFound, StorageError
 from dashboard import services
 from dashboard.auth import (
@@ -318,7 +329,7 @@ def image_dict(session, image: Image, caption=..., review=...) -> dict:
     if caption is ...:
         caption = services.latest_caption(session, image.id)
     if review is ...:
-        review = jobs.current_review(session, image.id)
+        review = reviews.current_review(session, image.id)
     return {
         "id": image.id,
         "job_id": image.job_id,
@@ -387,7 +398,7 @@ def create_job(data):
             job = services.submit_prefix(session, _user(), _opts(data), data["prefix"])
         else:
             job = services.submit_urls(session, _user(), _opts(data), data["urls"])
-    except ingest.SubmissionRejected as exc:
+    except submit.SubmissionRejected as exc:
         session.rollback()
         abort(exc.status_code, exc.reason)
     return job_dict(session, job)
@@ -405,23 +416,23 @@ def upload_job(data):
     """Every file (and zip member) is checked before anything is stored: one refused file
     refuses the whole upload with its reason."""
     settings = current_app.extensions["captioner"].settings
-    files: list[ingest.IncomingFile] = []
+    files: list[submit.IncomingFile] = []
     try:
         for storage in data.get("files") or []:
             content = storage.read(settings.max_image_bytes + 1)
             name = storage.filename or "upload"
             if len(content) > settings.max_image_bytes:
-                raise ingest.TooLarge(f"{name}: larger than {settings.max_image_bytes} bytes")
-            ingest.check_image_bytes(name, content, settings)
-            files.append(ingest.IncomingFile(name, content))
+                raise submit.TooLarge(f"{name}: larger than {settings.max_image_bytes} bytes")
+            submit.check_image_bytes(name, content, settings)
+            files.append(submit.IncomingFile(name, content))
         archive = data.get("archive")
         if archive is not None:
-            files += ingest.read_zip(archive.read(), settings)
+            files += submit.read_zip(archive.read(), settings)
         if not files:
-            raise ingest.SubmissionRejected("no files uploaded")
+            raise submit.SubmissionRejected("no files uploaded")
         if len(files) > settings.max_submit_items:
-            raise ingest.SubmissionRejected(f"more than {settings.max_submit_items} images")
-    except ingest.SubmissionRejected as exc:
+            raise submit.SubmissionRejected(f"more than {settings.max_submit_items} images")
+    except submit.SubmissionRejected as exc:
         abort(exc.status_code, exc.reason)
     source = f"zip:{archive.filename}" if archive is not None else "upload"
     job = services.submit_files(db(), _user(), _opts(data), files, source)
@@ -625,7 +636,7 @@ def add_review(image_id, data):
 )
 def review_history(image_id):
     image = _image_or_404(image_id)
-    return {"items": [review_dict(r) for r in jobs.review_history(db(), image.id)]}
+    return {"items": [review_dict(r) for r in reviews.review_history(db(), image.id)]}
 
 
 @bp.post("/images/<int:image_id>/reviews/undo")
@@ -845,8 +856,8 @@ def list_webhooks():
 def create_webhook(data):
     settings = current_app.extensions["captioner"].settings
     try:
-        url = ingest.check_url(data["url"], allow_hosts=settings.url_allow_hosts)
-    except ingest.SubmissionRejected as exc:
+        url = submit.check_url(data["url"], allow_hosts=settings.url_allow_hosts)
+    except submit.SubmissionRejected as exc:
         abort(422, exc.reason)
     hook = Webhook(
         owner_id=_user().id, url=url, secret=webhooks.new_secret(), events=data["events"]

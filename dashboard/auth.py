@@ -36,7 +36,7 @@ from flask_limiter.util import get_remote_address
 from sqlalchemy import func, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from captioner.models import ApiToken, User, UserRole, utcnow
+from captioner.state.models import ApiToken, User, UserRole, utcnow
 
 bp = Blueprint("auth", __name__)
 

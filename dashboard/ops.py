@@ -43,7 +43,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 
-from captioner.models import (
+from captioner.state.models import (
     Image,
     ImageStatus,
     Job,
@@ -123,7 +123,7 @@ class DatabaseCollector:
         yield up
 
     def _queue_depths(self, settings, up):
-        from captioner.queue import ALL_QUEUES, queue_depths
+        from captioner.tasks import ALL_QUEUES, queue_depths
 
         depth = GaugeMetricFamily(
             "captioner_queue_depth",

@@ -12,8 +12,10 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import and_, func, or_, select, update
 
-from captioner import ingest, jobs, webhooks
-from captioner.models import (
+from captioner import tasks
+from captioner.intake import submit
+from captioner.state import jobs, reviews
+from captioner.state.models import (
     Caption,
     Image,
     ImageStatus,
@@ -95,23 +97,23 @@ def _new_job(session, user: User, opts: JobOptions, source: str, extra: dict | N
 
 
 def submit_files(session, user: User, opts: JobOptions, files, source: str) -> Job:
-    """Files already checked (ingest.check_image_bytes / read_zip): store, queue, publish."""
+    """Files already checked (submit.check_image_bytes / read_zip): store, queue, publish."""
     job = _new_job(session, user, opts, source)
-    ids = ingest.store_files(session, _ext().store, job.id, files)
-    to_publish = ingest.ids_to_publish(session, job, ids)
+    ids = submit.store_files(session, _ext().store, job.id, files)
+    to_publish = submit.ids_to_publish(session, job, ids)
     # Every image a known caption: the job is finished now, so its webhook events are
     # recorded in this transaction and published after the commit (as the workers do).
-    deliveries = ingest.record_job_events(session, job.id, finish=False)
+    deliveries = submit.record_job_events(session, job.id, finish=False)
     session.commit()
     session.refresh(job)
     _ext().publisher.captions(job.id, to_publish, interactive=opts.interactive)
     for delivery_id in deliveries:
-        _ext().publisher.task(webhooks.TASK_DELIVER_WEBHOOK, delivery_id)
+        _ext().publisher.task(tasks.TASK_DELIVER_WEBHOOK, delivery_id)
     return job
 
 
 def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
-    keys = ingest.check_keys(keys)
+    keys = submit.check_keys(keys)
     job = _new_job(session, user, opts, source=f"keys ({len(keys)})")
     ids = jobs.submit_images(session, job.id, keys)
     session.commit()
@@ -121,21 +123,21 @@ def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
 
 
 def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
-    key_prefix = ingest.prefix_within_store(prefix, _ext().settings.storage_url)
+    key_prefix = submit.prefix_within_store(prefix, _ext().settings.storage_url)
     job = _new_job(session, user, opts, source=prefix, extra={"prefix": key_prefix})
     session.commit()
-    _ext().publisher.task(ingest.TASK_ENUMERATE_PREFIX, job.id)
+    _ext().publisher.task(tasks.TASK_ENUMERATE_PREFIX, job.id)
     return job
 
 
 def submit_urls(session, user: User, opts: JobOptions, urls: list[str]) -> Job:
     allow = _ext().settings.url_allow_hosts
-    checked = [ingest.check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
+    checked = [submit.check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
     if not checked:
-        raise ingest.SubmissionRejected("no URLs given")
+        raise submit.SubmissionRejected("no URLs given")
     job = _new_job(session, user, opts, source=f"urls ({len(checked)})", extra={"urls": checked})
     session.commit()
-    _ext().publisher.task(ingest.TASK_FETCH_URLS, job.id)
+    _ext().publisher.task(tasks.TASK_FETCH_URLS, job.id)
     return job
 
 
@@ -221,7 +223,7 @@ def review_image(
         caption_id = caption.id
     if decision == "approved" and text is None and caption_id is None:
         raise Conflict("this image has no caption to approve yet")
-    review = jobs.add_review(
+    review = reviews.add_review(
         session,
         image_id=image.id,
         decision=decision,
@@ -236,7 +238,7 @@ def review_image(
 def undo_review(session, user: User, image: Image) -> Review:
     """Take back the image's current decision by appending a row that restores the one before
     it (or `undone` when none remains). History is never rewritten."""
-    history = jobs.review_history(session, image.id)
+    history = reviews.review_history(session, image.id)
     stack = effective_stack(history)
     if not stack:
         raise Conflict("nothing to undo")
@@ -260,7 +262,7 @@ def bulk_approve(session, user: User, job: Job, min_score: float) -> int:
     rows = _queue_query(status="unreviewed", job_id=job.id, min_score=min_score, user=None)
     count = 0
     for image, caption, _review in session.execute(rows.limit(100_000)).all():
-        jobs.add_review(
+        reviews.add_review(
             session,
             image_id=image.id,
             decision=ReviewDecision.APPROVED,
@@ -286,7 +288,7 @@ def _queue_query(
         .group_by(Caption.image_id)
         .subquery("newest_caption")
     )
-    current = jobs.current_review_ids()
+    current = reviews.current_review_ids()
     query = (
         select(Image, Caption, Review)
         .join(newest_caption, newest_caption.c.image_id == Image.id)

@@ -28,8 +28,9 @@ from apiflask.validators import Range
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from captioner import registry, retrain
-from captioner.models import (
+from captioner import tasks
+from captioner.learning import registry, retrain
+from captioner.state.models import (
     ModelStatus,
     ModelVersion,
     TrainingRun,
@@ -181,7 +182,7 @@ def _retrain_now() -> TrainingRun:
         session.rollback()
         raise
     session.commit()
-    ext.publisher.task(retrain.TASK_MAYBE_RETRAIN)
+    ext.publisher.task(tasks.TASK_MAYBE_RETRAIN)
     return run
 
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from sqlalchemy import select
 
-from captioner import export, ingest, webhooks
-from captioner.models import ApiToken, Image, ImageStatus, Job, User, UserRole, Webhook, utcnow
+from captioner import export, webhooks
+from captioner.intake import submit as intake
+from captioner.state.models import (
+    ApiToken,
+    Image,
+    ImageStatus,
+    Job,
+    User,
+    UserRole,
+    Webhook,
+    utcnow,
+)
 from dashboard import services
 from dashboard.api import job_dict
 from dashboard.auth import (
@@ -75,12 +85,12 @@ def submit():
             for storage in uploads:
                 content = storage.read(settings.max_image_bytes + 1)
                 if len(content) > settings.max_image_bytes:
-                    raise ingest.TooLarge(f"{storage.filename}: too large")
-                ingest.check_image_bytes(storage.filename, content, settings)
-                files.append(ingest.IncomingFile(storage.filename, content))
+                    raise intake.TooLarge(f"{storage.filename}: too large")
+                intake.check_image_bytes(storage.filename, content, settings)
+                files.append(intake.IncomingFile(storage.filename, content))
             source = "upload"
             if archive and archive.filename:
-                files += ingest.read_zip(archive.read(), settings)
+                files += intake.read_zip(archive.read(), settings)
                 source = f"zip:{archive.filename}"
             job = services.submit_files(session, user, opts, files, source)
         elif form.get("keys", "").strip():
@@ -90,8 +100,8 @@ def submit():
         elif form.get("urls", "").strip():
             job = services.submit_urls(session, user, opts, form["urls"].split())
         else:
-            raise ingest.SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
-    except ingest.SubmissionRejected as exc:
+            raise intake.SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
+    except intake.SubmissionRejected as exc:
         session.rollback()
         flash(f"Refused: {exc.reason}", "error")
         return redirect(url_for("ui.jobs")), 303
@@ -241,8 +251,8 @@ def new_webhook():
     session, user = db(), current_user()
     settings = current_app.extensions["captioner"].settings
     try:
-        url = ingest.check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
-    except ingest.SubmissionRejected as exc:
+        url = intake.check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
+    except intake.SubmissionRejected as exc:
         flash(f"Refused: {exc.reason}", "error")
         return redirect(url_for("ui.account"), 303)
     hook = Webhook(owner_id=user.id, url=url, secret=webhooks.new_secret(), events=[])

@@ -9,13 +9,13 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from captioner.db import make_engine
-from captioner.models import Base
+from captioner.state.db import make_engine
+from captioner.state.models import Base
 
 config = context.config
 target_metadata = Base.metadata
 
-# Programmatic callers (captioner.migrate) keep their own logging; plain `alembic` gets the ini's.
+# Programmatic callers (captioner.state.migrate) keep their own logging; plain `alembic` gets the ini's.
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 

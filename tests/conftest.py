@@ -24,8 +24,8 @@ import pytest
 from redis_claim import RedisDbs
 from sqlalchemy.engine import make_url
 
-from captioner.db import make_engine, make_sessionmaker
 from captioner.settings import reset_settings
+from captioner.state.db import make_engine, make_sessionmaker
 
 ADMIN_URL = os.environ.get(
     "CAPTIONER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -96,7 +96,7 @@ def db_url(request) -> str:
 @pytest.fixture(scope="session")
 def _postgres_template() -> Iterator[str]:
     """A PostgreSQL database migrated once per session, copied for each test (much faster)."""
-    from captioner import migrate
+    from captioner.state import migrate
 
     name = _create_postgres_database()
     try:
@@ -108,7 +108,7 @@ def _postgres_template() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory) -> Path:
-    from captioner import migrate
+    from captioner.state import migrate
 
     path = tmp_path_factory.mktemp("sqlite-template") / "captioner.db"
     migrate.upgrade(f"sqlite:///{path}")
@@ -225,8 +225,8 @@ def object_store(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def bad_inputs():
-    """{file name: (bytes, Expected)}: see captioner.testing.bad_input_corpus."""
-    from captioner.testing import bad_input_corpus
+    """{file name: (bytes, Expected)}: see tests.bad_inputs.bad_input_corpus."""
+    from tests.bad_inputs import bad_input_corpus
 
     return bad_input_corpus()
 

@@ -1,6 +1,6 @@
 """Helpers for the dashboard tests: users with tokens, images, and a fake worker.
 
-The fake worker captions through `captioner.jobs` exactly as the real one records results
+The fake worker captions through `captioner.state.jobs` exactly as the real one records results
 (claim, complete/fail, finish jobs), so pages and the API see the same rows they would.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from captioner import jobs
-from captioner.db import session_scope
-from captioner.models import ApiToken, Image, ImageStatus, ModelStatus, ModelVersion
+from captioner.state import images, jobs
+from captioner.state.db import session_scope
+from captioner.state.models import ApiToken, Image, ImageStatus, ModelStatus, ModelVersion
 
 PASSWORD = "correct horse battery"
 
@@ -71,12 +71,12 @@ def fake_caption(app, job_id: int, texts=None, scores=None) -> list[int]:
     """Caption every queued image of a job ('a photo of <name>' unless `texts` says)."""
     with session_scope(app.extensions["captioner"].sessionmaker) as session:
         version = active_version(session)
-        ids = jobs.claim_images(session, worker_id="fake", lease_seconds=60, job_id=job_id)
+        ids = images.claim_images(session, worker_id="fake", lease_seconds=60, job_id=job_id)
         for n, image_id in enumerate(ids):
             image = session.get(Image, image_id)
             text = texts[n] if texts else f"a photo of {image.original_name}"
             score = scores[n] if scores else -1.0 + n * 0.1
-            jobs.complete_image(
+            images.complete_image(
                 session,
                 image_id=image_id,
                 model_version_id=version,

@@ -12,9 +12,9 @@ import pytest
 from dashboard_helpers import PASSWORD, fake_caption, image_ids, login, make_user, make_zip, png
 from sqlalchemy import func, select
 
-from captioner import webhooks
-from captioner.db import session_scope
-from captioner.models import Image, ImageStatus, Job, Review, WebhookDelivery
+from captioner import tasks
+from captioner.state.db import session_scope
+from captioner.state.models import Image, ImageStatus, Job, Review, WebhookDelivery
 
 
 @pytest.fixture
@@ -330,8 +330,8 @@ def test_upload_finished_by_reused_captions_records_and_publishes_one_webhook(
             "job.completed",
         )
         assert delivery.payload["job"]["captioned_count"] == 1
-    assert [t for t in publisher.tasks if t[0] == webhooks.TASK_DELIVER_WEBHOOK] == [
-        (webhooks.TASK_DELIVER_WEBHOOK, (delivery.id,))
+    assert [t for t in publisher.tasks if t[0] == tasks.TASK_DELIVER_WEBHOOK] == [
+        (tasks.TASK_DELIVER_WEBHOOK, (delivery.id,))
     ]
 
 

@@ -17,9 +17,9 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
-from captioner import migrate
-from captioner.db import session_scope
-from captioner.models import Caption, Image, Review, ReviewDecision
+from captioner.state import migrate
+from captioner.state.db import session_scope
+from captioner.state.models import Caption, Image, Review, ReviewDecision
 from tests.conftest import free_port
 from tests.live_server import REPO, DashboardProcess
 from tests.workers_fixtures import Stack, WorkerProcess, png, write_checkpoint

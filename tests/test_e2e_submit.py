@@ -17,9 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import requests
 from sqlalchemy import func, select
 
-from captioner import migrate, webhooks
-from captioner.db import session_scope
-from captioner.models import (
+from captioner import webhooks
+from captioner.state import migrate
+from captioner.state.db import session_scope
+from captioner.state.models import (
     ApiToken,
     Caption,
     Image,

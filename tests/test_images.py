@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image, ImageFile
 
-from captioner.images import (
+from captioner.intake.decode import (
     ImageRejected,
     ImageTooLarge,
     NotAnImage,
@@ -13,7 +13,7 @@ from captioner.images import (
     decode_image,
     open_image,
 )
-from captioner.testing import bad_input_corpus, check_decoded, png_declaring
+from tests.bad_inputs import bad_input_corpus, check_decoded, png_declaring
 
 CORPUS = bad_input_corpus()
 
@@ -93,7 +93,7 @@ def test_decoding_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from captioner.images import decode_image; "
+        "import sys; from captioner.intake.decode import decode_image; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -11,9 +11,12 @@ import pytest
 from conftest import PUBLIC_IP
 from dashboard_helpers import make_zip, png
 
-from captioner import ingest, jobs, webhooks
-from captioner.db import make_sessionmaker, session_scope
-from captioner.models import (
+from captioner import webhooks
+from captioner.intake import submit
+from captioner.settings import Settings
+from captioner.state import jobs
+from captioner.state.db import make_sessionmaker, session_scope
+from captioner.state.models import (
     Image,
     ImageStatus,
     Job,
@@ -23,7 +26,6 @@ from captioner.models import (
     WebhookDelivery,
     WebhookStatus,
 )
-from captioner.settings import Settings
 from captioner.storage import LocalObjectStore
 
 
@@ -78,24 +80,24 @@ def settings(**kw) -> Settings:
     ],
 )
 def test_unsafe_urls_refused(url):
-    with pytest.raises(ingest.UnsafeURL):
-        ingest.check_url(url)
+    with pytest.raises(submit.UnsafeURL):
+        submit.check_url(url)
 
 
 def test_names_resolving_to_private_addresses_refused():
-    with pytest.raises(ingest.UnsafeURL, match="private, loopback or link-local"):
-        ingest.check_url("http://metadata.example/", resolver=lambda h, p: ["169.254.169.254"])
-    assert ingest.check_url("http://public.example/a.png", resolver=lambda h, p: ["93.184.215.14"])
-    with pytest.raises(ingest.UnsafeURL):  # one bad address among good ones is enough
-        ingest.check_url(
+    with pytest.raises(submit.UnsafeURL, match="private, loopback or link-local"):
+        submit.check_url("http://metadata.example/", resolver=lambda h, p: ["169.254.169.254"])
+    assert submit.check_url("http://public.example/a.png", resolver=lambda h, p: ["93.184.215.14"])
+    with pytest.raises(submit.UnsafeURL):  # one bad address among good ones is enough
+        submit.check_url(
             "http://mixed.example/", resolver=lambda h, p: ["93.184.215.14", "10.0.0.1"]
         )
 
 
 def test_loopback_fetch_refused_unless_allow_listed(http_server):
-    with pytest.raises(ingest.UnsafeURL):
-        ingest.fetch_url(http_server + "/img.png", settings())
-    data = ingest.fetch_url(http_server + "/img.png", settings(url_allow_hosts=["127.0.0.1"]))
+    with pytest.raises(submit.UnsafeURL):
+        submit.fetch_url(http_server + "/img.png", settings())
+    data = submit.fetch_url(http_server + "/img.png", settings(url_allow_hosts=["127.0.0.1"]))
     assert data == png()
 
 
@@ -105,17 +107,17 @@ def test_loopback_fetch_refused_unless_allow_listed(http_server):
 )
 def test_redirect_to_private_address_refused(http_server, target):
     s = settings(url_allow_hosts=["127.0.0.1"])
-    with pytest.raises(ingest.UnsafeURL):
-        ingest.fetch_url(f"{http_server}/to?u={target}", s)
+    with pytest.raises(submit.UnsafeURL):
+        submit.fetch_url(f"{http_server}/to?u={target}", s)
 
 
 def test_fetch_size_limit_and_redirect_cap(http_server):
     s = settings(url_allow_hosts=["127.0.0.1"], max_image_bytes=1000)
-    with pytest.raises(ingest.TooLarge):
-        ingest.fetch_url(http_server + "/big", s)
+    with pytest.raises(submit.TooLarge):
+        submit.fetch_url(http_server + "/big", s)
     s = settings(url_allow_hosts=["127.0.0.1"], url_fetch_max_redirects=0)
-    with pytest.raises(ingest.SubmissionRejected, match="redirects"):
-        ingest.fetch_url(f"{http_server}/to?u={http_server}/img.png", s)
+    with pytest.raises(submit.SubmissionRejected, match="redirects"):
+        submit.fetch_url(f"{http_server}/to?u={http_server}/img.png", s)
 
 
 def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, http_server):
@@ -127,7 +129,7 @@ def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, htt
         http_server + "/missing.png",
         f"{http_server}/to?u=http://169.254.169.254/",
     ]
-    queued = ingest.fetch_urls(session, job.id, urls, store=store, settings=s)
+    queued = submit.fetch_urls(session, job.id, urls, store=store, settings=s)
     assert len(queued) == 1
     rows = {i.original_name: i for i in session.query(Image).filter_by(job_id=job.id)}
     assert (
@@ -136,7 +138,7 @@ def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, htt
     assert rows[urls[1]].failure_reason.endswith("HTTP 404")
     assert "refused URL" in rows[urls[2]].failure_reason
     # Idempotent: a second run adds nothing.
-    assert ingest.fetch_urls(session, job.id, urls, store=store, settings=s) == []
+    assert submit.fetch_urls(session, job.id, urls, store=store, settings=s) == []
 
 
 def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
@@ -148,9 +150,9 @@ def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
     factory = make_sessionmaker(engine)
     with session_scope(factory) as session:
         job_id = jobs.create_job(session, "p", options={"prefix": "photos/"}).id
-    monkeypatch.setattr(ingest, "PAGE_SIZE", 2)
+    monkeypatch.setattr(submit, "PAGE_SIZE", 2)
     sent = []
-    total = ingest.run_enumerate_prefix(
+    total = submit.run_enumerate_prefix(
         job_id,
         session_factory=factory,
         store=store,
@@ -196,7 +198,7 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
         job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     sent, published = [], []
-    total = ingest.run_fetch_urls(
+    total = submit.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -215,7 +217,7 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
         event == "job.failed" and body["job"]["id"] == job_id and body["job"]["failed_count"] == 2
     )
     # The same task again (a redelivery) records and publishes nothing more.
-    ingest.run_fetch_urls(
+    submit.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -233,7 +235,7 @@ def test_url_job_is_not_finished_while_urls_are_left_to_fetch(engine, tmp_path, 
     with session_scope(factory) as session:
         job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
     sent, published = [], []
-    total = ingest.run_fetch_urls(
+    total = submit.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -257,7 +259,7 @@ def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
         job_id = jobs.create_job(session, "p", owner_id=owner_id, options={"prefix": "photos/"}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     published = []
-    total = ingest.run_enumerate_prefix(
+    total = submit.run_enumerate_prefix(
         job_id,
         session_factory=factory,
         store=store,
@@ -276,16 +278,16 @@ def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
 
 def test_zip_total_size_cap():
     archive = make_zip({"a.png": png(), "b.png": png((1, 1, 1))})
-    with pytest.raises(ingest.SubmissionRejected, match="uncompresses to"):
-        ingest.read_zip(archive, settings(zip_max_total_bytes=50))
+    with pytest.raises(submit.SubmissionRejected, match="uncompresses to"):
+        submit.read_zip(archive, settings(zip_max_total_bytes=50))
 
 
 def test_prefix_within_store():
-    assert ingest.prefix_within_store("s3://b/base/photos/", "s3://b/base") == "photos/"
-    with pytest.raises(ingest.SubmissionRejected):
-        ingest.prefix_within_store("s3://b/elsewhere/", "s3://b/base")
-    with pytest.raises(ingest.SubmissionRejected):
-        ingest.prefix_within_store("../x", "file:///tmp/o")
+    assert submit.prefix_within_store("s3://b/base/photos/", "s3://b/base") == "photos/"
+    with pytest.raises(submit.SubmissionRejected):
+        submit.prefix_within_store("s3://b/elsewhere/", "s3://b/base")
+    with pytest.raises(submit.SubmissionRejected):
+        submit.prefix_within_store("../x", "file:///tmp/o")
 
 
 # --- DNS rebinding: the fetch connects only to the address that was checked -------------------
@@ -329,15 +331,15 @@ def logged_server():
 @pytest.mark.parametrize("via_redirect", [False, True], ids=["direct", "redirect-hop"])
 @pytest.mark.parametrize("fetch", ["ingest", "pinned_http"])
 def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, fetch, via_redirect):
-    from captioner import pinned_http
+    from captioner.intake import urls
 
-    fetch_url = ingest.fetch_url if fetch == "ingest" else pinned_http.fetch_url
+    fetch_url = submit.fetch_url if fetch == "ingest" else urls.fetch_url
     port, seen = logged_server
     lookups, connects = rebinding_dns
     target = f"http://rebind.example:{port}/img.png"
     url = f"http://127.0.0.1:{port}/to?u={target}" if via_redirect else target
     s = settings(url_allow_hosts=["127.0.0.1"] if via_redirect else [])
-    with pytest.raises(ingest.SubmissionRejected, match="fetch failed"):
+    with pytest.raises(submit.SubmissionRejected, match="fetch failed"):
         fetch_url(url, s)
     # The name was resolved once (for the check) and the connect went to that checked address.
     assert lookups == ["rebind.example"]
@@ -346,19 +348,16 @@ def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, fetch
 
 
 def test_pinned_fetch_keeps_host_header_and_checks_every_hop(logged_server):
-    from captioner import pinned_http
+    from captioner.intake import urls
 
     port, seen = logged_server
     names = {"pinned.example": ["127.0.0.1"], "inner.example": ["10.0.0.5"]}
     resolver = lambda host, _port: names[host]  # noqa: E731
     s = settings(url_allow_hosts=["pinned.example"])
-    assert (
-        pinned_http.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver)
-        == png()
-    )
+    assert urls.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver) == png()
     assert seen == [("/img.png", f"pinned.example:{port}")]
-    with pytest.raises(ingest.UnsafeURL, match="private, loopback or link-local"):
-        pinned_http.fetch_url(
+    with pytest.raises(submit.UnsafeURL, match="private, loopback or link-local"):
+        urls.fetch_url(
             f"http://pinned.example:{port}/to?u=http://inner.example/x.png", s, resolver=resolver
         )
 
@@ -366,7 +365,7 @@ def test_pinned_fetch_keeps_host_header_and_checks_every_hop(logged_server):
 def test_pinned_adapter_connects_to_the_ip_but_keeps_the_name_for_host_sni_and_cert():
     import requests
 
-    from captioner.pinned_http import PinnedAdapter
+    from captioner.intake.urls import PinnedAdapter
 
     adapter = PinnedAdapter("pinned.example", PUBLIC_IP)
     request = requests.Request("GET", "https://Pinned.Example:8443/a.png").prepare()
@@ -436,7 +435,7 @@ def test_pinned_https_verifies_the_name_not_the_ip(tmp_path):
 
     import requests
 
-    from captioner.pinned_http import PinnedAdapter
+    from captioner.intake.urls import PinnedAdapter
 
     ca, cert, key = _tls_files(tmp_path, "pinned.example")
     seen: list[tuple[str, str]] = []

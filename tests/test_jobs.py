@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import StatementError
 
-from captioner import jobs
-from captioner.db import make_engine, make_sessionmaker, session_scope
-from captioner.models import (
+from captioner.state import images, jobs, reviews
+from captioner.state.db import make_engine, make_sessionmaker, session_scope
+from captioner.state.models import (
     ApiToken,
     Caption,
     Image,
@@ -18,7 +18,6 @@ from captioner.models import (
     JobStatus,
     ModelVersion,
     Review,
-    Split,
     User,
     utcnow,
 )
@@ -63,11 +62,11 @@ def test_submit_to_unknown_job(session):
 
 def test_claim_takes_queued_images_once(session):
     job, ids = _job_with_images(session, 5)
-    first = jobs.claim_images(session, worker_id="w1", lease_seconds=60, job_id=job.id, limit=3)
+    first = images.claim_images(session, worker_id="w1", lease_seconds=60, job_id=job.id, limit=3)
     assert first == ids[:3]
-    second = jobs.claim_images(session, worker_id="w2", lease_seconds=60, job_id=job.id)
+    second = images.claim_images(session, worker_id="w2", lease_seconds=60, job_id=job.id)
     assert second == ids[3:]
-    assert jobs.claim_images(session, worker_id="w3", lease_seconds=60, image_ids=ids) == []
+    assert images.claim_images(session, worker_id="w3", lease_seconds=60, image_ids=ids) == []
     image = _image(session, ids[0])
     assert (image.status, image.lease_owner, image.attempts) == ("running", "w1", 1)
     assert image.lease_until > utcnow() + timedelta(seconds=50)
@@ -77,28 +76,30 @@ def test_claim_takes_queued_images_once(session):
 
 def test_claim_by_ids_only_touches_those(session):
     _, ids = _job_with_images(session, 4)
-    assert jobs.claim_images(
+    assert images.claim_images(
         session, worker_id="w", lease_seconds=60, image_ids=[ids[1], ids[3]]
     ) == [ids[1], ids[3]]
     assert _image(session, ids[0]).status == ImageStatus.QUEUED
-    assert jobs.claim_images(session, worker_id="w", lease_seconds=60, image_ids=[]) == []
+    assert images.claim_images(session, worker_id="w", lease_seconds=60, image_ids=[]) == []
 
 
 def test_expired_lease_can_be_claimed_again_until_attempts_run_out(session):
     _, [image_id] = _job_with_images(session, 1)
     later = utcnow() + timedelta(seconds=120)
-    assert jobs.claim_images(session, worker_id="w1", lease_seconds=60, image_ids=[image_id]) == [
+    assert images.claim_images(session, worker_id="w1", lease_seconds=60, image_ids=[image_id]) == [
         image_id
     ]
     # Lease still valid: no one else gets it.
-    assert jobs.claim_images(session, worker_id="w2", lease_seconds=60, image_ids=[image_id]) == []
-    assert jobs.claim_images(
+    assert (
+        images.claim_images(session, worker_id="w2", lease_seconds=60, image_ids=[image_id]) == []
+    )
+    assert images.claim_images(
         session, worker_id="w2", lease_seconds=60, image_ids=[image_id], now=later, max_attempts=3
     ) == [image_id]
     assert _image(session, image_id).attempts == 2
     much_later = later + timedelta(seconds=120)
     assert (
-        jobs.claim_images(
+        images.claim_images(
             session,
             worker_id="w3",
             lease_seconds=60,
@@ -113,9 +114,9 @@ def test_expired_lease_can_be_claimed_again_until_attempts_run_out(session):
 def test_complete_saves_one_caption_per_model_version(session):
     _, [image_id] = _job_with_images(session, 1)
     v1, v2 = _model(session, "v1"), _model(session, "v2")
-    jobs.claim_images(session, worker_id="w", lease_seconds=60)
+    images.claim_images(session, worker_id="w", lease_seconds=60)
     nbest = [{"text": "a cat", "score": -0.5}, {"text": "a dog", "score": -1.5}]
-    jobs.complete_image(
+    images.complete_image(
         session,
         image_id=image_id,
         model_version_id=v1.id,
@@ -126,10 +127,10 @@ def test_complete_saves_one_caption_per_model_version(session):
         height=480,
     )
     # Run twice (a redelivered task): same rows, newest text.
-    jobs.complete_image(
+    images.complete_image(
         session, image_id=image_id, model_version_id=v1.id, text="a cat, again", score=-0.4
     )
-    jobs.complete_image(
+    images.complete_image(
         session, image_id=image_id, model_version_id=v2.id, text="a kitten", score=-0.2
     )
     captions = session.scalars(select(Caption).order_by(Caption.model_version_id)).all()
@@ -146,7 +147,7 @@ def test_complete_saves_one_caption_per_model_version(session):
 def test_model_caption_never_overwrites_a_reviewed_caption(session):
     _, [image_id] = _job_with_images(session, 1)
     mv = _model(session)
-    assert jobs.save_caption(
+    assert images.save_caption(
         session,
         image_id=image_id,
         model_version_id=mv.id,
@@ -155,9 +156,11 @@ def test_model_caption_never_overwrites_a_reviewed_caption(session):
         candidates=[{"text": "a cat", "score": -1.0}],
     )
     caption = session.scalars(select(Caption)).one()
-    review = jobs.add_review(session, image_id=image_id, caption_id=caption.id, decision="approved")
+    review = reviews.add_review(
+        session, image_id=image_id, caption_id=caption.id, decision="approved"
+    )
     assert review.text == "a cat"
-    saved = jobs.save_caption(
+    saved = images.save_caption(
         session, image_id=image_id, model_version_id=mv.id, text="a bus", score=-0.1
     )
     assert saved is False
@@ -173,27 +176,27 @@ def test_model_caption_never_overwrites_a_reviewed_caption(session):
 def test_fail_with_reason_and_captioned_wins(session):
     _, [a, b] = _job_with_images(session, 2)
     mv = _model(session)
-    jobs.claim_images(session, worker_id="w", lease_seconds=60)
-    assert jobs.fail_image(session, a, "truncated file") is True
+    images.claim_images(session, worker_id="w", lease_seconds=60)
+    assert images.fail_image(session, a, "truncated file") is True
     image = _image(session, a)
     assert (image.status, image.failure_reason, image.lease_owner) == (
         "failed",
         "truncated file",
         None,
     )
-    jobs.complete_image(session, image_id=b, model_version_id=mv.id, text="t", score=0.0)
-    assert jobs.fail_image(session, b, "late failure") is False
+    images.complete_image(session, image_id=b, model_version_id=mv.id, text="t", score=0.0)
+    assert images.fail_image(session, b, "late failure") is False
     assert _image(session, b).status == ImageStatus.CAPTIONED
 
 
 def test_release_expired_leases(session):
     _, ids = _job_with_images(session, 3)
-    jobs.claim_images(session, worker_id="w", lease_seconds=60, image_ids=ids[:2])
+    images.claim_images(session, worker_id="w", lease_seconds=60, image_ids=ids[:2])
     # ids[1] has been tried twice already.
     session.execute(Image.__table__.update().where(Image.id == ids[1]).values(attempts=3))
-    assert jobs.release_expired_leases(session, max_attempts=3) == []  # nothing expired yet
+    assert images.release_expired_leases(session, max_attempts=3) == []  # nothing expired yet
     later = utcnow() + timedelta(seconds=61)
-    assert jobs.release_expired_leases(session, max_attempts=3, now=later) == [ids[0]]
+    assert images.release_expired_leases(session, max_attempts=3, now=later) == [ids[0]]
     first, second = _image(session, ids[0]), _image(session, ids[1])
     assert (first.status, first.lease_owner, first.queued_at) == ("queued", None, later)
     assert second.status == ImageStatus.FAILED and "3 attempts" in second.failure_reason
@@ -202,21 +205,21 @@ def test_release_expired_leases(session):
 
 def test_requeue_stale_queued_restarts_the_clock(session):
     _, ids = _job_with_images(session, 2)
-    jobs.claim_images(session, worker_id="w", lease_seconds=60, image_ids=[ids[1]])
-    assert jobs.requeue_stale_queued(session, older_than_seconds=600) == []
+    images.claim_images(session, worker_id="w", lease_seconds=60, image_ids=[ids[1]])
+    assert images.requeue_stale_queued(session, older_than_seconds=600) == []
     later = utcnow() + timedelta(seconds=601)
-    assert jobs.requeue_stale_queued(session, older_than_seconds=600, now=later) == [ids[0]]
-    assert jobs.requeue_stale_queued(session, older_than_seconds=600, now=later) == []
+    assert images.requeue_stale_queued(session, older_than_seconds=600, now=later) == [ids[0]]
+    assert images.requeue_stale_queued(session, older_than_seconds=600, now=later) == []
 
 
 def test_requeue_and_extend_only_for_the_lease_holder(session):
     _, ids = _job_with_images(session, 2)
-    jobs.claim_images(session, worker_id="w1", lease_seconds=60)
-    assert jobs.extend_lease(session, ids, worker_id="w2", lease_seconds=600) == []
-    assert jobs.extend_lease(session, ids, worker_id="w1", lease_seconds=600) == ids
+    images.claim_images(session, worker_id="w1", lease_seconds=60)
+    assert images.extend_lease(session, ids, worker_id="w2", lease_seconds=600) == []
+    assert images.extend_lease(session, ids, worker_id="w1", lease_seconds=600) == ids
     assert _image(session, ids[0]).lease_until > utcnow() + timedelta(seconds=500)
-    assert jobs.requeue_images(session, [ids[0]], worker_id="w2") == []
-    assert jobs.requeue_images(session, [ids[0]], worker_id="w1") == [ids[0]]
+    assert images.requeue_images(session, [ids[0]], worker_id="w2") == []
+    assert images.requeue_images(session, [ids[0]], worker_id="w1") == [ids[0]]
     assert _image(session, ids[0]).status == ImageStatus.QUEUED
 
 
@@ -225,14 +228,14 @@ def test_progress_and_finishing_jobs(session):
     other, _ = _job_with_images(session, 1)
     mv = _model(session)
     assert jobs.job_progress(session, job.id) == jobs.JobProgress(job.id, queued=3)
-    jobs.claim_images(session, worker_id="w", lease_seconds=60, job_id=job.id)
-    jobs.complete_image(session, image_id=ids[0], model_version_id=mv.id, text="x", score=0.0)
-    jobs.fail_image(session, ids[1], "not an image")
+    images.claim_images(session, worker_id="w", lease_seconds=60, job_id=job.id)
+    images.complete_image(session, image_id=ids[0], model_version_id=mv.id, text="x", score=0.0)
+    images.fail_image(session, ids[1], "not an image")
     progress = jobs.job_progress(session, job.id)
     assert (progress.running, progress.captioned, progress.failed, progress.total) == (1, 1, 1, 3)
     assert not progress.is_complete
     assert jobs.finish_completed_jobs(session) == []
-    jobs.complete_image(session, image_id=ids[2], model_version_id=mv.id, text="y", score=0.0)
+    images.complete_image(session, image_id=ids[2], model_version_id=mv.id, text="y", score=0.0)
     assert jobs.finish_completed_jobs(session) == [job.id]  # `other` is still queued
     session.expire_all()
     finished = session.get(Job, job.id)
@@ -255,7 +258,7 @@ def test_reviews_are_history_and_the_newest_counts(session):
     session.add(user)
     session.flush()
     for image_id in (a, b, c, held):
-        jobs.save_caption(
+        images.save_caption(
             session,
             image_id=image_id,
             model_version_id=mv.id,
@@ -263,59 +266,51 @@ def test_reviews_are_history_and_the_newest_counts(session):
             score=-float(image_id),
         )
     cap = {cap.image_id: cap.id for cap in session.scalars(select(Caption))}
-    first = jobs.add_review(
+    first = reviews.add_review(
         session, image_id=a, caption_id=cap[a], decision="approved", reviewer_id=user.id
     )
-    ra = jobs.add_review(
+    reviews.add_review(
         session, image_id=a, caption_id=cap[a], decision="corrected", text=" a red bus "
     )
-    jobs.add_review(session, image_id=b, caption_id=cap[b], decision="approved")
-    rb = jobs.add_review(
+    reviews.add_review(session, image_id=b, caption_id=cap[b], decision="approved")
+    rb = reviews.add_review(
         session, image_id=b, caption_id=cap[b], decision="rejected", text="ignored"
     )
-    rc = jobs.add_review(session, image_id=c, caption_id=cap[c], decision="approved")
-    jobs.add_review(session, image_id=held, decision="corrected", text="held out text")
+    reviews.add_review(session, image_id=c, caption_id=cap[c], decision="approved")
+    reviews.add_review(session, image_id=held, decision="corrected", text="held out text")
 
-    assert [r.decision for r in jobs.review_history(session, a)] == ["approved", "corrected"]
-    assert jobs.current_review(session, a).text == "a red bus"
+    assert [r.decision for r in reviews.review_history(session, a)] == ["approved", "corrected"]
+    assert reviews.current_review(session, a).text == "a red bus"
     assert rb.text is None
     assert session.get(Review, first.id).text == "model " + str(a)  # old row untouched
-
-    train = jobs.reviewed_captions(session)
-    assert [(r.image_id, r.text) for r in train] == [(a, "a red bus"), (c, f"model {c}")]
-    assert [r.image_id for r in jobs.reviewed_captions(session, split=Split.HOLDOUT)] == [held]
-    # Snapshot windows by review id: "since the last run", up to a high-water mark.
-    assert [r.image_id for r in jobs.reviewed_captions(session, after_review_id=ra.id)] == [c]
-    assert jobs.reviewed_captions(session, after_review_id=rc.id) == []
-    window = jobs.reviewed_captions(session, up_to_review_id=rc.id - 1)
-    assert [r.image_id for r in window] == [a]
-    assert len(jobs.reviewed_captions(session, split=None)) == 3
 
 
 def test_review_validation(session):
     _, [a, b] = _job_with_images(session, 2)
     mv = _model(session)
-    jobs.save_caption(session, image_id=b, model_version_id=mv.id, text="t", score=0.0)
+    images.save_caption(session, image_id=b, model_version_id=mv.id, text="t", score=0.0)
     cap_b = session.scalars(select(Caption)).one()
     with pytest.raises(jobs.LifecycleError, match="corrected text"):
-        jobs.add_review(session, image_id=a, decision="corrected", text="  ")
+        reviews.add_review(session, image_id=a, decision="corrected", text="  ")
     with pytest.raises(jobs.LifecycleError, match="not a caption of image"):
-        jobs.add_review(session, image_id=a, caption_id=cap_b.id, decision="approved")
+        reviews.add_review(session, image_id=a, caption_id=cap_b.id, decision="approved")
     with pytest.raises(jobs.LifecycleError, match="needs the caption"):
-        jobs.add_review(session, image_id=a, decision="approved")
+        reviews.add_review(session, image_id=a, decision="approved")
     with pytest.raises(ValueError):
-        jobs.add_review(session, image_id=a, decision="maybe", text="x")
+        reviews.add_review(session, image_id=a, decision="maybe", text="x")
 
 
 def test_review_queue_lowest_score_first(session):
     job, ids = _job_with_images(session, 4)
     mv = _model(session)
     for image_id, score in zip(ids, [-0.5, -3.0, -1.0, -2.0], strict=True):
-        jobs.save_caption(session, image_id=image_id, model_version_id=mv.id, text="t", score=score)
-    jobs.add_review(session, image_id=ids[1], decision="corrected", text="done already")
-    queue = jobs.review_queue(session, model_version_id=mv.id, limit=2)
+        images.save_caption(
+            session, image_id=image_id, model_version_id=mv.id, text="t", score=score
+        )
+    reviews.add_review(session, image_id=ids[1], decision="corrected", text="done already")
+    queue = reviews.review_queue(session, model_version_id=mv.id, limit=2)
     assert [c.image_id for c in queue] == [ids[3], ids[2]]
-    assert len(jobs.review_queue(session, model_version_id=mv.id, job_id=job.id)) == 3
+    assert len(reviews.review_queue(session, model_version_id=mv.id, job_id=job.id)) == 3
 
 
 def test_api_tokens_store_only_a_hash(session):
@@ -340,7 +335,7 @@ def test_times_are_utc_aware(session):
     image = session.get(Image, image_id)
     assert image.created_at.utcoffset() == timedelta(0)
     with pytest.raises(StatementError, match="naive datetime"):
-        jobs.claim_images(
+        images.claim_images(
             session, worker_id="w", lease_seconds=1, now=utcnow().replace(tzinfo=None)
         )
 
@@ -355,7 +350,7 @@ def _claim_until_empty(url, worker_id, barrier, results):
     barrier.wait(timeout=60)
     while True:
         with session_scope(factory) as session:
-            ids = jobs.claim_images(session, worker_id=worker_id, lease_seconds=300, limit=10)
+            ids = images.claim_images(session, worker_id=worker_id, lease_seconds=300, limit=10)
         if not ids:
             break
         won.extend(ids)

@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from captioner import jobs, registry, retrain
-from captioner.db import make_engine, make_sessionmaker, session_scope
-from captioner.models import (
+from captioner import tasks
+from captioner.learning import registry, retrain
+from captioner.settings import Settings
+from captioner.state import jobs, reviews
+from captioner.state.db import make_engine, make_sessionmaker, session_scope
+from captioner.state.models import (
     Caption,
     Image,
     ModelStatus,
@@ -33,7 +36,6 @@ from captioner.models import (
     UserRole,
     utcnow,
 )
-from captioner.settings import Settings
 from captioner.storage import LocalObjectStore
 from tests.workers_fixtures import png, write_checkpoint
 
@@ -85,7 +87,7 @@ class Loop:
     def review(self, image_ids, texts, reviewer_id=None, decision="corrected") -> list[int]:
         with session_scope(self.sessions) as s:
             return [
-                jobs.add_review(
+                reviews.add_review(
                     s, image_id=i, decision=decision, text=t, reviewer_id=reviewer_id
                 ).id
                 for i, t in zip(image_ids, texts, strict=True)
@@ -553,10 +555,10 @@ def test_beat_schedule_and_routes(sqlite_loop):
     settings = sqlite_loop.settings.model_copy(update={"retrain_schedule": "30 3 * * 1"})
     app = create_celery_app(settings)
     entry = app.conf.beat_schedule["maybe-retrain"]
-    assert entry["task"] == retrain.TASK_MAYBE_RETRAIN
+    assert entry["task"] == tasks.TASK_MAYBE_RETRAIN
     assert entry["schedule"] == retrain_schedule("30 3 * * 1")
-    assert app.conf.task_routes[retrain.TASK_TRAIN_RUN]["queue"] == "train"
-    assert {retrain.TASK_MAYBE_RETRAIN, retrain.TASK_TRAIN_RUN} <= set(app.tasks.keys()) | {
+    assert app.conf.task_routes[tasks.TASK_TRAIN_RUN]["queue"] == "train"
+    assert {tasks.TASK_MAYBE_RETRAIN, tasks.TASK_TRAIN_RUN} <= set(app.tasks.keys()) | {
         name for name in app.conf.task_routes
     }
     with pytest.raises(ValueError, match="five"):
@@ -631,12 +633,12 @@ def test_api_training_runs_retrain_now_and_exclusion(seeded_app, client, publish
         job = jobs.create_job(s, "j")
         image_ids = jobs.submit_images(s, job.id, [f"k/{i}.png" for i in range(4)])
         for i in image_ids:
-            jobs.add_review(
+            reviews.add_review(
                 s, image_id=i, decision="corrected", text="a cat", reviewer_id=users["reviewer"].id
             )
     r = client.post("/api/v1/training-runs", headers=admin)
     assert r.status_code == 202 and r.json["status"] == "queued" and r.json["train_examples"] == 4
-    assert publisher.tasks == [(retrain.TASK_MAYBE_RETRAIN, ())]
+    assert publisher.tasks == [(tasks.TASK_MAYBE_RETRAIN, ())]
     assert client.post("/api/v1/training-runs", headers=admin).status_code == 409
     run_id = r.json["id"]
     assert (
@@ -722,7 +724,7 @@ def test_web_process_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from dashboard import training; from captioner import retrain, registry; "
+        "import sys; from dashboard import training; from captioner.learning import retrain, registry; "
         "import workers.training; print('torch' in sys.modules)"
     )
     out = subprocess.run(

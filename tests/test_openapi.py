@@ -32,9 +32,9 @@ def seeded(app):
     """An admin (whose token authenticates every request) owning a captioned job, a webhook and
     a spare token; a submitter to edit. `ids` pins path parameters to these rows, so the
     success paths are generated too, not only 404s."""
-    from captioner import jobs
-    from captioner.db import session_scope
-    from captioner.models import ApiToken, Webhook
+    from captioner.state import jobs
+    from captioner.state.db import session_scope
+    from captioner.state.models import ApiToken, Webhook
 
     admin = make_user(app, "admin@example.com", "admin")
     other = make_user(app, "sub@example.com", "submitter")
@@ -48,7 +48,7 @@ def seeded(app):
         ids = {"job_id": job.id, "token_id": spare.id, "webhook_id": hook.id, "user_id": other.id}
     ids["image_id"] = fake_caption(app, ids["job_id"])[0]
     with session_scope(app.extensions["captioner"].sessionmaker) as s:  # the learning loop's rows
-        from captioner.models import ModelVersion, TrainingRun
+        from captioner.state.models import ModelVersion, TrainingRun
 
         ids["version_id"] = s.query(ModelVersion.id).order_by(ModelVersion.id).first()[0]
         run = TrainingRun(params={"trigger": "manual"})

@@ -14,10 +14,10 @@ import redis
 from dashboard_helpers import fake_caption, make_user, png
 from prometheus_client.parser import text_string_to_metric_families
 
-from captioner import jobs
-from captioner.db import session_scope
 from captioner.logging import JsonFormatter, TextFormatter, log_context, make_handler
-from captioner.models import Caption, Review, ReviewDecision, TrainingRun, TrainingStatus
+from captioner.state import images, jobs
+from captioner.state.db import session_scope
+from captioner.state.models import Caption, Review, ReviewDecision, TrainingRun, TrainingStatus
 
 
 def closed_port() -> int:
@@ -79,9 +79,9 @@ def test_metrics_expose_queue_throughput_latency_failures_reviews_training(ops_a
     failing_job = submit(client, admin, 2, green=100)
     sessions = ops_app.extensions["captioner"].sessionmaker
     with session_scope(sessions) as session:
-        failing = jobs.claim_images(session, worker_id="w", lease_seconds=60, job_id=failing_job)
-        jobs.fail_image(session, failing[0], "image file not found in storage")
-        jobs.fail_image(session, failing[1], "could not prepare the image for the model: boom")
+        failing = images.claim_images(session, worker_id="w", lease_seconds=60, job_id=failing_job)
+        images.fail_image(session, failing[0], "image file not found in storage")
+        images.fail_image(session, failing[1], "could not prepare the image for the model: boom")
         caption = session.query(Caption).filter_by(image_id=ids[0]).one()
         session.add(
             Review(

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from captioner import migrate
-from captioner.cli_db import db
-from captioner.db import make_engine
-from captioner.models import Base
+from captioner.cli.db import db
+from captioner.state import migrate
+from captioner.state.db import make_engine
+from captioner.state.models import Base
 
 
 def test_migrated_schema_matches_models(db_url):
@@ -124,7 +124,7 @@ def test_cli_uses_settings_database_url(tmp_path, monkeypatch):
 
 def test_migrations_do_not_import_flask(sqlite_url, tmp_path):
     code = (
-        "import sys; from captioner import migrate; migrate.upgrade(sys.argv[1]); "
+        "import sys; from captioner.state import migrate; migrate.upgrade(sys.argv[1]); "
         "bad = [m for m in ('flask', 'torch', 'celery') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import PUBLIC_IP
 
-from captioner import jobs, webhooks
-from captioner.models import User, Webhook, WebhookDelivery, WebhookStatus
+from captioner import webhooks
 from captioner.settings import Settings
+from captioner.state import images, jobs
+from captioner.state.models import User, Webhook, WebhookDelivery, WebhookStatus
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def finished_job(session, url):
     session.add(hook)
     job = jobs.create_job(session, "j", owner_id=user.id)
     [image_id] = jobs.submit_images(session, job.id, ["a.jpg"])
-    jobs.claim_images(session, worker_id="w", lease_seconds=60)
-    jobs.fail_image(session, image_id, "broken")
+    images.claim_images(session, worker_id="w", lease_seconds=60)
+    images.fail_image(session, image_id, "broken")
     jobs.finish_completed_jobs(session)
     session.expire_all()
     return job

@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory):
 
 def _stack(root, checkpoint, redis_url: str) -> Stack:
     """A stack on `redis_url`, a database of this session's that has just been flushed."""
-    from captioner import migrate
+    from captioner.state import migrate
 
     url = f"sqlite:///{root / 'captioner.db'}"
     migrate.upgrade(url)
@@ -58,7 +58,7 @@ def stack(tmp_path, checkpoint, monkeypatch, redis_dbs):
 def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one_runs(
     stack, monkeypatch
 ):
-    from captioner import jobs
+    from captioner.state import images
     from core_model.inference import ImageCaptioner
     from workers import tasks
 
@@ -129,7 +129,7 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
 
     monkeypatch.setattr(ImageCaptioner, "caption_tensors", caption_tensors)
 
-    original_complete = jobs.complete_images
+    original_complete = images.complete_images
 
     def complete_images(session, model_version_id, rows):
         if rows and {r.image_id for r in rows} <= set(batches["b1"]):
@@ -138,7 +138,7 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
             note("b1 saving")
         return original_complete(session, model_version_id, rows)
 
-    monkeypatch.setattr(jobs, "complete_images", complete_images)
+    monkeypatch.setattr(images, "complete_images", complete_images)
 
     outcomes: dict[str, object] = {}
 
@@ -282,7 +282,7 @@ def test_a_newer_wanted_switches_and_a_failed_load_lets_the_next_batch_try(monke
 def test_worker_pool_is_pipelined_on_cuda_and_solo_on_the_cpu(
     env, pool, concurrency, queues, expected
 ):
-    from captioner.cli_worker import choose_pool
+    from captioner.cli.worker import choose_pool
 
     assert choose_pool(pool, concurrency, queues, Settings(**env)) == expected
 

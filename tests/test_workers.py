@@ -16,9 +16,9 @@ import time
 import pytest
 from sqlalchemy import select, update
 
-from captioner import jobs
-from captioner.db import session_scope
-from captioner.models import (
+from captioner.state import images, jobs, reviews
+from captioner.state.db import session_scope
+from captioner.state.models import (
     Caption,
     Image,
     ImageStatus,
@@ -45,7 +45,7 @@ from tests.workers_fixtures import (
 
 
 def _migrated_sqlite(path) -> str:
-    from captioner import migrate
+    from captioner.state import migrate
 
     url = f"sqlite:///{path}"
     migrate.upgrade(url)
@@ -104,10 +104,10 @@ def test_200_images_each_captioned_exactly_once(stack, worker, env):
     progress = wait_for(lambda: _done(stack, job_id), 120, what="200 images captioned")
     assert progress.captioned == 200 and progress.failed == 0
     assert set(stack.caption_counts(ids).values()) == {1} and len(stack.caption_counts(ids)) == 200
-    images = stack.images(ids)
+    by_key = stack.images(ids)
     # Claimed once each: no message ran an image twice.
-    assert {im.attempts for im in images.values()} == {1}
-    assert all(im.width == 32 and im.height == 32 for im in images.values())
+    assert {im.attempts for im in by_key.values()} == {1}
+    assert all(im.width == 32 and im.height == 32 for im in by_key.values())
     with stack.sessions() as s:
         captions = s.scalars(select(Caption).where(Caption.image_id.in_(ids))).all()
         assert all(c.created_at == c.updated_at for c in captions)  # never re-written
@@ -127,7 +127,7 @@ def test_message_carries_ids_only(stack, redis_dbs):
     settings = stack.settings().model_copy(
         update={"redis_url": redis_dbs.flushed("scratch"), "batch_size": 4}
     )
-    from captioner.queue import publish_caption_batches
+    from captioner.tasks import publish_caption_batches
 
     assert publish_caption_batches(7, [1, 2, 3, 4, 5], settings=settings) == 2
     assert publish_caption_batches(8, [9], interactive=True, settings=settings) == 1
@@ -165,11 +165,11 @@ def test_bad_inputs_fail_alone_with_reasons(stack, worker, env, bad_inputs):
     items.append(("mixed/missing.png", None))  # never stored
     job_id, ids = stack.submit(items, name="mixed")
     wait_for(lambda: _done(stack, job_id), 90, what="mixed job done")
-    images = {im.storage_key: im for im in stack.images(ids).values()}
+    by_key = {im.storage_key: im for im in stack.images(ids).values()}
     for i in range(10):
-        assert images[f"mixed/good-{i}.png"].status == ImageStatus.CAPTIONED
+        assert by_key[f"mixed/good-{i}.png"].status == ImageStatus.CAPTIONED
     for key, exp in expected.items():
-        im = images[key]
+        im = by_key[key]
         if exp.error is None:
             assert im.status == ImageStatus.CAPTIONED, (key, im.failure_reason)
         else:
@@ -179,12 +179,12 @@ def test_bad_inputs_fail_alone_with_reasons(stack, worker, env, bad_inputs):
                 key,
                 im.failure_reason,
             )
-    missing = images["mixed/missing.png"]
+    missing = by_key["mixed/missing.png"]
     assert missing.status == ImageStatus.FAILED and "not found" in missing.failure_reason
     counts = stack.caption_counts(ids)
     assert all(
         counts.get(im.id) == (1 if im.status == ImageStatus.CAPTIONED else None)
-        for im in images.values()
+        for im in by_key.values()
     )
     # The worker stays up and keeps working.
     assert worker.alive()
@@ -248,7 +248,7 @@ def test_model_caption_never_overwrites_a_review(stack, env):
     with session_scope(stack.sessions) as s:
         caption = s.scalars(select(Caption).where(Caption.image_id == reviewed)).one()
         caption.text = "a red square on a table"  # the text the reviewer approved
-        jobs.add_review(
+        reviews.add_review(
             s, image_id=reviewed, decision=ReviewDecision.APPROVED, caption_id=caption.id
         )
         other_caption = s.scalars(select(Caption).where(Caption.image_id == other)).one()
@@ -283,7 +283,7 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch,
     )
     stack.apply_env(monkeypatch)
     job_id, ids = stack.submit_pngs(200, name="wipe", publish=False)
-    from captioner.queue import publish_caption_batches
+    from captioner.tasks import publish_caption_batches
 
     publish_caption_batches(job_id, ids, settings=stack.settings())
     w = WorkerProcess(stack, "wipe").wait_ready()
@@ -334,7 +334,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
     stack.apply_env(monkeypatch)
     job_id, ids = stack.submit_pngs(96, name="kill", publish=False)
     first = WorkerProcess(stack, "doomed").wait_ready()
-    from captioner.queue import publish_caption_batches
+    from captioner.tasks import publish_caption_batches
 
     publish_caption_batches(job_id, ids, settings=stack.settings())
 
@@ -373,7 +373,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
 
 
 def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeypatch, redis_dbs):
-    from captioner import migrate
+    from captioner.state import migrate
 
     name = _create_postgres_database()
     url = _postgres_url_for(name)
@@ -393,14 +393,14 @@ def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeyp
             w.wait_ready()
         job_id, ids = stack.submit_pngs(160, name="pair")
         # Every chunk published twice: both workers race for the same ids.
-        from captioner.queue import publish_caption_batches
+        from captioner.tasks import publish_caption_batches
 
         publish_caption_batches(job_id, ids, settings=stack.settings())
         wait_for(lambda: _done(stack, job_id), 120, what="pair job done")
         counts = stack.caption_counts(ids)
         assert len(counts) == 160 and set(counts.values()) == {1}
-        images = stack.images(ids)
-        assert {im.attempts for im in images.values()} == {1}  # no image claimed twice
+        by_key = stack.images(ids)
+        assert {im.attempts for im in by_key.values()} == {1}  # no image claimed twice
         with stack.sessions() as s:
             captions = s.scalars(select(Caption).where(Caption.image_id.in_(ids))).all()
             assert all(c.created_at == c.updated_at for c in captions)
@@ -487,7 +487,7 @@ def test_interactive_image_overtakes_a_bulk_job(stack, worker, env):
     stack.redis.delete("caption")
     with session_scope(stack.sessions) as s:
         for image_id in bulk_ids:
-            jobs.fail_image(s, image_id, "cancelled by the test")
+            images.fail_image(s, image_id, "cancelled by the test")
     assert worker.alive()
 
 
@@ -508,7 +508,7 @@ def test_queue_module_does_not_import_torch_or_workers():
     import subprocess
 
     code = (
-        "import sys, captioner.queue, captioner.cli;"
+        "import sys, captioner.tasks, captioner.cli;"
         "bad=[m for m in ('torch','workers','workers.tasks') if m in sys.modules];"
         "assert not bad, bad"
     )

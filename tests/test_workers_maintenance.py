@@ -16,9 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select
 
-from captioner import ingest, jobs, webhooks
-from captioner.db import session_scope
-from captioner.models import (
+from captioner import tasks, webhooks
+from captioner.state import images, jobs
+from captioner.state.db import session_scope
+from captioner.state.models import (
     Image,
     ImageStatus,
     Job,
@@ -101,7 +102,7 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_dbs):
-    from captioner import migrate
+    from captioner.state import migrate
 
     root = tmp_path_factory.mktemp("maintenance")
     url = f"sqlite:///{root / 'captioner.db'}"
@@ -176,7 +177,7 @@ def test_enumerate_prefix_task_queues_and_captions_the_listing(stack, worker, en
     with session_scope(stack.sessions) as s:
         job_id = jobs.create_job(s, "prefix", options={"prefix": "bucket/photos/"}).id
 
-    ingest.send_task(ingest.TASK_ENUMERATE_PREFIX, job_id, settings=stack.settings())
+    tasks.send_task(tasks.TASK_ENUMERATE_PREFIX, job_id, settings=stack.settings())
 
     job = wait_for(lambda: _finished(stack, job_id), 60, what="prefix job finished")
     assert (job.image_count, job.captioned_count, job.failed_count) == (7, 7, 0)
@@ -201,7 +202,7 @@ def test_fetch_urls_task_fetches_queues_and_fails_bad_urls_alone(stack, worker, 
     with session_scope(stack.sessions) as s:
         job_id = jobs.create_job(s, "urls", options={"urls": urls}).id
 
-    ingest.send_task(ingest.TASK_FETCH_URLS, job_id, settings=stack.settings())
+    tasks.send_task(tasks.TASK_FETCH_URLS, job_id, settings=stack.settings())
 
     job = wait_for(lambda: _finished(stack, job_id), 60, what="URL job finished")
     assert (job.image_count, job.captioned_count, job.failed_count) == (4, 3, 1)
@@ -225,7 +226,7 @@ def test_fetch_urls_task_finishing_a_job_of_failed_urls_delivers_job_failed(
     with session_scope(stack.sessions) as s:
         job_id = jobs.create_job(s, "dead urls", owner_id=owner_id, options={"urls": urls}).id
 
-    ingest.send_task(ingest.TASK_FETCH_URLS, job_id, settings=stack.settings())
+    tasks.send_task(tasks.TASK_FETCH_URLS, job_id, settings=stack.settings())
 
     wait_for(lambda: receiver.posts_to("/hook-d"), 60, what="job.failed delivered")
     [(headers, body)] = receiver.posts_to("/hook-d")
@@ -248,7 +249,7 @@ def test_worker_finishing_a_job_delivers_one_signed_event_with_retry(stack, work
     with session_scope(stack.sessions) as s:
         job_id = jobs.create_job(s, "hooked", owner_id=owner_id).id
         ids = jobs.submit_images(s, job_id, [f"hooked/{i}.png" for i in range(5)])
-    from captioner.queue import publish_caption_batches
+    from captioner.tasks import publish_caption_batches
 
     publish_caption_batches(job_id, ids, settings=stack.settings())
 
@@ -283,8 +284,8 @@ def test_deliver_webhook_task_refuses_an_unsafe_url_without_retrying(stack, env)
     with session_scope(stack.sessions) as s:
         job = jobs.create_job(s, "done", owner_id=owner_id)
         jobs.submit_images(s, job.id, ["x/1.png"])
-        [image_id] = jobs.claim_images(s, worker_id="t", lease_seconds=60, job_id=job.id)
-        jobs.fail_image(s, image_id, "test")
+        [image_id] = images.claim_images(s, worker_id="t", lease_seconds=60, job_id=job.id)
+        images.fail_image(s, image_id, "test")
         assert jobs.finish_completed_jobs(s) == [job.id]
         [delivery_id] = webhooks.record_job_events(s, [job.id])
 
@@ -308,13 +309,13 @@ def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(
         # A job whose images were all done but that nobody finished (its worker died).
         orphan = jobs.create_job(s, "orphan", owner_id=owner_id)
         jobs.submit_images(s, orphan.id, ["o/1.png"])
-        [image_id] = jobs.claim_images(s, worker_id="gone", lease_seconds=60, job_id=orphan.id)
-        jobs.fail_image(s, image_id, "test")
+        [image_id] = images.claim_images(s, worker_id="gone", lease_seconds=60, job_id=orphan.id)
+        images.fail_image(s, image_id, "test")
         # A finished job whose delivery message was lost an hour ago.
         lost = jobs.create_job(s, "lost", owner_id=owner_id)
         jobs.submit_images(s, lost.id, ["l/1.png"])
-        [image_id] = jobs.claim_images(s, worker_id="gone", lease_seconds=60, job_id=lost.id)
-        jobs.fail_image(s, image_id, "test")
+        [image_id] = images.claim_images(s, worker_id="gone", lease_seconds=60, job_id=lost.id)
+        images.fail_image(s, image_id, "test")
         assert jobs.finish_completed_jobs(s) == [orphan.id, lost.id]
         [lost_delivery] = webhooks.record_job_events(s, [lost.id])
         s.get(WebhookDelivery, lost_delivery).next_attempt_at = utcnow() - timedelta(hours=1)

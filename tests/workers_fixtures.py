@@ -23,12 +23,12 @@ import redis
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from captioner import jobs
-from captioner.db import make_engine, make_sessionmaker, session_scope
-from captioner.models import Caption, Image, ImageStatus
-from captioner.queue import publish_caption_batches
 from captioner.settings import Settings
+from captioner.state import jobs
+from captioner.state.db import make_engine, make_sessionmaker, session_scope
+from captioner.state.models import Caption, Image, ImageStatus
 from captioner.storage import LocalObjectStore
+from captioner.tasks import publish_caption_batches
 
 REPO = Path(__file__).resolve().parents[1]
 

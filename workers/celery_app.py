@@ -24,11 +24,8 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from captioner.ingest import TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS
-from captioner.queue import QUEUE_MAINTENANCE, QUEUE_TRAIN, TASK_SWEEP, celery_config
-from captioner.retrain import TASK_MAYBE_RETRAIN, TASK_TRAIN_RUN
 from captioner.settings import get_settings
-from captioner.webhooks import TASK_DELIVER_WEBHOOK
+from captioner.tasks import QUEUE_MAINTENANCE, TASK_MAYBE_RETRAIN, TASK_SWEEP, celery_config
 
 if TYPE_CHECKING:
     from captioner.settings import Settings
@@ -39,14 +36,6 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("captioner", include=["workers.tasks", "workers.training"])
     conf = celery_config(settings)
-    # Background ingestion and webhook deliveries run on the maintenance queue, like the sweep.
-    maintenance = {"queue": QUEUE_MAINTENANCE, "routing_key": QUEUE_MAINTENANCE}
-    conf["task_routes"] = dict(conf["task_routes"]) | {
-        name: maintenance for name in (TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS, TASK_DELIVER_WEBHOOK)
-    }
-    # The learning loop: the retrain check is light (maintenance); training has its own queue.
-    conf["task_routes"][TASK_MAYBE_RETRAIN] = maintenance
-    conf["task_routes"][TASK_TRAIN_RUN] = {"queue": QUEUE_TRAIN, "routing_key": QUEUE_TRAIN}
     # The visibility timeout must outlast the hard limit, whatever the operator configured.
     conf["broker_transport_options"]["visibility_timeout"] = max(
         settings.broker_visibility_timeout_seconds, settings.task_time_limit_seconds * 2

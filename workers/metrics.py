@@ -13,7 +13,7 @@ import math
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from captioner.queue import ALL_QUEUES
+from captioner.tasks import ALL_QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _server_port: int | None = None
 
 def _depth_reader(queue: str):
     def read() -> float:
-        from captioner.queue import queue_depths
+        from captioner.tasks import queue_depths
 
         try:
             return float(queue_depths()[queue])

@@ -40,8 +40,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from captioner.models import ModelStatus, ModelVersion
-from captioner.registry import local_checkpoint
+from captioner.learning.registry import local_checkpoint
+from captioner.state.models import ModelStatus, ModelVersion
 
 if TYPE_CHECKING:
     from captioner.settings import Settings

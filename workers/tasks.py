@@ -61,18 +61,26 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from captioner import ingest, jobs, webhooks
-from captioner.db import make_engine, make_sessionmaker, session_scope
-from captioner.images import ImageRejected, decode_image, open_image
-from captioner.ingest import TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS
-from captioner.models import Image, ImageStatus, Job, utcnow
-from captioner.queue import TASK_CAPTION_BATCH, TASK_SWEEP, publish_caption_batches
+from captioner import webhooks
+from captioner.intake import submit
+from captioner.intake.decode import ImageRejected, decode_image, open_image
 from captioner.settings import Settings, get_settings
+from captioner.state import images, jobs
+from captioner.state.db import make_engine, make_sessionmaker, session_scope
+from captioner.state.models import Image, Job, utcnow
 from captioner.storage import InvalidKey, ObjectNotFound, open_store
-from captioner.webhooks import TASK_DELIVER_WEBHOOK
+from captioner.tasks import (
+    TASK_CAPTION_BATCH,
+    TASK_DELIVER_WEBHOOK,
+    TASK_ENUMERATE_PREFIX,
+    TASK_FETCH_URLS,
+    TASK_SWEEP,
+    publish_caption_batches,
+    publish_deliveries,
+)
 from workers import metrics
 from workers.model_runtime import ModelRuntime, ModelUnavailable
 
@@ -248,8 +256,8 @@ def _claim_prepare_and_caption(
     try:
         with session_scope(res.sessions) as s:
             if retrying:
-                jobs.requeue_images(s, ids, worker_id=worker_id)
-            out.claimed = jobs.claim_images(
+                images.requeue_images(s, ids, worker_id=worker_id)
+            out.claimed = images.claim_images(
                 s,
                 worker_id=worker_id,
                 lease_seconds=settings.lease_seconds,
@@ -371,13 +379,13 @@ def run_caption_batch(
     try:
         with session_scope(res.sessions) as s:
             held = set(
-                jobs.extend_lease(
+                images.extend_lease(
                     s, out.claimed, worker_id=worker_id, lease_seconds=settings.lease_seconds
                 )
             )
             out.lost = [i for i in out.claimed if i not in held]
             give_back = []
-            rows: list[jobs.CaptionRow] = []
+            rows: list[images.CaptionRow] = []
             for image_id in out.claimed:
                 if image_id not in held:
                     continue
@@ -385,7 +393,7 @@ def run_caption_batch(
                 if image_id in results and results[image_id]:
                     cands = results[image_id]
                     rows.append(
-                        jobs.CaptionRow(
+                        images.CaptionRow(
                             image_id=image_id,
                             text=cands[0].text,
                             score=float(cands[0].score),
@@ -400,19 +408,21 @@ def run_caption_batch(
                         reason = STORAGE_GAVE_UP_REASON.format(
                             attempts=attempts[image_id], error=p.transient
                         )
-                        jobs.fail_image(s, image_id, reason)
+                        images.fail_image(s, image_id, reason)
                         out.failed[image_id] = reason
                         metrics.IMAGES_FAILED.labels(reason="storage").inc()
                     else:
                         give_back.append(image_id)
                 else:
                     reason = p.reason or "the model produced no caption"
-                    if jobs.fail_image(s, image_id, reason):
+                    if images.fail_image(s, image_id, reason):
                         out.failed[image_id] = reason
                         metrics.IMAGES_FAILED.labels(reason=p.reason_kind or "no_caption").inc()
-            jobs.complete_images(s, out.model_version_id, rows)  # one upsert + one update per batch
+            images.complete_images(
+                s, out.model_version_id, rows
+            )  # one upsert + one update per batch
             if give_back:
-                out.retry = jobs.requeue_images(s, give_back, worker_id=worker_id)
+                out.retry = images.requeue_images(s, give_back, worker_id=worker_id)
             if jobs.job_progress(s, job_id).is_complete:
                 out.finished_jobs = jobs.finish_completed_jobs(s)
                 out.deliveries = webhooks.record_job_events(s, out.finished_jobs)
@@ -429,7 +439,7 @@ def _publish_deliveries(delivery_ids: list[int], settings: Settings) -> None:
     if not delivery_ids:
         return
     try:
-        webhooks.publish_deliveries(delivery_ids, settings=settings)
+        publish_deliveries(delivery_ids, settings=settings)
     except (OSError, KombuOperationalError) as exc:
         log.warning(
             "could not publish %d webhook deliveries (the sweeper re-sends them): %s",
@@ -442,7 +452,7 @@ def _give_back(res: _Resources, image_ids: list[int], worker_id: str) -> None:
     """Release this worker's claims (best effort: if the database is down, leases expire)."""
     try:
         with session_scope(res.sessions) as s:
-            jobs.requeue_images(s, image_ids, worker_id=worker_id)
+            images.requeue_images(s, image_ids, worker_id=worker_id)
     except OperationalError:
         log.warning("could not give back %d images; their leases will expire", len(image_ids))
 
@@ -537,32 +547,14 @@ def caption_batch(self, job_id: int, image_ids: list[int]) -> dict[str, Any]:
 # --- sweep ----------------------------------------------------------------------------------
 
 
-def _fail_queued_past_cap(session, max_attempts: int) -> list[int]:
-    """Queued images already claimed `max_attempts` times can never be claimed again: fail them."""
-    rows = session.execute(
-        update(Image)
-        .where(Image.status == ImageStatus.QUEUED, Image.attempts >= max_attempts)
-        .values(
-            status=ImageStatus.FAILED,
-            failure_reason=jobs.LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
-            lease_owner=None,
-            lease_until=None,
-            finished_at=utcnow(),
-        )
-        .returning(Image.id)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted(rows.scalars())
-
-
 def run_sweep(settings: Settings | None = None) -> dict[str, int]:
     """One sweep (see the module docstring); publishes only after its transaction commits."""
     settings = settings or get_settings()
     res = resources(settings)
     with session_scope(res.sessions) as s:
-        expired = jobs.release_expired_leases(s, max_attempts=settings.max_attempts)
-        capped = _fail_queued_past_cap(s, settings.max_attempts)
-        stale = jobs.requeue_stale_queued(s, older_than_seconds=settings.queued_timeout_seconds)
+        expired = images.release_expired_leases(s, max_attempts=settings.max_attempts)
+        capped = images.fail_queued_past_cap(s, settings.max_attempts)
+        stale = images.requeue_stale_queued(s, older_than_seconds=settings.queued_timeout_seconds)
         groups = jobs.group_by_job(s, sorted(set(expired) | set(stale)))
         priorities = dict(
             s.execute(select(Job.id, Job.priority).where(Job.id.in_(list(groups) or [-1]))).all()
@@ -632,7 +624,7 @@ def enumerate_prefix(self, job_id: int) -> dict[str, Any]:
     """List a job's S3 prefix page by page, queuing and publishing each page (idempotent:
     keys already in the job are not added twice)."""
     return _run_ingest(
-        self, job_id, "enumerating the prefix", "prefix enumerated", ingest.run_enumerate_prefix
+        self, job_id, "enumerating the prefix", "prefix enumerated", submit.run_enumerate_prefix
     )
 
 
@@ -640,7 +632,7 @@ def enumerate_prefix(self, job_id: int) -> dict[str, Any]:
 def fetch_urls(self, job_id: int) -> dict[str, Any]:
     """Fetch a job's URLs into the store, queuing and publishing them in chunks (idempotent:
     URLs already in the job are skipped)."""
-    return _run_ingest(self, job_id, "fetching the URLs", "URLs fetched", ingest.run_fetch_urls)
+    return _run_ingest(self, job_id, "fetching the URLs", "URLs fetched", submit.run_fetch_urls)
 
 
 def run_deliver_webhook(delivery_id: int, settings: Settings | None = None) -> webhooks.Attempt:

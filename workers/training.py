@@ -1,4 +1,4 @@
-"""Celery tasks of the learning loop (see `captioner.retrain`).
+"""Celery tasks of the learning loop (see `captioner.learning.retrain`).
 
 - `captioner.maybe_retrain` (maintenance queue; Celery beat sends it on `retrain_schedule`, the
   dashboard's "retrain now" after inserting a run): start a run if one is due, then send
@@ -6,7 +6,7 @@
 - `captioner.train_run(run_id)` (train queue, its own worker process: `captioner worker -Q train`):
   fine-tune, evaluate, gate, register and maybe promote. A second delivery is a no-op.
 
-torch is imported only by `train_run`, inside `captioner.retrain.execute_run`.
+torch is imported only by `train_run`, inside `captioner.learning.retrain.execute_run`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 from celery import shared_task
 
-from captioner import retrain
-from captioner.db import session_scope
-from captioner.retrain import TASK_MAYBE_RETRAIN, TASK_TRAIN_RUN, publish_train_run
+from captioner.learning import retrain
 from captioner.settings import Settings, get_settings
+from captioner.state.db import session_scope
+from captioner.tasks import TASK_MAYBE_RETRAIN, TASK_TRAIN_RUN, publish_train_run
 
 log = logging.getLogger("captioner.worker.training")
 

@@ -1,4 +1,7 @@
-"""The publishing side of the caption queue, shared by the dashboard, the CLI and the workers.
+"""Every task name, queue and route, and the helpers that publish tasks by name.
+
+Shared by the dashboard, the CLI and the workers; the workers define the task bodies under
+these names (`workers/`), and nothing else names a task or a queue.
 
 Redis only wakes workers: a message names a job and a chunk of image ids, nothing else, and
 is sent by task *name*, so a publisher never imports the worker code (or torch). Publish only
@@ -21,8 +24,13 @@ if TYPE_CHECKING:
 
     from captioner.settings import Settings
 
-TASK_CAPTION_BATCH = "captioner.caption_batch"
-TASK_SWEEP = "captioner.sweep"
+TASK_CAPTION_BATCH = "captioner.caption_batch"  # (job_id, image_ids): caption one chunk
+TASK_SWEEP = "captioner.sweep"  # (): re-publish lost work, expire leases, finish jobs
+TASK_ENUMERATE_PREFIX = "captioner.enumerate_prefix"  # (job_id): list a prefix into the job
+TASK_FETCH_URLS = "captioner.fetch_urls"  # (job_id): fetch the job's URLs into the store
+TASK_DELIVER_WEBHOOK = "captioner.deliver_webhook"  # (delivery_id): one webhook attempt
+TASK_MAYBE_RETRAIN = "captioner.maybe_retrain"  # (): start a due training run, dispatch runs
+TASK_TRAIN_RUN = "captioner.train_run"  # (run_id): fine-tune, evaluate, gate
 
 QUEUE_INTERACTIVE = "caption.interactive"  # single images a person is waiting for: served first
 QUEUE_BULK = "caption"
@@ -31,6 +39,18 @@ QUEUE_MAINTENANCE = "maintenance"
 # Order matters: a worker listening on several queues polls them in this order.
 ALL_QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK, QUEUE_MAINTENANCE, QUEUE_TRAIN)
 CAPTION_QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+
+# The queue each task goes to unless its publisher says otherwise (a caption batch a person is
+# waiting for goes to QUEUE_INTERACTIVE).
+TASK_QUEUES = {
+    TASK_CAPTION_BATCH: QUEUE_BULK,
+    TASK_SWEEP: QUEUE_MAINTENANCE,
+    TASK_ENUMERATE_PREFIX: QUEUE_MAINTENANCE,
+    TASK_FETCH_URLS: QUEUE_MAINTENANCE,
+    TASK_DELIVER_WEBHOOK: QUEUE_MAINTENANCE,
+    TASK_MAYBE_RETRAIN: QUEUE_MAINTENANCE,
+    TASK_TRAIN_RUN: QUEUE_TRAIN,
+}
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -61,9 +81,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_routing_key": QUEUE_BULK,
         "task_create_missing_queues": False,
         "task_routes": {
-            TASK_CAPTION_BATCH: {"queue": QUEUE_BULK, "routing_key": QUEUE_BULK},
-            TASK_SWEEP: {"queue": QUEUE_MAINTENANCE, "routing_key": QUEUE_MAINTENANCE},
-            "captioner.train.*": {"queue": QUEUE_TRAIN, "routing_key": QUEUE_TRAIN},
+            name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
         },
         "broker_transport_options": {
             # A message a worker took but did not acknowledge comes back after this long. It
@@ -132,10 +150,21 @@ def publish_caption_batches(
     return sent
 
 
-def publish_sweep(settings: Settings | None = None) -> None:
-    """Ask a maintenance worker to run the sweeper now."""
-    app = publisher(settings)
-    app.send_task(TASK_SWEEP, queue=QUEUE_MAINTENANCE, routing_key=QUEUE_MAINTENANCE)
+def send_task(name: str, *args: Any, settings: Settings | None = None) -> None:
+    """Send a task by name to its queue (`TASK_QUEUES`), after the caller's commit."""
+    queue = TASK_QUEUES[name]
+    publisher(settings).send_task(name, args=args, queue=queue, routing_key=queue)
+
+
+def publish_train_run(run_id: int, settings: Settings | None = None) -> None:
+    """Send `train_run(run_id)` to the train queue (after the run's row is committed)."""
+    send_task(TASK_TRAIN_RUN, int(run_id), settings=settings)
+
+
+def publish_deliveries(delivery_ids: Sequence[int], settings: Settings | None = None) -> None:
+    """Send `deliver_webhook(delivery_id)` for each id (after the deliveries are committed)."""
+    for delivery_id in delivery_ids:
+        send_task(TASK_DELIVER_WEBHOOK, int(delivery_id), settings=settings)
 
 
 def queue_depths(settings: Settings | None = None) -> dict[str, int]:

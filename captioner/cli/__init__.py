@@ -100,12 +100,12 @@ def init_model(preset_name, out, seed):
 
 
 def _register() -> None:
-    from captioner.cli_client import export, submit, user
-    from captioner.cli_db import db
-    from captioner.cli_models import model, retrain_cmd
-    from captioner.cli_run import run, serve
-    from captioner.cli_train import eval_cmd, train_cmd
-    from captioner.cli_worker import beat, worker
+    from captioner.cli.client import export, submit, user
+    from captioner.cli.db import db
+    from captioner.cli.models import model, retrain_cmd
+    from captioner.cli.run import run, serve
+    from captioner.cli.train import eval_cmd, train_cmd
+    from captioner.cli.worker import beat, worker
 
     cli.add_command(db)
     cli.add_command(worker)

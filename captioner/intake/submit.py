@@ -2,7 +2,7 @@
 
 Everything here runs outside Flask: the dashboard calls the checks and `store_files` while it
 handles a request; a background worker calls `enumerate_prefix` and `fetch_urls` (sent by
-task name, see `send_task`). Functions take a `Session` and leave the commit to the caller,
+task name, see `captioner.tasks.send_task`). Functions take a `Session` and leave the commit to the caller,
 except the two `run_*` entry points, which own their transactions because they publish
 caption batches after each commit. A job they finish (every URL failed, an empty prefix, every
 image a known caption) gets its webhook events recorded in the transaction that finishes it
@@ -38,9 +38,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner import jobs
-from captioner.images import ImageRejected, open_image
-from captioner.models import Caption, Image, ImageStatus, Job, ModelStatus, ModelVersion
+from captioner.intake.decode import ImageRejected, open_image
+from captioner.state import images, jobs
+from captioner.state.models import Caption, Image, ImageStatus, Job, ModelStatus, ModelVersion
 from captioner.storage import InvalidKey, ObjectStore, check_key
 
 if TYPE_CHECKING:
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASK_ENUMERATE_PREFIX = "captioner.enumerate_prefix"
-TASK_FETCH_URLS = "captioner.fetch_urls"
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Rows per transaction when a background task submits a long listing.
@@ -300,7 +298,7 @@ def reuse_known_captions(session: Session, image_ids: Sequence[int]) -> list[int
             caption = known.get(digest)
             if caption is None or caption.image_id == image_id:
                 continue
-            jobs.complete_image(
+            images.complete_image(
                 session,
                 image_id=image_id,
                 model_version_id=version_id,
@@ -413,9 +411,9 @@ def fetch_url(
     """GET `url` with every hop checked, a total time limit and a size cap; returns the body.
 
     Each hop's host is resolved once and the connection goes to one of the checked addresses
-    (no DNS-rebinding window); see `captioner.pinned_http`.
+    (no DNS-rebinding window); see `captioner.intake.urls`.
     """
-    from captioner.pinned_http import fetch_url as fetch_pinned
+    from captioner.intake.urls import fetch_url as fetch_pinned
 
     return fetch_pinned(url, _settings(settings), resolver=resolver)
 
@@ -449,7 +447,7 @@ def fetch_urls(
             [image_id] = jobs.submit_images(
                 session, job_id, [jobs.ImageSpec(storage_key=url_key(url), original_name=url)]
             )
-            jobs.fail_image(session, image_id, exc.reason)
+            images.fail_image(session, image_id, exc.reason)
             continue
         digest = hashlib.sha256(data).hexdigest()
         key = upload_key(digest, urlsplit(url).path)
@@ -475,13 +473,13 @@ PublishDeliveries = Callable[[list[int]], Any]
 
 
 def _default_publish(settings: Settings) -> Publish:
-    from captioner.queue import publish_caption_batches
+    from captioner.tasks import publish_caption_batches
 
     return lambda job_id, ids: publish_caption_batches(job_id, ids, settings=settings)
 
 
 def _default_publish_deliveries(settings: Settings) -> PublishDeliveries:
-    from captioner.webhooks import publish_deliveries
+    from captioner.tasks import publish_deliveries
 
     return lambda delivery_ids: publish_deliveries(delivery_ids, settings=settings)
 
@@ -510,7 +508,7 @@ def run_fetch_urls(
 ) -> int:
     """Task body for `captioner.fetch_urls(job_id)`: the URLs are in the job's options. The job
     is finished (if all its images are done) only after the last chunk."""
-    from captioner.db import session_scope
+    from captioner.state.db import session_scope
     from captioner.storage import open_store
 
     settings = _settings(settings)
@@ -524,7 +522,7 @@ def run_fetch_urls(
     for start in range(0, len(urls), 50):
         with session_scope(session_factory) as session:
             job = session.get(Job, job_id)
-            if job is None or job.status == "cancelled":
+            if not jobs.accepts_images(job):
                 return total
             ids = fetch_urls(
                 session,
@@ -555,7 +553,7 @@ def run_enumerate_prefix(
 ) -> int:
     """Task body for `captioner.enumerate_prefix(job_id)`: list the job's prefix page by page,
     committing and publishing each page, so any size of listing streams into the queue."""
-    from captioner.db import session_scope
+    from captioner.state.db import session_scope
     from captioner.storage import open_store
 
     settings = _settings(settings)
@@ -573,7 +571,7 @@ def run_enumerate_prefix(
     def flush(keys: list[str]) -> int:
         with session_scope(session_factory) as session:
             job = session.get(Job, job_id)
-            if job is None or job.status == "cancelled":
+            if not jobs.accepts_images(job):
                 return -1
             ids = jobs.submit_images(session, job_id, keys)
             ids = ids_to_publish(session, job, ids)
@@ -599,22 +597,9 @@ def run_enumerate_prefix(
     if total == 0:
         with session_scope(session_factory) as session:
             # Nothing matched: finish the job now instead of leaving it queued forever.
-            job = session.get(Job, job_id)
             deliveries = []
-            if job is not None and job.image_count == 0 and job.status != "cancelled":
-                job.status = jobs.JobStatus.FINISHED
-                job.finished_at = jobs.utcnow()
-                session.flush()
+            if jobs.finish_if_empty(session, job_id):
                 deliveries = record_job_events(session, job_id, finish=False)
         if deliveries:
             publish_deliveries(deliveries)
     return total
-
-
-def send_task(name: str, *args: Any, settings: Settings | None = None) -> None:
-    """Send a background task by name (maintenance queue), after the caller's commit."""
-    from captioner.queue import QUEUE_MAINTENANCE, publisher
-
-    publisher(settings).send_task(
-        name, args=args, queue=QUEUE_MAINTENANCE, routing_key=QUEUE_MAINTENANCE
-    )

@@ -1,6 +1,6 @@
 """Fetching a user-supplied http(s) URL without a DNS-rebinding window.
 
-`ingest.check_url` resolves a host name and refuses it unless every address is public (or the
+`submit.check_url` resolves a host name and refuses it unless every address is public (or the
 operator allow-listed it). If `requests` were then left to connect on its own it would resolve
 the name a second time, and a hostile DNS server could answer 127.0.0.1 the second time. Here
 the name is resolved once per hop, every address is checked, and the connection goes to one of
@@ -21,7 +21,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError
 
-from captioner import ingest
+from captioner.intake import submit
 
 if TYPE_CHECKING:
     from captioner.settings import Settings
@@ -88,27 +88,27 @@ def host_header(url: str) -> str:
 
 
 def checked_addresses(
-    url: str, *, allow_hosts: Sequence[str] = (), resolver: ingest.Resolver | None = None
+    url: str, *, allow_hosts: Sequence[str] = (), resolver: submit.Resolver | None = None
 ) -> list[str]:
-    """Check `url` like `ingest.check_url` (same errors) and return the addresses it checked.
+    """Check `url` like `submit.check_url` (same errors) and return the addresses it checked.
 
     The host is resolved exactly once; the caller must connect only to what is returned.
     """
     seen: list[str] = []
 
     def recording(host: str, port: int) -> list[str]:
-        addresses = list((resolver or ingest.resolve_host)(host, port))
+        addresses = list((resolver or submit.resolve_host)(host, port))
         seen[:] = addresses
         return addresses
 
-    ingest.check_url(url, allow_hosts=allow_hosts, resolver=recording)
+    submit.check_url(url, allow_hosts=allow_hosts, resolver=recording)
     host = urlsplit(url.strip()).hostname or ""
     try:
         return [str(ipaddress.ip_address(host))]  # a literal: check_url did not resolve
     except ValueError:
         pass
     if not seen:  # cannot happen with a name check_url accepted; refuse rather than re-resolve
-        raise ingest.UnsafeURL(f"refused URL {url!r}: {host} resolves to no address")
+        raise submit.UnsafeURL(f"refused URL {url!r}: {host} resolves to no address")
     return seen
 
 
@@ -122,18 +122,18 @@ def _connect_failed(exc: requests.RequestException) -> bool:
 
 
 def fetch_url(
-    url: str, settings: Settings | None = None, *, resolver: ingest.Resolver | None = None
+    url: str, settings: Settings | None = None, *, resolver: submit.Resolver | None = None
 ) -> bytes:
     """GET `url`: every hop checked and pinned to a checked address, a total time limit and a
-    size cap; returns the body. Errors as `ingest.fetch_url` always raised them."""
-    settings = ingest._settings(settings)
+    size cap; returns the body. Errors as `submit.fetch_url` always raised them."""
+    settings = submit._settings(settings)
     deadline = time.monotonic() + settings.url_fetch_timeout_seconds
     limit = settings.max_image_bytes
 
     def timeout() -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ingest.SubmissionRejected(f"{url}: timed out")
+            raise submit.SubmissionRejected(f"{url}: timed out")
         return min(remaining, 30)
 
     current = url
@@ -147,14 +147,14 @@ def fetch_url(
                 prepared = http.prepare_request(requests.Request("GET", current.strip()))
                 response = _send(http, prepared, addresses, timeout, stream=True)
             except requests.RequestException as exc:
-                raise ingest.SubmissionRejected(
+                raise submit.SubmissionRejected(
                     f"{url}: fetch failed: {type(exc).__name__}"
                 ) from None
             with response:
                 if not response.is_redirect:
                     return _read_body(url, response, limit, deadline)
                 current = urljoin(current, response.headers.get("Location", ""))
-        raise ingest.SubmissionRejected(
+        raise submit.SubmissionRejected(
             f"{url}: more than {settings.url_fetch_max_redirects} redirects"
         )
 
@@ -201,15 +201,15 @@ def _send(
 
 def _read_body(url: str, response: requests.Response, limit: int, deadline: float) -> bytes:
     if response.status_code != 200:
-        raise ingest.SubmissionRejected(f"{url}: HTTP {response.status_code}")
+        raise submit.SubmissionRejected(f"{url}: HTTP {response.status_code}")
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ingest.TooLarge(f"{url}: {declared} bytes > limit {limit}")
+        raise submit.TooLarge(f"{url}: {declared} bytes > limit {limit}")
     body = bytearray()
     for chunk in response.iter_content(64 * 1024):
         body.extend(chunk)
         if len(body) > limit:
-            raise ingest.TooLarge(f"{url}: larger than {limit} bytes")
+            raise submit.TooLarge(f"{url}: larger than {limit} bytes")
         if time.monotonic() > deadline:
-            raise ingest.SubmissionRejected(f"{url}: timed out")
+            raise submit.SubmissionRejected(f"{url}: timed out")
     return bytes(body)

@@ -45,7 +45,7 @@ from captioner.settings import Settings
 
 ADMIN_EMAIL = "admin@captioner.local"
 SAMPLE_JOB_NAME = "sample collection"
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
 WORKER_QUEUES = "caption.interactive,caption,maintenance,train"
 STOP_GRACE_SECONDS = 20.0
 
@@ -351,8 +351,8 @@ def ensure_admin(database_url: str, data_dir: Path) -> Admin:
     from sqlalchemy import func, select
     from werkzeug.security import check_password_hash, generate_password_hash
 
-    from captioner.db import make_engine, session_scope
-    from captioner.models import ApiToken, User, UserRole
+    from captioner.state.db import make_engine, session_scope
+    from captioner.state.models import ApiToken, User, UserRole
 
     path = data_dir / "admin.json"
     saved: dict = {}
@@ -393,8 +393,8 @@ def sample_job(database_url: str) -> int | None:
     """Id of the sample job submitted by an earlier run, if any."""
     from sqlalchemy import select
 
-    from captioner.db import make_engine, session_scope
-    from captioner.models import Job
+    from captioner.state.db import make_engine, session_scope
+    from captioner.state.models import Job
 
     engine = make_engine(database_url)
     try:
@@ -408,7 +408,7 @@ def sample_job(database_url: str) -> int | None:
 
 def submit_sample(base_url: str, token: str) -> int:
     """Upload `captioner/sample/` through the API (the path any user's upload takes)."""
-    from captioner.cli_client import Client, _zip_folder
+    from captioner.cli.client import Client, _zip_folder
 
     client = Client(base_url, token)
     form = {"name": SAMPLE_JOB_NAME, "n_best": "3", "num_beams": "1"}
@@ -417,7 +417,7 @@ def submit_sample(base_url: str, token: str) -> int:
 
 
 def job_progress(base_url: str, token: str, job_id: int) -> dict:
-    from captioner.cli_client import Client
+    from captioner.cli.client import Client
 
     return Client(base_url, token).call("GET", f"/jobs/{job_id}").json()
 
@@ -454,8 +454,8 @@ def run_stack(
     settings: Settings, options: StackOptions, echo: Callable[[str], None] = print
 ) -> int:
     """Start everything, supervise until SIGINT/SIGTERM or a child dies; returns an exit code."""
-    from captioner import migrate
     from captioner.logging import configure_logging
+    from captioner.state import migrate
 
     configure_logging(settings)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration is noise here

@@ -56,8 +56,8 @@ def run(ctx, data_dir, host, port, redis_port, model_checkpoint, untrained, no_s
     _override("CAPTIONER_EMBEDDED_REDIS_PORT", redis_port)
     if model_checkpoint is None and os.environ.get("CAPTIONER_MODEL_CHECKPOINT"):
         model_checkpoint = Path(os.environ["CAPTIONER_MODEL_CHECKPOINT"])
+    from captioner.cli.stack import StackError, StackOptions, run_stack
     from captioner.settings import get_settings, reset_settings
-    from captioner.stack import StackError, StackOptions, run_stack
 
     reset_settings()
     try:

@@ -185,8 +185,8 @@ def user_create(email, role, name, password, url):
     from sqlalchemy import func, select
     from werkzeug.security import generate_password_hash
 
-    from captioner.db import make_engine, session_scope
-    from captioner.models import User, UserRole
+    from captioner.state.db import make_engine, session_scope
+    from captioner.state.models import User, UserRole
 
     if len(password) < 8:
         raise click.ClickException("the password needs at least 8 characters")

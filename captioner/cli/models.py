@@ -13,7 +13,7 @@ import click
 
 
 def _engine(url: str | None):
-    from captioner.db import make_engine
+    from captioner.state.db import make_engine
 
     return make_engine(url)
 
@@ -28,8 +28,8 @@ def model() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
 def model_list(url, as_json):
     """Model versions, newest first (the active one marked with *)."""
-    from captioner import registry
-    from captioner.db import session_scope
+    from captioner.learning import registry
+    from captioner.state.db import session_scope
 
     engine = _engine(url)
     try:
@@ -69,9 +69,9 @@ def model_list(url, as_json):
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def model_register(checkpoint, name, then_promote, url):
     """Upload CHECKPOINT to the object store and register it as a model version."""
-    from captioner import registry
-    from captioner.db import session_scope
+    from captioner.learning import registry
     from captioner.settings import get_settings
+    from captioner.state.db import session_scope
     from captioner.storage import open_store
 
     settings = get_settings()
@@ -98,7 +98,7 @@ def model_register(checkpoint, name, then_promote, url):
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def model_promote(name, url):
     """Make version NAME (or id) the active one; the old one is retired."""
-    from captioner import registry
+    from captioner.learning import registry
 
     version = _registry_change(url, lambda session: registry.promote(session, name))
     click.echo(f"{version.name} (id {version.id}) is now active")
@@ -108,7 +108,7 @@ def model_promote(name, url):
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def model_rollback(url):
     """Re-activate the active version's parent (or the previously active version)."""
-    from captioner import registry
+    from captioner.learning import registry
 
     version = _registry_change(url, registry.rollback)
     click.echo(f"rolled back: {version.name} (id {version.id}) is active again")
@@ -117,8 +117,8 @@ def model_rollback(url):
 def _registry_change(url, change):
     """Run `change(session)` (promote / rollback) in one committed transaction; a RegistryError
     becomes one readable line. Returns the version it made active."""
-    from captioner import registry
-    from captioner.db import session_scope
+    from captioner.learning import registry
+    from captioner.state.db import session_scope
 
     engine = _engine(url)
     try:
@@ -140,9 +140,10 @@ def _registry_change(url, change):
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def retrain_cmd(now, inline, url):
     """Start a training run if one is due (like the nightly beat tick), or now with --now."""
-    from captioner import retrain
-    from captioner.db import make_sessionmaker, session_scope
+    from captioner import tasks
+    from captioner.learning import retrain
     from captioner.settings import get_settings
+    from captioner.state.db import make_sessionmaker, session_scope
 
     settings = get_settings()
     engine = _engine(url)
@@ -164,7 +165,7 @@ def retrain_cmd(now, inline, url):
             click.echo(f"training run {run_id} started here")
             status = retrain.execute_run(sessions, run_id, settings, on_log=click.echo)
             with session_scope(sessions) as session:
-                from captioner.models import TrainingRun
+                from captioner.state.models import TrainingRun
 
                 row = session.get(TrainingRun, run_id)
                 reason = (row.metrics or {}).get("gate", {}).get("reason") or row.error or ""
@@ -174,7 +175,7 @@ def retrain_cmd(now, inline, url):
             return
         with session_scope(sessions) as session:
             retrain.runs_to_dispatch(session, settings)
-        retrain.publish_train_run(run_id, settings)
+        tasks.publish_train_run(run_id, settings)
         click.echo(f"training run {run_id} queued on the train queue")
     finally:
         engine.dispose()

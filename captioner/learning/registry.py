@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from captioner.models import ModelStatus, ModelVersion, utcnow
+from captioner.state.models import ModelStatus, ModelVersion, utcnow
 
 if TYPE_CHECKING:
     from captioner.settings import Settings

@@ -15,9 +15,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from captioner.db import make_engine
+from captioner.state.db import make_engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 ALEMBIC_INI = MIGRATIONS_DIR / "alembic.ini"
 
 
@@ -65,10 +65,10 @@ def current_revision(url: str | None = None) -> str | None:
 def check(url: str | None = None) -> list[Any]:
     """Differences between the database at `url` and the models (Alembic's autogenerate diff).
 
-    Empty means the migrated schema is exactly what `captioner.models` describes; this is
+    Empty means the migrated schema is exactly what `captioner.state.models` describes; this is
     what `alembic check` tests, without needing a revision to be written.
     """
-    from captioner.models import Base
+    from captioner.state.models import Base
 
     engine = make_engine(url)
     try:

@@ -52,9 +52,9 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from captioner import registry
-from captioner.db import session_scope
-from captioner.models import (
+from captioner.learning import registry
+from captioner.state.db import session_scope
+from captioner.state.models import (
     Image,
     ModelStatus,
     ModelVersion,
@@ -71,10 +71,8 @@ if TYPE_CHECKING:
     from captioner.settings import Settings
     from captioner.storage import ObjectStore
 
-log = logging.getLogger("captioner.retrain")
+log = logging.getLogger("captioner.learning.retrain")
 
-TASK_MAYBE_RETRAIN = "captioner.maybe_retrain"
-TASK_TRAIN_RUN = "captioner.train_run"
 
 OPEN_STATUSES = (TrainingStatus.QUEUED, TrainingStatus.RUNNING)
 FINISHED_STATUSES = (TrainingStatus.PROMOTED, TrainingStatus.REJECTED)
@@ -367,15 +365,6 @@ def runs_to_dispatch(session: Session, settings: Settings) -> list[int]:
             out.append(run.id)
     session.flush()
     return out
-
-
-def publish_train_run(run_id: int, settings: Settings | None = None) -> None:
-    """Send `train_run(run_id)` to the train queue (after the run's row is committed)."""
-    from captioner.queue import QUEUE_TRAIN, publisher
-
-    publisher(settings).send_task(
-        TASK_TRAIN_RUN, args=(int(run_id),), queue=QUEUE_TRAIN, routing_key=QUEUE_TRAIN
-    )
 
 
 # --- running it ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Test helpers shared by the test suites: a generated corpus of awkward and hostile image files.
 
 `bad_input_corpus()` returns `{file name: (bytes, Expected)}`; every file is generated here
-(nothing downloaded), and each entry says what `captioner.images.decode_image` must do with
+(nothing downloaded), and each entry says what `captioner.intake.decode.decode_image` must do with
 it: raise a specific `ImageRejected` subclass, or return an image of a given size whose
 sample pixels have given colours. Workers' tests reuse it to check that one bad image fails
 alone with a readable reason.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from captioner.images import (
+from captioner.intake.decode import (
     ImageRejected,
     ImageTooLarge,
     NotAnImage,

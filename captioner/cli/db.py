@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from captioner import migrate
+from captioner.state import migrate
 
 
 @click.group("db")

@@ -1,0 +1,5 @@
+"""`python -m captioner.cli`: the same as the `captioner` command."""
+
+from captioner.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The learning loop: model registry, review snapshot, fine-tune, evaluation gate."""

@@ -1,0 +1,1 @@
+"""The SQL truth: schema, sessions, migrations, and every status change."""
