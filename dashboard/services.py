@@ -10,22 +10,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import select
 
 from captioner import tasks
 from captioner.intake import submit
+from captioner.intake.errors import SubmissionRejected
+from captioner.intake.prefixes import check_keys, prefix_within_store
+from captioner.intake.uploads import store_files
+from captioner.intake.urls import check_url
 from captioner.state import jobs, reviews
 from captioner.state.models import (
     Caption,
     Image,
-    ImageStatus,
     Job,
-    JobStatus,
     Review,
     ReviewDecision,
     User,
     UserRole,
-    utcnow,
 )
 
 
@@ -97,9 +98,9 @@ def _new_job(session, user: User, opts: JobOptions, source: str, extra: dict | N
 
 
 def submit_files(session, user: User, opts: JobOptions, files, source: str) -> Job:
-    """Files already checked (submit.check_image_bytes / read_zip): store, queue, publish."""
+    """Files already checked (`captioner.intake.uploads.check_uploads`): store, queue, publish."""
     job = _new_job(session, user, opts, source)
-    ids = submit.store_files(session, _ext().store, job.id, files)
+    ids = store_files(session, _ext().store, job.id, files)
     to_publish = submit.ids_to_publish(session, job, ids)
     # Every image a known caption: the job is finished now, so its webhook events are
     # recorded in this transaction and published after the commit (as the workers do).
@@ -113,7 +114,7 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
 
 
 def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
-    keys = submit.check_keys(keys)
+    keys = check_keys(keys)
     job = _new_job(session, user, opts, source=f"keys ({len(keys)})")
     ids = jobs.submit_images(session, job.id, keys)
     session.commit()
@@ -123,7 +124,7 @@ def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
 
 
 def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
-    key_prefix = submit.prefix_within_store(prefix, _ext().settings.storage_url)
+    key_prefix = prefix_within_store(prefix, _ext().settings.storage_url)
     job = _new_job(session, user, opts, source=prefix, extra={"prefix": key_prefix})
     session.commit()
     _ext().publisher.task(tasks.TASK_ENUMERATE_PREFIX, job.id)
@@ -132,9 +133,9 @@ def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
 
 def submit_urls(session, user: User, opts: JobOptions, urls: list[str]) -> Job:
     allow = _ext().settings.url_allow_hosts
-    checked = [submit.check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
+    checked = [check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
     if not checked:
-        raise submit.SubmissionRejected("no URLs given")
+        raise SubmissionRejected("no URLs given")
     job = _new_job(session, user, opts, source=f"urls ({len(checked)})", extra={"urls": checked})
     session.commit()
     _ext().publisher.task(tasks.TASK_FETCH_URLS, job.id)
@@ -143,56 +144,34 @@ def submit_urls(session, user: User, opts: JobOptions, urls: list[str]) -> Job:
 
 # --- job actions ---------------------------------------------------------------------------
 
-CANCEL_REASON = "job cancelled"
-
 
 def cancel_job(session, job: Job) -> Job:
-    if job.status in (JobStatus.FINISHED, JobStatus.CANCELLED):
-        raise Conflict(f"job {job.id} is already {job.status.value}")
-    session.execute(
-        update(Image)
-        .where(Image.job_id == job.id, Image.status == ImageStatus.QUEUED)
-        .values(status=ImageStatus.FAILED, failure_reason=CANCEL_REASON, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    job.status = JobStatus.CANCELLED
-    job.finished_at = utcnow()
+    """Cancel the job (its queued images fail); Conflict when it is already finished or
+    cancelled."""
+    try:
+        jobs.cancel_job(session, job.id)
+    except jobs.TransitionRefused as exc:
+        raise Conflict(str(exc)) from exc
     session.commit()
     session.refresh(job)
     return job
 
 
 def retry_failed(session, job: Job) -> int:
-    """Re-queue a job's failed images (attempts reset); returns how many."""
-    ids = list(
-        session.scalars(
-            select(Image.id).where(Image.job_id == job.id, Image.status == ImageStatus.FAILED)
-        )
-    )
-    if not ids:
+    """Re-queue a job's failed images (attempts reset) and publish them; returns how many."""
+    retried = jobs.retry_failed(session, job.id)
+    if not retried.image_ids:
         return 0
-    now = utcnow()
-    for start in range(0, len(ids), 500):
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(ids[start : start + 500]), Image.status == ImageStatus.FAILED)
-            .values(
-                status=ImageStatus.QUEUED,
-                failure_reason=None,
-                attempts=0,
-                queued_at=now,
-                finished_at=None,
-            )
-            .execution_options(synchronize_session=False)
-        )
-    job.status = JobStatus.RUNNING if job.started_at else JobStatus.QUEUED
-    job.finished_at = None
     session.commit()
-    _ext().publisher.captions(job.id, ids, interactive=bool((job.options or {}).get("interactive")))
-    return len(ids)
+    session.refresh(job)
+    interactive = bool((job.options or {}).get("interactive"))
+    _ext().publisher.captions(job.id, retried.image_ids, interactive=interactive)
+    return len(retried.image_ids)
 
 
 # --- captions and reviews ------------------------------------------------------------------
+
+REVIEW_DECISIONS = (ReviewDecision.APPROVED, ReviewDecision.CORRECTED, ReviewDecision.REJECTED)
 
 
 def latest_caption(session, image_id: int) -> Caption | None:
@@ -201,32 +180,22 @@ def latest_caption(session, image_id: int) -> Caption | None:
     )
 
 
-def effective_stack(history: list[Review]) -> list[Review]:
-    """Replay an image's reviews: an undo row takes back the one on top, others push."""
-    stack: list[Review] = []
-    for review in history:
-        if review.undoes_id is not None:
-            if stack:
-                stack.pop()
-        else:
-            stack.append(review)
-    return stack
-
-
 def review_image(
     session, user: User, image: Image, decision: str, text: str | None, caption_id: int | None
 ) -> Review:
-    if decision not in ("approved", "corrected", "rejected"):
+    """Record the user's decision on the image's caption (the newest one unless `caption_id`)."""
+    if decision not in REVIEW_DECISIONS:
         raise jobs.LifecycleError("decision must be approved, corrected or rejected")
+    chosen = ReviewDecision(decision)
     caption = latest_caption(session, image.id)
     if caption_id is None and caption is not None:
         caption_id = caption.id
-    if decision == "approved" and text is None and caption_id is None:
+    if chosen == ReviewDecision.APPROVED and text is None and caption_id is None:
         raise Conflict("this image has no caption to approve yet")
     review = reviews.add_review(
         session,
         image_id=image.id,
-        decision=decision,
+        decision=chosen,
         text=text,
         caption_id=caption_id,
         reviewer_id=user.id,
@@ -236,95 +205,29 @@ def review_image(
 
 
 def undo_review(session, user: User, image: Image) -> Review:
-    """Take back the image's current decision by appending a row that restores the one before
-    it (or `undone` when none remains). History is never rewritten."""
-    history = reviews.review_history(session, image.id)
-    stack = effective_stack(history)
-    if not stack:
-        raise Conflict("nothing to undo")
-    target = stack.pop()
-    restored = stack[-1] if stack else None
-    review = Review(
-        image_id=image.id,
-        caption_id=restored.caption_id if restored else target.caption_id,
-        reviewer_id=user.id,
-        decision=restored.decision if restored else ReviewDecision.UNDONE,
-        text=restored.text if restored else None,
-        undoes_id=target.id,
-    )
-    session.add(review)
+    """Take back the image's current decision (see `reviews.undo_review`); Conflict when there
+    is nothing to undo."""
+    try:
+        review = reviews.undo_review(session, image.id, user.id)
+    except jobs.TransitionRefused as exc:
+        raise Conflict(str(exc)) from exc
     session.commit()
     return review
 
 
 def bulk_approve(session, user: User, job: Job, min_score: float) -> int:
     """Approve every unreviewed caption of the job scoring at least `min_score`."""
-    rows = _queue_query(status="unreviewed", job_id=job.id, min_score=min_score, user=None)
-    count = 0
-    for image, caption, _review in session.execute(rows.limit(100_000)).all():
-        reviews.add_review(
-            session,
-            image_id=image.id,
-            decision=ReviewDecision.APPROVED,
-            caption_id=caption.id,
-            reviewer_id=user.id,
-        )
-        count += 1
+    count = reviews.bulk_approve(session, job_id=job.id, min_score=min_score, reviewer_id=user.id)
     session.commit()
     return count
 
 
-def _queue_query(
-    *,
-    status: str = "unreviewed",
-    job_id: int | None = None,
-    min_score: float | None = None,
-    max_score: float | None = None,
-    text: str | None = None,
-    user: User | None = None,
-):
-    newest_caption = (
-        select(Caption.image_id, func.max(Caption.id).label("caption_id"))
-        .group_by(Caption.image_id)
-        .subquery("newest_caption")
+def review_queue(
+    session, user: User, *, status: str = "unreviewed", limit: int = 50, offset: int = 0, **filters
+) -> reviews.QueuePage:
+    """The review queue as `user` may see it: only their own jobs' images unless they see all."""
+    owner_id = None if sees_all_jobs(user) else user.id
+    queue_filter = reviews.QueueFilter(
+        status=reviews.QueueStatus(status), owner_id=owner_id, **filters
     )
-    current = reviews.current_review_ids()
-    query = (
-        select(Image, Caption, Review)
-        .join(newest_caption, newest_caption.c.image_id == Image.id)
-        .join(Caption, Caption.id == newest_caption.c.caption_id)
-        .outerjoin(current, current.c.image_id == Image.id)
-        .outerjoin(Review, Review.id == current.c.review_id)
-    )
-    if user is not None and not sees_all_jobs(user):
-        query = query.join(Job, Job.id == Image.job_id).where(Job.owner_id == user.id)
-    if job_id is not None:
-        query = query.where(Image.job_id == job_id)
-    if status == "unreviewed":
-        query = query.where(or_(Review.id.is_(None), Review.decision == ReviewDecision.UNDONE))
-    elif status in ("approved", "corrected", "rejected"):
-        query = query.where(Review.decision == status)
-    elif status == "reviewed":
-        query = query.where(and_(Review.id.is_not(None), Review.decision != ReviewDecision.UNDONE))
-    if min_score is not None:
-        query = query.where(Caption.score >= min_score)
-    if max_score is not None:
-        query = query.where(Caption.score <= max_score)
-    if text:
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        query = query.where(
-            or_(
-                Caption.text.ilike(pattern, escape="\\"),
-                Review.text.ilike(pattern, escape="\\"),
-                Image.original_name.ilike(pattern, escape="\\"),
-            )
-        )
-    return query.order_by(Caption.score.asc(), Caption.id)
-
-
-def review_queue(session, user: User, *, limit: int = 50, offset: int = 0, **filters):
-    """(image, caption, current review) rows, least confident first."""
-    query = _queue_query(user=user, **filters)
-    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
-    rows = session.execute(query.limit(limit).offset(offset)).all()
-    return total, rows
+    return reviews.review_queue(session, queue_filter, limit=limit, offset=offset)

@@ -4,7 +4,7 @@ import multiprocessing
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import StatementError
 
 from captioner.state import images, jobs, reviews
@@ -18,6 +18,7 @@ from captioner.state.models import (
     JobStatus,
     ModelVersion,
     Review,
+    ReviewDecision,
     User,
     utcnow,
 )
@@ -308,9 +309,156 @@ def test_review_queue_lowest_score_first(session):
             session, image_id=image_id, model_version_id=mv.id, text="t", score=score
         )
     reviews.add_review(session, image_id=ids[1], decision="corrected", text="done already")
-    queue = reviews.review_queue(session, model_version_id=mv.id, limit=2)
-    assert [c.image_id for c in queue] == [ids[3], ids[2]]
-    assert len(reviews.review_queue(session, model_version_id=mv.id, job_id=job.id)) == 3
+    page = reviews.review_queue(session, reviews.QueueFilter(), limit=2)
+    assert [caption.image_id for _, caption, _ in page.rows] == [ids[3], ids[2]]
+    assert len(reviews.review_queue(session, reviews.QueueFilter(job_id=job.id)).rows) == 3
+
+
+# --- transitions: cancel, retry, undo, bulk approve -----------------------------------------
+
+
+def test_cancel_fails_queued_images_leaves_running_ones_and_refuses_twice(session):
+    job, ids = _job_with_images(session, 3)
+    images.claim_images(session, worker_id="w", lease_seconds=60, image_ids=[ids[0]])
+    assert jobs.cancel_job(session, job.id) == 2
+    running = _image(session, ids[0])
+    assert (running.status, running.failure_reason) == (ImageStatus.RUNNING, None)
+    for image_id in ids[1:]:
+        image = _image(session, image_id)
+        assert (image.status, image.failure_reason) == (ImageStatus.FAILED, jobs.CANCEL_REASON)
+        assert image.finished_at is not None
+    cancelled = session.get(Job, job.id)
+    assert cancelled.status == JobStatus.CANCELLED and cancelled.finished_at is not None
+    with pytest.raises(jobs.TransitionRefused, match=f"job {job.id} is already cancelled"):
+        jobs.cancel_job(session, job.id)
+
+
+def test_cancel_refuses_a_finished_job_and_an_unknown_one(session):
+    job, [image_id] = _job_with_images(session, 1)
+    mv = _model(session)
+    images.claim_images(session, worker_id="w", lease_seconds=60)
+    images.complete_image(session, image_id=image_id, model_version_id=mv.id, text="t", score=0.0)
+    assert jobs.finish_completed_jobs(session) == [job.id]
+    with pytest.raises(jobs.TransitionRefused, match=f"job {job.id} is already finished"):
+        jobs.cancel_job(session, job.id)
+    assert _image(session, image_id).status == ImageStatus.CAPTIONED
+    with pytest.raises(jobs.LifecycleError, match="no job with id 999") as refused:
+        jobs.cancel_job(session, 999)
+    assert not isinstance(refused.value, jobs.TransitionRefused)
+
+
+def test_retry_requeues_failed_images_and_reopens_the_job(session):
+    job, ids = _job_with_images(session, 3)
+    mv = _model(session)
+    images.claim_images(session, worker_id="w", lease_seconds=60, image_ids=ids)
+    images.fail_image(session, ids[0], "truncated file")
+    images.fail_image(session, ids[1], "not an image")
+    images.complete_image(session, image_id=ids[2], model_version_id=mv.id, text="t", score=0.0)
+    assert jobs.finish_completed_jobs(session) == [job.id]
+    assert jobs.retry_failed(session, job.id) == jobs.RetriedImages(job.id, ids[:2])
+    for image_id in ids[:2]:
+        image = _image(session, image_id)
+        assert (image.status, image.attempts, image.failure_reason, image.finished_at) == (
+            ImageStatus.QUEUED,
+            0,
+            None,
+            None,
+        )
+    assert _image(session, ids[2]).status == ImageStatus.CAPTIONED
+    reopened = session.get(Job, job.id)
+    assert (reopened.status, reopened.finished_at) == (JobStatus.RUNNING, None)
+    assert jobs.retry_failed(session, job.id).image_ids == []
+
+
+def test_retry_of_a_cancelled_job_that_never_started_queues_it_again(session):
+    job, ids = _job_with_images(session, 2)
+    jobs.cancel_job(session, job.id)
+    assert jobs.retry_failed(session, job.id).image_ids == ids
+    session.expire_all()
+    job = session.get(Job, job.id)
+    assert (job.status, job.finished_at) == (JobStatus.QUEUED, None)
+    assert jobs.job_progress(session, job.id) == jobs.JobProgress(job.id, queued=2)
+
+
+def test_undo_restores_the_previous_decision_then_undone_then_refuses(session):
+    _, [image_id] = _job_with_images(session, 1)
+    mv = _model(session)
+    user = User(email="u@example.com")
+    session.add(user)
+    session.flush()
+    images.save_caption(session, image_id=image_id, model_version_id=mv.id, text="t", score=0.0)
+    caption = session.scalars(select(Caption)).one()
+    first = reviews.add_review(
+        session, image_id=image_id, caption_id=caption.id, decision="corrected", text="a dog"
+    )
+    second = reviews.add_review(
+        session, image_id=image_id, caption_id=caption.id, decision="corrected", text="a big dog"
+    )
+    undo = reviews.undo_review(session, image_id, user.id)
+    assert (undo.decision, undo.text, undo.undoes_id, undo.reviewer_id) == (
+        ReviewDecision.CORRECTED,
+        "a dog",
+        second.id,
+        user.id,
+    )
+    undo = reviews.undo_review(session, image_id, user.id)
+    assert (undo.decision, undo.text, undo.undoes_id, undo.caption_id) == (
+        ReviewDecision.UNDONE,
+        None,
+        first.id,
+        caption.id,
+    )
+    with pytest.raises(jobs.TransitionRefused, match="nothing to undo"):
+        reviews.undo_review(session, image_id, user.id)
+    history = reviews.review_history(session, image_id)
+    assert [r.decision for r in history] == ["corrected", "corrected", "corrected", "undone"]
+    assert [r.text for r in history] == ["a dog", "a big dog", "a dog", None]
+
+
+def test_bulk_approve_skips_an_image_reviewed_meanwhile(session, session_factory, engine):
+    job, ids = _job_with_images(session, 5)
+    mv = _model(session)
+    user = User(email="bulk@example.com")
+    session.add(user)
+    session.flush()
+    for image_id, score in zip(ids, [-0.5, -3.0, -1.0, -0.2, -0.8], strict=True):
+        images.save_caption(
+            session, image_id=image_id, model_version_id=mv.id, text=f"c{image_id}", score=score
+        )
+    reviews.add_review(session, image_id=ids[2], decision="rejected")  # reviewed before
+    reviews.add_review(session, image_id=ids[4], decision="rejected")
+    reviews.undo_review(session, ids[4])  # undone: unreviewed again
+    session.commit()
+    meanwhile = ids[3]
+    fired = []
+
+    def review_meanwhile(_conn, _cursor, statement, *_args):
+        # Another reviewer commits a decision just before the bulk approval's statement runs.
+        if fired or not statement.lstrip().upper().startswith("INSERT INTO REVIEWS"):
+            return
+        fired.append(statement)
+        with session_scope(session_factory) as other:
+            reviews.add_review(other, image_id=meanwhile, decision="corrected", text="a boat")
+
+    event.listen(engine, "before_cursor_execute", review_meanwhile)
+    try:
+        count = reviews.bulk_approve(session, job_id=job.id, min_score=-1.0, reviewer_id=user.id)
+    finally:
+        event.remove(engine, "before_cursor_execute", review_meanwhile)
+    assert fired and count == 2
+    session.expire_all()
+    current = {i: reviews.current_review(session, i) for i in ids}
+    assert current[ids[1]] is None  # below the threshold
+    assert (current[ids[2]].decision, current[meanwhile].decision) == ("rejected", "corrected")
+    for image_id in (ids[0], ids[4]):
+        approval = current[image_id]
+        assert (approval.decision, approval.text, approval.reviewer_id) == (
+            ReviewDecision.APPROVED,
+            f"c{image_id}",
+            user.id,
+        )
+        assert approval.caption.image_id == image_id
+    assert reviews.bulk_approve(session, job_id=job.id, min_score=-1.0) == 0
 
 
 def test_api_tokens_store_only_a_hash(session):

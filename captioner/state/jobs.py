@@ -1,4 +1,4 @@
-"""Jobs: create, submit images, progress, finish.
+"""Jobs: create, submit images, progress, finish, cancel, retry.
 
 Every function takes a `Session` and never commits: the caller owns the transaction, so a
 submit can be committed before anything is published. Only code under `captioner/state/`
@@ -29,6 +29,15 @@ class LifecycleError(ValueError):
     """A lifecycle call that cannot apply (unknown id, invalid review, ...)."""
 
 
+class TransitionRefused(LifecycleError):
+    """A transition that does not apply to the row's current state (a job already finished or
+    cancelled, a review with nothing left to undo): the request conflicts with the state."""
+
+
+# The failure reason of the images a cancel takes off the queue; shown to people.
+CANCEL_REASON = "job cancelled"
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """One image to submit: where its bytes are, plus what is known about them already."""
@@ -38,6 +47,14 @@ class ImageSpec:
     content_sha256: str | None = None
     size_bytes: int | None = None
     split: Split = Split.TRAIN
+
+
+@dataclass(frozen=True)
+class RetriedImages:
+    """Failed images a retry put back on the queue: the caller publishes them after its commit."""
+
+    job_id: int
+    image_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -227,3 +244,76 @@ def finish_if_empty(session: Session, job_id: int, now: datetime | None = None) 
         .execution_options(synchronize_session=False)
     )
     return rows.rowcount > 0
+
+
+# --- cancel and retry -----------------------------------------------------------------------
+
+
+def cancel_job(session: Session, job_id: int, *, now: datetime | None = None) -> int:
+    """Cancel a queued or running job: its queued images fail with `CANCEL_REASON`, running ones
+    are left to finish. Returns how many images it failed.
+
+    Raises `TransitionRefused` for a job already finished or cancelled, `LifecycleError` for an
+    unknown id. The job row is changed in SQL: refresh a `Job` already loaded in the session.
+    """
+    now = now or utcnow()
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if cancelled.rowcount == 0:
+        raise _not_open(session, job_id)
+    failed = session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.status == ImageStatus.QUEUED)
+        .values(status=ImageStatus.FAILED, failure_reason=CANCEL_REASON, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return failed.rowcount
+
+
+def _not_open(session: Session, job_id: int) -> LifecycleError:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        return LifecycleError(f"no job with id {job_id}")
+    return TransitionRefused(f"job {job_id} is already {JobStatus(status).value}")
+
+
+def retry_failed(session: Session, job_id: int, *, now: datetime | None = None) -> RetriedImages:
+    """Put a job's failed images back on the queue (attempts reset) and re-open the job when
+    there were any (running if it had started, else queued). Publishing is the caller's."""
+    now = now or utcnow()
+    rows = session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.status == ImageStatus.FAILED)
+        .values(
+            status=ImageStatus.QUEUED,
+            failure_reason=None,
+            attempts=0,
+            queued_at=now,
+            finished_at=None,
+        )
+        .returning(Image.id)
+        .execution_options(synchronize_session=False)
+    )
+    image_ids = sorted(rows.scalars())
+    if image_ids:
+        _reopen(session, job_id)
+    return RetriedImages(job_id=job_id, image_ids=image_ids)
+
+
+def _reopen(session: Session, job_id: int) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            status=case(
+                (Job.started_at.is_(None), JobStatus.QUEUED.value),
+                else_=JobStatus.RUNNING.value,
+            ),
+            finished_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )

@@ -364,7 +364,7 @@ class TrainingRun(Base):
     finished_at: Mapped[datetime | None]
     # 1 while the run is queued or running, NULL once it ended. UNIQUE, so a second open run
     # cannot be inserted (NULLs never conflict): one run at a time, however many beat
-    # processes or "retrain now" clicks race (captioner.learning.retrain.maybe_start_run).
+    # processes or "retrain now" clicks race (captioner.learning.runs.maybe_start_run).
     open_lock: Mapped[int | None] = mapped_column(unique=True)
 
     base_model_version: Mapped[ModelVersion | None] = relationship(
