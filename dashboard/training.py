@@ -29,7 +29,7 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from sqlalchemy import func, select
 
 from captioner import tasks
-from captioner.learning import registry, retrain
+from captioner.learning import gate, registry, runs
 from captioner.state.models import (
     ModelStatus,
     ModelVersion,
@@ -171,14 +171,14 @@ def _run_or_404(run_id: int) -> TrainingRun:
 
 
 def _retrain_now() -> TrainingRun:
-    """Insert a run (raises retrain.RunAlreadyOpen / NothingToTrain), commit, dispatch."""
+    """Insert a run (raises runs.RunAlreadyOpen / NothingToTrain), commit, dispatch."""
     ext = current_app.extensions["captioner"]
     session = db()
     try:
-        run = retrain.maybe_start_run(
+        run = runs.maybe_start_run(
             session, ext.settings, force=True, trigger="manual", requested_by=current_user().id
         )
-    except (retrain.RunAlreadyOpen, retrain.NothingToTrain):
+    except (runs.RunAlreadyOpen, runs.NothingToTrain):
         session.rollback()
         raise
     session.commit()
@@ -291,9 +291,9 @@ def get_run(run_id):
 def start_run():
     try:
         return run_dict(_retrain_now())
-    except retrain.RunAlreadyOpen as exc:
+    except runs.RunAlreadyOpen as exc:
         abort(409, str(exc))
-    except retrain.NothingToTrain as exc:
+    except runs.NothingToTrain as exc:
         abort(422, str(exc))
 
 
@@ -361,7 +361,7 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     for which in ("holdout", "anchor"):
         scores = metrics.get(which) or {}
         active, candidate = scores.get("active") or {}, scores.get("candidate") or {}
-        for key in retrain.GATE_METRICS_KEPT:
+        for key in gate.GATE_METRICS_KEPT:
             if key in active or key in candidate:
                 rows.append(
                     {
@@ -410,7 +410,7 @@ def run_page(run_id: int):
 def retrain_now_form():
     try:
         run = _retrain_now()
-    except (retrain.RunAlreadyOpen, retrain.NothingToTrain) as exc:
+    except (runs.RunAlreadyOpen, runs.NothingToTrain) as exc:
         flash(str(exc), "error")
         return redirect(url_for("training_ui.runs_page"), 303)
     flash(f"Training run {run.id} queued.", "ok")

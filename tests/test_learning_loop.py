@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from captioner import tasks
-from captioner.learning import registry, retrain
+from captioner.learning import gate, registry, retrain, runs, snapshot
 from captioner.settings import Settings
 from captioner.state import jobs, reviews
 from captioner.state.db import make_engine, make_sessionmaker, session_scope
@@ -28,6 +28,7 @@ from captioner.state.models import (
     Image,
     ModelStatus,
     ModelVersion,
+    Review,
     ReviewDecision,
     Split,
     TrainingRun,
@@ -104,7 +105,7 @@ class Loop:
 
     def start(self, **kw) -> int | None:
         with session_scope(self.sessions) as s:
-            run = retrain.maybe_start_run(s, self.settings, **kw)
+            run = runs.maybe_start_run(s, self.settings, **kw)
             return run.id if run is not None else None
 
     def run(self, run_id: int) -> TrainingRun:
@@ -177,7 +178,7 @@ def test_two_beat_ticks_at_once_start_one_run(any_loop, monkeypatch):
     ids = loop.images(range(8))
     loop.review(ids, [f"caption {i}" for i in range(8)], reviewer)
 
-    counted = retrain.count_new_reviews
+    counted = runs.count_new_reviews
     if loop.engine.dialect.name == "postgresql":
         # Both ticks pass the "enough new reviews, no open run" checks before either inserts:
         # only the unique open_lock stops the second. (SQLite has one writer at a time, so
@@ -189,7 +190,7 @@ def test_two_beat_ticks_at_once_start_one_run(any_loop, monkeypatch):
             barrier.wait()
             return n
 
-        monkeypatch.setattr(retrain, "count_new_reviews", count_then_wait)
+        monkeypatch.setattr(runs, "count_new_reviews", count_then_wait)
     results, errors = [], []
 
     def tick():
@@ -207,14 +208,14 @@ def test_two_beat_ticks_at_once_start_one_run(any_loop, monkeypatch):
     started = [r for r in results if r is not None]
     assert len(results) == 2 and len(started) == 1
     with loop.sessions() as s:
-        runs = s.scalars(select(TrainingRun)).all()
-        assert [r.id for r in runs] == started
-        assert runs[0].status == TrainingStatus.QUEUED and runs[0].open_lock == 1
+        rows = s.scalars(select(TrainingRun)).all()
+        assert [r.id for r in rows] == started
+        assert rows[0].status == TrainingStatus.QUEUED and rows[0].open_lock == 1
     # While it is open, further ticks start nothing; "retrain now" says why.
-    monkeypatch.setattr(retrain, "count_new_reviews", counted)
+    monkeypatch.setattr(runs, "count_new_reviews", counted)
     assert loop.start() is None
-    with pytest.raises(retrain.RunAlreadyOpen), session_scope(loop.sessions) as s:
-        retrain.maybe_start_run(s, loop.settings, force=True)
+    with pytest.raises(runs.RunAlreadyOpen), session_scope(loop.sessions) as s:
+        runs.maybe_start_run(s, loop.settings, force=True)
 
 
 def test_min_new_reviews_since_the_last_finished_run(sqlite_loop):
@@ -283,17 +284,18 @@ def test_snapshot_caps_each_reviewer_share_and_leaves_out_excluded_reviewers(sql
 
 def test_cap_reviewer_share_pure():
     ex = [
-        retrain.Example(i, i, "k", "t", Split.TRAIN, i % 2, ReviewDecision.CORRECTED)
+        snapshot.Example(i, i, "k", "t", Split.TRAIN, i % 2, ReviewDecision.CORRECTED)
         for i in range(10)
     ]
-    kept, dropped = retrain.cap_reviewer_share(ex, 0.5)
-    assert len(kept) == 10 and dropped == {}
+    capped = snapshot.cap_reviewer_share(ex, 0.5)
+    assert len(capped.kept) == 10 and capped.dropped == {}
     one = [
-        retrain.Example(i, i, "k", "t", Split.TRAIN, 7, ReviewDecision.CORRECTED) for i in range(5)
+        snapshot.Example(i, i, "k", "t", Split.TRAIN, 7, ReviewDecision.CORRECTED) for i in range(5)
     ]
-    kept, dropped = retrain.cap_reviewer_share(one, 0.5)
-    assert kept == [] and dropped == {"7": 5}  # a lone reviewer can never be at most half
-    assert retrain.cap_reviewer_share(one, 1.0)[0] == one
+    capped = snapshot.cap_reviewer_share(one, 0.5)
+    # A lone reviewer can never be at most half.
+    assert capped.kept == [] and capped.dropped == {"7": 5}
+    assert snapshot.cap_reviewer_share(one, 1.0).kept == one
 
 
 def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
@@ -305,7 +307,7 @@ def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
     held1 = set(run1.holdout_review_ids)
     assert held1 and not held1 & set(run1.train_review_ids)
     assert held1 | set(run1.train_review_ids) == set(first)
-    expected = {i for i in ids[:30] if retrain.holdout_bucket(i) < 0.3}
+    expected = {i for i in ids[:30] if snapshot.holdout_bucket(i) < 0.3}
     with loop.sessions() as s:
         held_images = set(s.scalars(select(Image.id).where(Image.split == Split.HOLDOUT)))
     assert held_images == expected
@@ -321,12 +323,12 @@ def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
         train_images2 = set(
             s.scalars(
                 select(Image.id)
-                .join(retrain.Review, retrain.Review.image_id == Image.id)
-                .where(retrain.Review.id.in_(run2.train_review_ids))
+                .join(Review, Review.image_id == Image.id)
+                .where(Review.id.in_(run2.train_review_ids))
             )
         )
     assert held_images <= held_images2
-    assert held_images2 == {i for i in ids if retrain.holdout_bucket(i) < 0.3}
+    assert held_images2 == {i for i in ids if snapshot.holdout_bucket(i) < 0.3}
     assert not held_images2 & train_images2
     assert len(run2.holdout_review_ids) == len(held_images2)
 
@@ -371,7 +373,7 @@ def test_a_worse_candidate_is_not_promoted_and_kept_with_the_reason(
     loop.settings.holdout_share = 0.5
     v1 = loop.register(checkpoints["a"], "v1", promote=True)
     ids = loop.images(range(40))
-    held = [i for i in ids if retrain.holdout_bucket(i) < 0.5]
+    held = [i for i in ids if snapshot.holdout_bucket(i) < 0.5]
     train = [i for i in ids if i not in held]
     loop.review(held, [captions_of["a"][ids.index(i)] for i in held], decision="approved")
     loop.review(train, ["zebra zebra zebra"] * len(train))
@@ -461,12 +463,12 @@ def test_a_better_candidate_is_promoted_unless_the_anchor_set_regresses(
 def test_gate_rules():
     h = {"active": {"exact_match": 0.5}, "candidate": {"exact_match": 0.54}}
     a = {"active": {"exact_match": 0.9}, "candidate": {"exact_match": 0.89}}
-    assert not retrain.gate("exact_match", h, a, margin=0.05, tolerance=0.02).promote
-    assert retrain.gate("exact_match", h, a, margin=0.04, tolerance=0.02).promote
-    assert not retrain.gate("exact_match", h, a, margin=0.04, tolerance=0.005).promote
+    assert not gate.gate("exact_match", h, a, margin=0.05, tolerance=0.02).promote
+    assert gate.gate("exact_match", h, a, margin=0.04, tolerance=0.02).promote
+    assert not gate.gate("exact_match", h, a, margin=0.04, tolerance=0.005).promote
     same = {"active": {"exact_match": 0.5}, "candidate": {"exact_match": 0.5}}
-    assert not retrain.gate("exact_match", same, {}, margin=0.0, tolerance=0.0).promote
-    assert not retrain.gate("exact_match", {"active": {}, "candidate": {}}, {}, 0.0, 0.0).promote
+    assert not gate.gate("exact_match", same, {}, margin=0.0, tolerance=0.0).promote
+    assert not gate.gate("exact_match", {"active": {}, "candidate": {}}, {}, 0.0, 0.0).promote
 
 
 # --- registry: promote, rollback, and the worker's next batch -------------------------------
@@ -475,7 +477,7 @@ def test_gate_rules():
 def test_rollback_restores_the_previous_version_and_the_worker_uses_it_next_batch(
     sqlite_loop, checkpoints, monkeypatch
 ):
-    from workers.tasks import run_caption_batch
+    from workers.caption import run_caption_batch
 
     loop = sqlite_loop
     v1 = loop.register(checkpoints["a"], "v1", promote=True)
@@ -724,7 +726,8 @@ def test_web_process_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from dashboard import training; from captioner.learning import retrain, registry; "
+        "import sys; from dashboard import training; "
+        "from captioner.learning import finetune, gate, registry, retrain, runs, snapshot; "
         "import workers.training; print('torch' in sys.modules)"
     )
     out = subprocess.run(

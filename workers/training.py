@@ -1,4 +1,4 @@
-"""Celery tasks of the learning loop (see `captioner.learning.retrain`).
+"""Celery tasks of the learning loop (see `captioner.learning.runs`, `.retrain`).
 
 - `captioner.maybe_retrain` (maintenance queue; Celery beat sends it on `retrain_schedule`, the
   dashboard's "retrain now" after inserting a run): start a run if one is due, then send
@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import shared_task
 
-from captioner.learning import retrain
+from captioner.learning import retrain, runs
 from captioner.settings import Settings, get_settings
 from captioner.state.db import session_scope
 from captioner.tasks import TASK_MAYBE_RETRAIN, TASK_TRAIN_RUN, publish_train_run
@@ -28,15 +28,15 @@ def run_maybe_retrain(
     settings: Settings | None = None, *, publish=publish_train_run
 ) -> dict[str, Any]:
     """One beat tick: start a due run (committed), then dispatch queued runs to the train queue."""
-    from workers.tasks import resources
+    from workers.resources import resources
 
     settings = settings or get_settings()
     res = resources(settings)
     with session_scope(res.sessions) as s:
-        run = retrain.maybe_start_run(s, settings, trigger="schedule")
+        run = runs.maybe_start_run(s, settings, trigger="schedule")
         started = run.id if run is not None else None
     with session_scope(res.sessions) as s:
-        dispatch = retrain.runs_to_dispatch(s, settings)
+        dispatch = runs.runs_to_dispatch(s, settings)
     for run_id in dispatch:
         publish(run_id, settings)
     if started or dispatch:
@@ -45,7 +45,7 @@ def run_maybe_retrain(
 
 
 def run_train(run_id: int, settings: Settings | None = None) -> str:
-    from workers.tasks import resources
+    from workers.resources import resources
 
     settings = settings or get_settings()
     res = resources(settings)

@@ -141,7 +141,7 @@ def _registry_change(url, change):
 def retrain_cmd(now, inline, url):
     """Start a training run if one is due (like the nightly beat tick), or now with --now."""
     from captioner import tasks
-    from captioner.learning import retrain
+    from captioner.learning import retrain, runs
     from captioner.settings import get_settings
     from captioner.state.db import make_sessionmaker, session_scope
 
@@ -151,9 +151,9 @@ def retrain_cmd(now, inline, url):
     try:
         try:
             with session_scope(sessions) as session:
-                run = retrain.maybe_start_run(session, settings, force=now, trigger="cli")
+                run = runs.maybe_start_run(session, settings, force=now, trigger="cli")
                 run_id = run.id if run is not None else None
-        except (retrain.RunAlreadyOpen, retrain.NothingToTrain) as exc:
+        except (runs.RunAlreadyOpen, runs.NothingToTrain) as exc:
             raise click.ClickException(str(exc)) from None
         if run_id is None:
             click.echo(
@@ -174,7 +174,7 @@ def retrain_cmd(now, inline, url):
                 raise SystemExit(1)
             return
         with session_scope(sessions) as session:
-            retrain.runs_to_dispatch(session, settings)
+            runs.runs_to_dispatch(session, settings)
         tasks.publish_train_run(run_id, settings)
         click.echo(f"training run {run_id} queued on the train queue")
     finally:
