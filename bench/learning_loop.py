@@ -98,7 +98,7 @@ class InlineWorkers:
 
     def drain(self) -> None:
         from captioner import tasks
-        from workers.tasks import run_caption_batch
+        from workers.caption import run_caption_batch
         from workers.training import run_maybe_retrain, run_train
 
         while self.pending:
@@ -145,6 +145,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from sqlalchemy import select
 
+    from captioner.accounts import create_user
     from captioner.learning import registry
     from captioner.settings import Settings
     from captioner.state import migrate
@@ -154,7 +155,6 @@ def main() -> None:
     from core_model.evaluate import evaluate_model, normalize
     from core_model.synthetic import SyntheticWorld, world_config_from_dict
     from dashboard import create_app
-    from dashboard.auth import create_user
 
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)

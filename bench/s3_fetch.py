@@ -55,7 +55,7 @@ def main() -> None:
     from core_model.config import preset
     from core_model.model import build_encoder
     from core_model.preprocess import Preprocessor
-    from workers.tasks import _prepare
+    from workers.pixels import prepare_image
 
     server = None
     endpoint = args.endpoint
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"{'threads':>7} {'raw GET/s':>10} {'worker path img/s':>18} {'overhead ms/img':>16}")
     for threads in [int(t) for t in args.threads.split(",")]:
         raw = rate(store.get, keys, threads)
-        worker = rate(lambda k: _prepare(store, k, settings, preprocess), keys, threads)
+        worker = rate(lambda k: prepare_image(store, k, settings, preprocess), keys, threads)
         overhead_ms = (1 / worker - 1 / raw) * 1000
         print(f"{threads:>7} {raw:>10.1f} {worker:>18.1f} {overhead_ms:>16.2f}", flush=True)
     if server is not None:

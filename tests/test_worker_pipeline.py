@@ -60,10 +60,11 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
 ):
     from captioner.state import images
     from core_model.inference import ImageCaptioner
-    from workers import tasks
+    from workers.caption import run_caption_batch
+    from workers.resources import resources
 
     settings = stack.settings()
-    res = tasks.resources(settings)
+    res = resources(settings)
     job_id, ids = stack.submit_pngs(8, name="pipe", publish=False)
     batches = {"b1": ids[:4], "b2": ids[4:]}
     keys_b2 = {im.storage_key for im in stack.images(batches["b2"]).values()}
@@ -144,7 +145,7 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
 
     def run(name: str) -> None:
         try:
-            outcomes[name] = tasks.run_caption_batch(
+            outcomes[name] = run_caption_batch(
                 job_id, batches[name], worker_id=f"pipe/{name}", settings=settings, retrying=False
             )
         except BaseException as exc:  # reported below, in the test's thread
@@ -288,17 +289,17 @@ def test_worker_pool_is_pipelined_on_cuda_and_solo_on_the_cpu(
 
 
 def test_device_batch_on_the_cpu_is_a_plain_stack():
-    from workers.tasks import _device_batch
+    from workers.pixels import device_batch
 
     tensors = [torch.full((3, 4, 4), float(i)) for i in range(3)]
-    batch = _device_batch(tensors, torch.device("cpu"))
+    batch = device_batch(tensors, torch.device("cpu"))
     assert torch.equal(batch, torch.stack(tensors)) and not batch.is_pinned()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_batch_on_cuda_goes_through_pinned_memory(monkeypatch):
-    from workers.tasks import _device_batch
+    from workers.pixels import device_batch
 
     dev = torch.device("cuda")
     pinned: list[bool] = []
@@ -312,7 +313,7 @@ def test_device_batch_on_cuda_goes_through_pinned_memory(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", to)
     tensors = [torch.full((3, 4, 4), float(i)) for i in range(4)]
     tensors[2] = tensors[2].to(dev)  # decoded on the device already (nvJPEG)
-    batch = _device_batch(tensors, dev)
+    batch = device_batch(tensors, dev)
     torch.cuda.synchronize()
     assert batch.device.type == "cuda"
     assert torch.equal(batch.cpu(), torch.stack([t.cpu() for t in tensors]))

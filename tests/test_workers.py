@@ -196,7 +196,7 @@ def test_bad_inputs_fail_alone_with_reasons(stack, worker, env, bad_inputs):
 
 
 def _run_batch_in_process(job_id, ids):
-    from workers.tasks import caption_batch
+    from workers.caption import caption_batch
 
     return caption_batch.apply(args=(job_id, ids)).get()
 
@@ -298,7 +298,7 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch,
         time.sleep(1)
         assert stack.progress(job_id).captioned == stalled.captioned  # nothing left to wake it
 
-        from workers.tasks import run_sweep
+        from workers.sweep import run_sweep
 
         summary = run_sweep()
         assert summary["stale"] == stalled.queued and summary["messages"] >= 1
@@ -349,7 +349,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
         assert {im.lease_owner.split("/")[0] for im in held.values()} == {"doomed@test"}
 
         second = WorkerProcess(stack, "rescuer").wait_ready()
-        from workers.tasks import run_sweep
+        from workers.sweep import run_sweep
 
         def swept_and_done():
             run_sweep()
@@ -509,7 +509,7 @@ def test_queue_module_does_not_import_torch_or_workers():
 
     code = (
         "import sys, captioner.tasks, captioner.cli;"
-        "bad=[m for m in ('torch','workers','workers.tasks') if m in sys.modules];"
+        "bad=[m for m in ('torch','workers','workers.caption') if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

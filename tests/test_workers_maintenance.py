@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from captioner import tasks, webhooks
-from captioner.state import images, jobs
+from captioner.state import images, jobs, outbox
 from captioner.state.db import session_scope
 from captioner.state.models import (
     Image,
@@ -187,7 +187,7 @@ def test_enumerate_prefix_task_queues_and_captions_the_listing(stack, worker, en
     assert "prefix enumerated" in worker.log()
 
     # The same message again (a redelivery) adds nothing.
-    from workers.tasks import enumerate_prefix
+    from workers.ingest import enumerate_prefix
 
     assert enumerate_prefix.apply(args=(job_id,)).get()["images"] == 7
     with stack.sessions() as s:
@@ -287,9 +287,9 @@ def test_deliver_webhook_task_refuses_an_unsafe_url_without_retrying(stack, env)
         [image_id] = images.claim_images(s, worker_id="t", lease_seconds=60, job_id=job.id)
         images.fail_image(s, image_id, "test")
         assert jobs.finish_completed_jobs(s) == [job.id]
-        [delivery_id] = webhooks.record_job_events(s, [job.id])
+        [delivery_id] = outbox.record_job_events(s, [job.id])
 
-    from workers.tasks import deliver_webhook
+    from workers.deliveries import deliver_webhook
 
     result = deliver_webhook.apply(args=(delivery_id,)).get()
     assert result["outcome"] == "failed" and "169.254.169.254" in result["error"]
@@ -317,13 +317,13 @@ def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(
         [image_id] = images.claim_images(s, worker_id="gone", lease_seconds=60, job_id=lost.id)
         images.fail_image(s, image_id, "test")
         assert jobs.finish_completed_jobs(s) == [orphan.id, lost.id]
-        [lost_delivery] = webhooks.record_job_events(s, [lost.id])
+        [lost_delivery] = outbox.record_job_events(s, [lost.id])
         s.get(WebhookDelivery, lost_delivery).next_attempt_at = utcnow() - timedelta(hours=1)
         # ... and orphan is re-opened as unfinished, for the sweeper to find.
         s.get(Job, orphan.id).status = JobStatus.RUNNING
         orphan_id, lost_id = orphan.id, lost.id
 
-    from workers.tasks import run_sweep
+    from workers.sweep import run_sweep
 
     summary = run_sweep()
     assert summary["jobs_finished"] == 1

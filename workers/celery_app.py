@@ -30,11 +30,22 @@ from captioner.tasks import QUEUE_MAINTENANCE, TASK_MAYBE_RETRAIN, TASK_SWEEP, c
 if TYPE_CHECKING:
     from captioner.settings import Settings
 
+# The modules a worker imports at start: every task (by its name in `captioner.tasks`) and the
+# worker's start and stop signal handlers.
+WORKER_MODULES = (
+    "workers.caption",
+    "workers.sweep",
+    "workers.ingest",
+    "workers.deliveries",
+    "workers.training",
+    "workers.lifecycle",
+)
+
 
 def create_celery_app(settings: Settings | None = None) -> Celery:
-    """A configured Celery app whose tasks live in `workers.tasks`."""
+    """A configured Celery app with every task of `WORKER_MODULES` registered."""
     settings = settings or get_settings()
-    app = Celery("captioner", include=["workers.tasks", "workers.training"])
+    app = Celery("captioner", include=list(WORKER_MODULES))
     conf = celery_config(settings)
     # The visibility timeout must outlast the hard limit, whatever the operator configured.
     conf["broker_transport_options"]["visibility_timeout"] = max(

@@ -21,7 +21,7 @@ batches at once in one process, all sharing this runtime:
   touch the device; on the CPU two batches would only fight over the same cores. Fetching,
   CPU decoding and saving are outside it, so they overlap with another batch's model run.
 
-torch is imported here, never at the import of `workers.tasks`, so the sweeper and beat run
+torch is imported here, never at the import of `workers.caption`, so the sweeper and beat run
 without it.
 """
 
@@ -33,8 +33,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -54,8 +55,18 @@ class ModelUnavailable(RuntimeError):
     """No usable model: no active version and no checkpoint at `Settings.model_checkpoint`."""
 
 
+class WantedModel(NamedTuple):
+    """The model version that should caption now, as `ModelRuntime.wanted` read it."""
+
+    version_id: int
+    name: str
+    checkpoint_uri: str
+
+
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model in memory, ready to caption, and the version it is."""
+
     version_id: int
     version_name: str
     checkpoint: str
@@ -94,6 +105,38 @@ def register_checkpoint(session: Session, checkpoint: Path) -> ModelVersion:
     return row
 
 
+class _Move(Enum):
+    """What a batch asking for a model does next (`ModelRuntime._next_move`)."""
+
+    USE = "use"  # the loaded model fits: hold it
+    LOAD = "load"  # nobody holds the loaded model: load the wanted one
+    WAIT = "wait"  # a load is in progress, or a switch goes first
+    WAIT_TO_SWITCH = "wait_to_switch"  # another model is wanted: wait until nobody holds it
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A batch's turn at the model: use the loaded one (`held`, now counted as a user) or load
+    the wanted one (`_switching` is set for it)."""
+
+    move: _Move  # USE or LOAD
+    held: LoadedModel | None = None  # with USE: the model the batch holds
+
+
+def _log_switch(previous: LoadedModel | None, new: LoadedModel, uri: str) -> None:
+    """Log a load (`previous` None: the first model of this process) or a switch."""
+    if previous is None:
+        log.info("model loaded: version %s (%s) from %s", new.version_name, new.version_id, uri)
+        return
+    log.info(
+        "model switched: version %s (%s) -> %s (%s), without restart",
+        previous.version_name,
+        previous.version_id,
+        new.version_name,
+        new.version_id,
+    )
+
+
 class ModelRuntime:
     """One per worker process, shared by the batches it runs at once (see the module docstring)."""
 
@@ -112,8 +155,8 @@ class ModelRuntime:
     def loaded(self) -> LoadedModel | None:
         return self._loaded
 
-    def wanted(self, session: Session) -> tuple[int, str, str]:
-        """(version id, name, checkpoint uri) of the model that should caption now."""
+    def wanted(self, session: Session) -> WantedModel:
+        """The model version that should caption now."""
         query = select(ModelVersion.id, ModelVersion.name, ModelVersion.checkpoint_uri)
         if self.settings.active_model:
             row = session.execute(
@@ -124,10 +167,10 @@ class ModelRuntime:
                     f"model version {self.settings.active_model!r} (CAPTIONER_ACTIVE_MODEL) "
                     "is not in the database"
                 )
-            return row[0], row[1], row[2]
+            return WantedModel(row[0], row[1], row[2])
         row = session.execute(query.where(ModelVersion.status == ModelStatus.ACTIVE)).first()
         if row is not None:
-            return row[0], row[1], row[2]
+            return WantedModel(row[0], row[1], row[2])
         checkpoint = Path(self.settings.model_checkpoint or "")
         if not (checkpoint / "config.json").exists():
             raise ModelUnavailable(
@@ -135,9 +178,9 @@ class ModelRuntime:
                 "(set CAPTIONER_MODEL_CHECKPOINT, or promote a model version)"
             )
         version = register_checkpoint(session, checkpoint)
-        return version.id, version.name, str(checkpoint)
+        return WantedModel(version.id, version.name, str(checkpoint))
 
-    def ensure(self, wanted: tuple[int, str, str], as_of: float | None = None) -> LoadedModel:
+    def ensure(self, wanted: WantedModel, as_of: float | None = None) -> LoadedModel:
         """Load the model `wanted` (from `wanted()`) unless it is the one already loaded.
 
         Separate from `wanted` so a caller can end its transaction before a slow load. It does
@@ -147,9 +190,7 @@ class ModelRuntime:
             return loaded
 
     @contextmanager
-    def use(
-        self, wanted: tuple[int, str, str], as_of: float | None = None
-    ) -> Iterator[LoadedModel]:
+    def use(self, wanted: WantedModel, as_of: float | None = None) -> Iterator[LoadedModel]:
         """The model `wanted` (loaded or switched to first if needed), held until the block ends.
 
         `as_of`: the `time.monotonic()` taken before `wanted` was read (default: now). If the
@@ -163,57 +204,80 @@ class ModelRuntime:
                 self._users -= 1
                 self._cond.notify_all()
 
-    def _acquire(self, wanted: tuple[int, str, str], as_of: float) -> LoadedModel:
+    def _acquire(self, wanted: WantedModel, as_of: float) -> LoadedModel:
+        """The model `wanted`, held (one more user): the loaded one if it fits, else loaded
+        here once no batch holds the old one."""
         version_id, name, uri = wanted
+        turn = self._take_turn(version_id, as_of)
+        if turn.move is _Move.USE and turn.held is not None:
+            return turn.held
+        previous = self._loaded
+        new = self._load_in_turn(WantedModel(version_id, name, uri))
+        self._install(new, as_of)
+        _log_switch(previous, new, uri)
+        return new
+
+    def _fits(self, version_id: int, as_of: float) -> bool:
+        """The loaded model serves a batch that wants `version_id` (read at `as_of`): it is that
+        version, or it was chosen by a later read (the batch's `wanted` is stale)."""
+        loaded = self._loaded
+        return loaded is not None and (
+            loaded.version_id == version_id or as_of < self._loaded_as_of
+        )
+
+    def _next_move(self, version_id: int, as_of: float, waiting_to_switch: bool) -> _Move:
+        """What a batch does now; called under `_cond`."""
+        if self._switching:
+            return _Move.WAIT
+        if self._fits(version_id, as_of):
+            # A batch waiting to switch goes first (no new users of the old one).
+            if waiting_to_switch or not self._switches_waiting:
+                return _Move.USE
+            return _Move.WAIT
+        if self._users == 0:
+            return _Move.LOAD
+        return _Move.WAIT_TO_SWITCH
+
+    def _take_turn(self, version_id: int, as_of: float) -> _Turn:
+        """Wait until the loaded model fits (then hold it) or no batch holds it (then it is this
+        batch's to load: `_switching` is set)."""
         waiting_to_switch = False
         with self._cond:
             try:
                 while True:
-                    if not self._switching:
-                        loaded = self._loaded
-                        fits = loaded is not None and (
-                            loaded.version_id == version_id or as_of < self._loaded_as_of
-                        )
-                        if fits:
-                            # A batch waiting to switch goes first (no new users of the old one).
-                            if waiting_to_switch or not self._switches_waiting:
-                                self._users += 1
-                                return loaded
-                        elif self._users == 0:
-                            self._switching = True  # ours to load
-                            break
-                        elif not waiting_to_switch:
-                            waiting_to_switch = True
-                            self._switches_waiting += 1
+                    move = self._next_move(version_id, as_of, waiting_to_switch)
+                    if move is _Move.USE:
+                        self._users += 1
+                        return _Turn(_Move.USE, held=self._loaded)
+                    if move is _Move.LOAD:
+                        self._switching = True
+                        return _Turn(_Move.LOAD)
+                    if move is _Move.WAIT_TO_SWITCH and not waiting_to_switch:
+                        waiting_to_switch = True
+                        self._switches_waiting += 1
                     self._cond.wait()
             finally:
                 if waiting_to_switch:
                     self._switches_waiting -= 1
                     self._cond.notify_all()  # batches held back for this switch look again
-        previous = self._loaded
+
+    def _load_in_turn(self, wanted: WantedModel) -> LoadedModel:
+        """Load `wanted` in this batch's turn; a failed load ends the turn for the next batch."""
         try:
-            new = self._load(version_id, name, uri)
+            return self._load(wanted.version_id, wanted.name, wanted.checkpoint_uri)
         except BaseException:
             with self._cond:
                 self._switching = False
                 self._cond.notify_all()
             raise
+
+    def _install(self, new: LoadedModel, as_of: float) -> None:
+        """Make `new` the loaded model, held by the batch that loaded it, and end the turn."""
         with self._cond:
             self._loaded, self._loaded_as_of = new, as_of
             self._switching = False
             self._users += 1
             self._cond.notify_all()
-        if previous is None:
-            log.info("model loaded: version %s (%s) from %s", name, version_id, uri)
-        else:
-            log.info(
-                "model switched: version %s (%s) -> %s (%s), without restart",
-                previous.version_name,
-                previous.version_id,
-                name,
-                version_id,
-            )
-        return new
 
     def _load(self, version_id: int, name: str, uri: str) -> LoadedModel:
         import torch

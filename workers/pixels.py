@@ -1,0 +1,136 @@
+"""From a storage key to model-ready pixels: the fetch-and-decode step of a caption batch.
+
+`prepare_image` reads one image from the object store and decodes it safely on the CPU, or, on
+CUDA with `Settings.gpu_decode`, leaves a plain JPEG's bytes for `decode_jpegs_on_device` (one
+nvJPEG call for the whole batch, under the model lock). `device_batch` stacks the pixels into
+one batch on the model's device. Each image's trouble stays its own: a missing or undecodable
+image becomes a permanent failure with its reason, a storage error a transient one (retried).
+
+torch is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from captioner.intake.decode import ImageRejected, decode_image, open_image
+from captioner.settings import Settings
+from captioner.storage import InvalidKey, ObjectNotFound
+
+NOT_FOUND_REASON = "image file not found in storage"
+MODEL_REJECTED_REASON = "could not prepare the image for the model: {error}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What came of fetching and decoding one image: pixels, bytes for the device decoder, or
+    the reason it failed."""
+
+    pixels: Any = None  # a preprocessed tensor (3, H, W)
+    jpeg: bytes | None = None  # bytes left for the batched device decoder
+    width: int | None = None
+    height: int | None = None
+    reason: str | None = None  # permanent failure, for people
+    reason_kind: str = ""  # metrics label
+    transient: str | None = None  # transient failure: retry
+
+
+def prepare_image(
+    store, key: str, settings: Settings, preprocess, device_jpeg: bool = False
+) -> Prepared:
+    """Fetch `key` and decode it: on the CPU, or (`device_jpeg`) kept for the device decoder
+    if it is a JPEG nvJPEG decodes exactly as the CPU would."""
+    try:
+        data = store.get(key)
+    except (ObjectNotFound, InvalidKey) as exc:
+        kind = "not_found" if isinstance(exc, ObjectNotFound) else "invalid_key"
+        reason = NOT_FOUND_REASON if kind == "not_found" else f"invalid storage key: {exc}"
+        return Prepared(reason=reason, reason_kind=kind)
+    except Exception as exc:  # network, throttling, disk: retried, never swallowed
+        return Prepared(transient=f"{type(exc).__name__}: {exc}")
+    header = _device_decodable(data, settings) if device_jpeg else None
+    if header is not None:
+        return Prepared(jpeg=data, width=header.width, height=header.height)
+    return decode_on_cpu(data, settings, preprocess)
+
+
+def _device_decodable(data: bytes, settings: Settings):
+    """The header of a plain RGB or greyscale JPEG, within limits and not rotated by EXIF
+    (nvJPEG gives the same pixels as the CPU path); None sends it to the CPU path."""
+    try:
+        header = open_image(
+            data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+        )
+    except ImageRejected:
+        return None  # the CPU path names the reason
+    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+        return None
+    return header if header.getexif().get(0x0112, 1) == 1 else None
+
+
+def decode_on_cpu(data: bytes, settings: Settings, preprocess) -> Prepared:
+    """Decode `data` safely (within the size limits) and preprocess it for the model."""
+    try:
+        image = decode_image(
+            data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+        )
+    except ImageRejected as exc:
+        return Prepared(reason=exc.reason, reason_kind=type(exc).__name__)
+    try:
+        pixels = preprocess(image)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return Prepared(reason=MODEL_REJECTED_REASON.format(error=exc), reason_kind="preprocess")
+    return Prepared(pixels=pixels, width=image.width, height=image.height)
+
+
+def decode_jpegs_on_device(
+    prepared: dict[int, Prepared], captioner, settings: Settings
+) -> dict[int, Prepared]:
+    """`prepared` with the batch's device-decodable JPEGs decoded in one nvJPEG call and
+    preprocessed on the device; an image nvJPEG refuses goes through the CPU path instead."""
+    from core_model.tensor_preprocess import decode_jpegs
+
+    ids = [i for i, p in prepared.items() if p.jpeg is not None]
+    if not ids:
+        return dict(prepared)
+    decoded = decode_jpegs([prepared[i].jpeg for i in ids], captioner.device)
+    ok = [(i, t) for i, t in zip(ids, decoded, strict=True) if t is not None]
+    on_device: dict[int, Prepared] = {}
+    if ok:
+        pixels = captioner.tensor_preprocessor([t for _, t in ok])
+        for (i, _), px in zip(ok, pixels, strict=True):
+            on_device[i] = replace(prepared[i], pixels=px, jpeg=None)
+    refused = {  # nvJPEG refused these: the CPU path decides
+        i: decode_on_cpu(prepared[i].jpeg, settings, captioner.preprocess)
+        for i in ids
+        if i not in on_device
+    }
+    return {**prepared, **on_device, **refused}
+
+
+def device_batch(tensors: list, device):
+    """One (B, 3, H, W) batch of preprocessed pixels on `device`, in the order given.
+
+    On CUDA the CPU-decoded tensors are stacked straight into one pinned (page-locked) buffer
+    and sent with one `non_blocking` copy (a copy from pageable memory is synchronous), while
+    those nvJPEG decoded are already there. On the CPU: one `torch.stack`, as always.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return torch.stack([t.to(device, non_blocking=True) for t in tensors])
+    on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    if not on_host:
+        return torch.stack(tensors)
+    first = tensors[on_host[0]]
+    staging = torch.empty((len(on_host), *first.shape), dtype=first.dtype, pin_memory=True)
+    torch.stack([tensors[i] for i in on_host], out=staging)
+    # The caching host allocator keeps `staging` alive until the copy is done.
+    moved = staging.to(device, non_blocking=True)
+    if len(on_host) == len(tensors):
+        return moved
+    merged = list(tensors)
+    for row, i in enumerate(on_host):
+        merged[i] = moved[row]
+    return torch.stack(merged)
