@@ -1,9 +1,10 @@
 """Webhooks: signed `job.completed` / `job.failed` events, delivered from an outbox with retries.
 
 Flow: whoever finishes jobs (the workers, after `jobs.finish_completed_jobs`) calls
-`record_job_events(session, job_ids)` in the same transaction; it writes one
-`WebhookDelivery` row per (webhook, event, job) -- recording twice is a no-op. After the
-commit it publishes `captioner.deliver_webhook(delivery_id)` for each (`publish_deliveries`).
+`captioner.state.outbox.record_job_events(session, job_ids)` in the same transaction; it writes
+one `WebhookDelivery` row per (webhook, event, job) -- recording twice is a no-op. After the
+commit it publishes `captioner.deliver_webhook(delivery_id)` for each
+(`captioner.tasks.publish_deliveries`).
 The task calls `deliver(session, delivery_id)`: it POSTs the JSON body with
 `X-Captioner-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>`; a
 2xx marks it delivered, anything else schedules the next attempt with exponential backoff
@@ -20,25 +21,22 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner.intake.submit import Resolver, UnsafeURL
+from captioner.intake.errors import UnsafeURL
 from captioner.state.models import (
-    Job,
-    JobStatus,
-    Webhook,
     WebhookDelivery,
     WebhookStatus,
     utcnow,
 )
 
 if TYPE_CHECKING:
+    from captioner.intake.urls import Resolver
     from captioner.settings import Settings
 
-EVENTS = ("job.completed", "job.failed")
 SIGNATURE_HEADER = "X-Captioner-Signature"
 EVENT_HEADER = "X-Captioner-Event"
 DELIVERY_HEADER = "X-Captioner-Delivery"
@@ -56,67 +54,6 @@ def sign(secret: str, body: bytes) -> str:
 def verify(secret: str, body: bytes, signature: str) -> bool:
     """Constant-time check of a received signature (what a receiver should do)."""
     return hmac.compare_digest(sign(secret, body), signature or "")
-
-
-def job_event(job: Job) -> str:
-    """`job.failed` when no image of a finished job was captioned, else `job.completed`."""
-    if job.status == JobStatus.FINISHED and job.captioned_count == 0 and job.failed_count > 0:
-        return "job.failed"
-    return "job.completed"
-
-
-def job_payload(job: Job, event: str) -> dict[str, Any]:
-    return {
-        "event": event,
-        "job": {
-            "id": job.id,
-            "name": job.name,
-            "status": job.status.value,
-            "image_count": job.image_count,
-            "captioned_count": job.captioned_count,
-            "failed_count": job.failed_count,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        },
-    }
-
-
-def record_job_events(session: Session, job_ids: list[int]) -> list[int]:
-    """Outbox rows for finished jobs' owners' webhooks; returns the new delivery ids."""
-    created: list[int] = []
-    for job_id in job_ids:
-        # Fresh from the database: `finish_completed_jobs` updates jobs in bulk, so a Job
-        # already in this session's identity map would still show its old status.
-        job = session.get(Job, job_id, populate_existing=True)
-        if job is None or job.owner_id is None or job.status != JobStatus.FINISHED:
-            continue
-        event = job_event(job)
-        hooks = session.scalars(
-            select(Webhook).where(Webhook.owner_id == job.owner_id, Webhook.active.is_(True))
-        )
-        for hook in hooks:
-            if hook.events and event not in hook.events:
-                continue
-            exists = session.scalar(
-                select(WebhookDelivery.id).where(
-                    WebhookDelivery.webhook_id == hook.id,
-                    WebhookDelivery.event == event,
-                    WebhookDelivery.job_id == job.id,
-                )
-            )
-            if exists is not None:
-                continue
-            delivery = WebhookDelivery(
-                webhook_id=hook.id,
-                event=event,
-                job_id=job.id,
-                payload=job_payload(job, event),
-                status=WebhookStatus.PENDING,
-                next_attempt_at=utcnow(),
-            )
-            session.add(delivery)
-            session.flush()
-            created.append(delivery.id)
-    return created
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,12 @@ from marshmallow import ValidationError, validates_schema
 from sqlalchemy import func, select
 
 from captioner import export, webhooks
-from captioner.intake import submit
+from captioner.accounts import create_user, find_user, set_password
 from captioner.intake.decode import ImageRejected, open_image
-from captioner.state import jobs, reviews
+from captioner.intake.errors import SubmissionRejected
+from captioner.intake.uploads import check_uploads
+from captioner.intake.urls import check_url
+from captioner.state import jobs, outbox, reviews
 from captioner.state.models import (
     ApiToken,
     Image,
@@ -35,11 +38,9 @@ from captioner.storage import ObjectNotFound, StorageError
 from dashboard import services
 from dashboard.auth import (
     api_auth,
-    create_user,
     current_user,
     db,
     limiter,
-    set_password,
     submit_limit,
 )
 
@@ -246,7 +247,7 @@ class UserListOut(Schema):
 
 class WebhookIn(Schema):
     url = String(required=True, validate=Length(1, 2000))
-    events = List(String(validate=OneOf(list(webhooks.EVENTS))), load_default=list)
+    events = List(String(validate=OneOf(list(outbox.EVENTS))), load_default=list)
 
 
 class WebhookOut(Schema):
@@ -398,7 +399,7 @@ def create_job(data):
             job = services.submit_prefix(session, _user(), _opts(data), data["prefix"])
         else:
             job = services.submit_urls(session, _user(), _opts(data), data["urls"])
-    except submit.SubmissionRejected as exc:
+    except SubmissionRejected as exc:
         session.rollback()
         abort(exc.status_code, exc.reason)
     return job_dict(session, job)
@@ -416,26 +417,11 @@ def upload_job(data):
     """Every file (and zip member) is checked before anything is stored: one refused file
     refuses the whole upload with its reason."""
     settings = current_app.extensions["captioner"].settings
-    files: list[submit.IncomingFile] = []
     try:
-        for storage in data.get("files") or []:
-            content = storage.read(settings.max_image_bytes + 1)
-            name = storage.filename or "upload"
-            if len(content) > settings.max_image_bytes:
-                raise submit.TooLarge(f"{name}: larger than {settings.max_image_bytes} bytes")
-            submit.check_image_bytes(name, content, settings)
-            files.append(submit.IncomingFile(name, content))
-        archive = data.get("archive")
-        if archive is not None:
-            files += submit.read_zip(archive.read(), settings)
-        if not files:
-            raise submit.SubmissionRejected("no files uploaded")
-        if len(files) > settings.max_submit_items:
-            raise submit.SubmissionRejected(f"more than {settings.max_submit_items} images")
-    except submit.SubmissionRejected as exc:
+        upload = check_uploads(data.get("files") or [], data.get("archive"), settings)
+    except SubmissionRejected as exc:
         abort(exc.status_code, exc.reason)
-    source = f"zip:{archive.filename}" if archive is not None else "upload"
-    job = services.submit_files(db(), _user(), _opts(data), files, source)
+    job = services.submit_files(db(), _user(), _opts(data), upload.files, upload.source)
     return job_dict(db(), job)
 
 
@@ -590,7 +576,7 @@ def image_content(image_id):
 def review_queue(query):
     session = db()
     filters = {k: query.get(k) for k in ("job_id", "min_score", "max_score")}
-    total, rows = services.review_queue(
+    page = services.review_queue(
         session,
         _user(),
         status=query["status"],
@@ -599,8 +585,8 @@ def review_queue(query):
         offset=query["offset"],
         **filters,
     )
-    items = [image_dict(session, image, caption, review) for image, caption, review in rows]
-    return {"items": items, "total": total}
+    items = [image_dict(session, image, caption, review) for image, caption, review in page.rows]
+    return {"items": items, "total": page.total}
 
 
 @bp.post("/images/<int:image_id>/reviews")
@@ -788,8 +774,6 @@ def list_users():
 @bp.output(UserOut, status_code=201)
 @bp.doc(summary="Create a user (admin)", responses=E401 | E403 | E409, **AUTH)
 def create_user_view(data):
-    from dashboard.auth import find_user
-
     if find_user(db(), data["email"]) is not None:
         abort(409, "a user with this email exists")
     user = create_user(db(), data["email"], data["password"], role=data["role"], name=data["name"])
@@ -856,8 +840,8 @@ def list_webhooks():
 def create_webhook(data):
     settings = current_app.extensions["captioner"].settings
     try:
-        url = submit.check_url(data["url"], allow_hosts=settings.url_allow_hosts)
-    except submit.SubmissionRejected as exc:
+        url = check_url(data["url"], allow_hosts=settings.url_allow_hosts)
+    except SubmissionRejected as exc:
         abort(422, exc.reason)
     hook = Webhook(
         owner_id=_user().id, url=url, secret=webhooks.new_secret(), events=data["events"]

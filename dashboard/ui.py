@@ -9,7 +9,10 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from sqlalchemy import select
 
 from captioner import export, webhooks
-from captioner.intake import submit as intake
+from captioner.accounts import create_user, find_user, set_password
+from captioner.intake.errors import SubmissionRejected
+from captioner.intake.uploads import check_uploads
+from captioner.intake.urls import check_url
 from captioner.state.models import (
     ApiToken,
     Image,
@@ -23,13 +26,10 @@ from captioner.state.models import (
 from dashboard import services
 from dashboard.api import job_dict
 from dashboard.auth import (
-    create_user,
     current_user,
     db,
-    find_user,
     limiter,
     login_required,
-    set_password,
     submit_limit,
 )
 
@@ -66,47 +66,47 @@ def jobs_page():
 @login_required()
 @limiter.limit(submit_limit)
 def submit():
-    settings = current_app.extensions["captioner"].settings
-    form = request.form
-    opts = services.JobOptions(
-        name=(form.get("name") or "untitled").strip()[:200] or "untitled",
-        priority=_int(form.get("priority"), 0, -100, 100),
-        num_beams=_int(form.get("num_beams"), 3, 1, 16),
-        n_best=_int(form.get("n_best"), 3, 1, 10),
-        recaption=bool(form.get("recaption")),
-    )
-    opts.n_best = min(opts.n_best, opts.num_beams)
     session, user = db(), current_user()
     try:
-        uploads = [f for f in request.files.getlist("files") if f and f.filename]
-        archive = request.files.get("archive")
-        if uploads or (archive and archive.filename):
-            files = []
-            for storage in uploads:
-                content = storage.read(settings.max_image_bytes + 1)
-                if len(content) > settings.max_image_bytes:
-                    raise intake.TooLarge(f"{storage.filename}: too large")
-                intake.check_image_bytes(storage.filename, content, settings)
-                files.append(intake.IncomingFile(storage.filename, content))
-            source = "upload"
-            if archive and archive.filename:
-                files += intake.read_zip(archive.read(), settings)
-                source = f"zip:{archive.filename}"
-            job = services.submit_files(session, user, opts, files, source)
-        elif form.get("keys", "").strip():
-            job = services.submit_keys(session, user, opts, form["keys"].split())
-        elif form.get("prefix", "").strip():
-            job = services.submit_prefix(session, user, opts, form["prefix"])
-        elif form.get("urls", "").strip():
-            job = services.submit_urls(session, user, opts, form["urls"].split())
-        else:
-            raise intake.SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
-    except intake.SubmissionRejected as exc:
+        job = _submit_form(session, user, _form_options(request.form))
+    except SubmissionRejected as exc:
         session.rollback()
         flash(f"Refused: {exc.reason}", "error")
         return redirect(url_for("ui.jobs")), 303
     flash(f"Job {job.id} submitted.", "ok")
     return redirect(url_for("ui.job_detail", job_id=job.id), 303)
+
+
+def _form_options(form) -> services.JobOptions:
+    """The job options of the submit form, each clamped to its range."""
+    num_beams = _int(form.get("num_beams"), 3, 1, 16)
+    return services.JobOptions(
+        name=(form.get("name") or "untitled").strip()[:200] or "untitled",
+        priority=_int(form.get("priority"), 0, -100, 100),
+        num_beams=num_beams,
+        n_best=min(_int(form.get("n_best"), 3, 1, 10), num_beams),
+        recaption=bool(form.get("recaption")),
+    )
+
+
+def _submit_form(session, user: User, opts: services.JobOptions) -> Job:
+    """The job the submit form asks for: uploaded files and/or a zip (checked as the API checks
+    them), else object keys, a prefix or URLs; SubmissionRejected when it names none."""
+    form = request.form
+    uploads = [f for f in request.files.getlist("files") if f and f.filename]
+    archive = request.files.get("archive")
+    archive = archive if archive and archive.filename else None
+    if uploads or archive is not None:
+        settings = current_app.extensions["captioner"].settings
+        upload = check_uploads(uploads, archive, settings)
+        return services.submit_files(session, user, opts, upload.files, upload.source)
+    if form.get("keys", "").strip():
+        return services.submit_keys(session, user, opts, form["keys"].split())
+    if form.get("prefix", "").strip():
+        return services.submit_prefix(session, user, opts, form["prefix"])
+    if form.get("urls", "").strip():
+        return services.submit_urls(session, user, opts, form["urls"].split())
+    raise SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
 
 
 def _job_or_404(job_id: int) -> Job:
@@ -251,8 +251,8 @@ def new_webhook():
     session, user = db(), current_user()
     settings = current_app.extensions["captioner"].settings
     try:
-        url = intake.check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
-    except intake.SubmissionRejected as exc:
+        url = check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
+    except SubmissionRejected as exc:
         flash(f"Refused: {exc.reason}", "error")
         return redirect(url_for("ui.account"), 303)
     hook = Webhook(owner_id=user.id, url=url, secret=webhooks.new_secret(), events=[])

@@ -12,7 +12,7 @@ from conftest import PUBLIC_IP
 from dashboard_helpers import make_zip, png
 
 from captioner import webhooks
-from captioner.intake import submit
+from captioner.intake import errors, fetch, prefixes, uploads, urls
 from captioner.settings import Settings
 from captioner.state import jobs
 from captioner.state.db import make_sessionmaker, session_scope
@@ -80,24 +80,22 @@ def settings(**kw) -> Settings:
     ],
 )
 def test_unsafe_urls_refused(url):
-    with pytest.raises(submit.UnsafeURL):
-        submit.check_url(url)
+    with pytest.raises(errors.UnsafeURL):
+        urls.check_url(url)
 
 
 def test_names_resolving_to_private_addresses_refused():
-    with pytest.raises(submit.UnsafeURL, match="private, loopback or link-local"):
-        submit.check_url("http://metadata.example/", resolver=lambda h, p: ["169.254.169.254"])
-    assert submit.check_url("http://public.example/a.png", resolver=lambda h, p: ["93.184.215.14"])
-    with pytest.raises(submit.UnsafeURL):  # one bad address among good ones is enough
-        submit.check_url(
-            "http://mixed.example/", resolver=lambda h, p: ["93.184.215.14", "10.0.0.1"]
-        )
+    with pytest.raises(errors.UnsafeURL, match="private, loopback or link-local"):
+        urls.check_url("http://metadata.example/", resolver=lambda h, p: ["169.254.169.254"])
+    assert urls.check_url("http://public.example/a.png", resolver=lambda h, p: ["93.184.215.14"])
+    with pytest.raises(errors.UnsafeURL):  # one bad address among good ones is enough
+        urls.check_url("http://mixed.example/", resolver=lambda h, p: ["93.184.215.14", "10.0.0.1"])
 
 
 def test_loopback_fetch_refused_unless_allow_listed(http_server):
-    with pytest.raises(submit.UnsafeURL):
-        submit.fetch_url(http_server + "/img.png", settings())
-    data = submit.fetch_url(http_server + "/img.png", settings(url_allow_hosts=["127.0.0.1"]))
+    with pytest.raises(errors.UnsafeURL):
+        urls.fetch_url(http_server + "/img.png", settings())
+    data = urls.fetch_url(http_server + "/img.png", settings(url_allow_hosts=["127.0.0.1"]))
     assert data == png()
 
 
@@ -107,38 +105,39 @@ def test_loopback_fetch_refused_unless_allow_listed(http_server):
 )
 def test_redirect_to_private_address_refused(http_server, target):
     s = settings(url_allow_hosts=["127.0.0.1"])
-    with pytest.raises(submit.UnsafeURL):
-        submit.fetch_url(f"{http_server}/to?u={target}", s)
+    with pytest.raises(errors.UnsafeURL):
+        urls.fetch_url(f"{http_server}/to?u={target}", s)
 
 
 def test_fetch_size_limit_and_redirect_cap(http_server):
     s = settings(url_allow_hosts=["127.0.0.1"], max_image_bytes=1000)
-    with pytest.raises(submit.TooLarge):
-        submit.fetch_url(http_server + "/big", s)
+    with pytest.raises(errors.TooLarge):
+        urls.fetch_url(http_server + "/big", s)
     s = settings(url_allow_hosts=["127.0.0.1"], url_fetch_max_redirects=0)
-    with pytest.raises(submit.SubmissionRejected, match="redirects"):
-        submit.fetch_url(f"{http_server}/to?u={http_server}/img.png", s)
+    with pytest.raises(errors.SubmissionRejected, match="redirects"):
+        urls.fetch_url(f"{http_server}/to?u={http_server}/img.png", s)
 
 
 def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, http_server):
     store = LocalObjectStore(tmp_path / "objects")
     job = jobs.create_job(session, "urls")
     s = settings(url_allow_hosts=["127.0.0.1"])
-    urls = [
+    job_urls = [
         http_server + "/img.png",
         http_server + "/missing.png",
         f"{http_server}/to?u=http://169.254.169.254/",
     ]
-    queued = submit.fetch_urls(session, job.id, urls, store=store, settings=s)
+    queued = fetch.fetch_urls(session, job.id, job_urls, store=store, settings=s)
     assert len(queued) == 1
     rows = {i.original_name: i for i in session.query(Image).filter_by(job_id=job.id)}
     assert (
-        rows[urls[0]].status == ImageStatus.QUEUED and store.get(rows[urls[0]].storage_key) == png()
+        rows[job_urls[0]].status == ImageStatus.QUEUED
+        and store.get(rows[job_urls[0]].storage_key) == png()
     )
-    assert rows[urls[1]].failure_reason.endswith("HTTP 404")
-    assert "refused URL" in rows[urls[2]].failure_reason
+    assert rows[job_urls[1]].failure_reason.endswith("HTTP 404")
+    assert "refused URL" in rows[job_urls[2]].failure_reason
     # Idempotent: a second run adds nothing.
-    assert submit.fetch_urls(session, job.id, urls, store=store, settings=s) == []
+    assert fetch.fetch_urls(session, job.id, job_urls, store=store, settings=s) == []
 
 
 def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
@@ -150,9 +149,9 @@ def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
     factory = make_sessionmaker(engine)
     with session_scope(factory) as session:
         job_id = jobs.create_job(session, "p", options={"prefix": "photos/"}).id
-    monkeypatch.setattr(submit, "PAGE_SIZE", 2)
+    monkeypatch.setattr(prefixes, "PAGE_SIZE", 2)
     sent = []
-    total = submit.run_enumerate_prefix(
+    total = prefixes.run_enumerate_prefix(
         job_id,
         session_factory=factory,
         store=store,
@@ -193,12 +192,12 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
 ):
     factory = make_sessionmaker(engine)
     owner_id = _owner_with_hook(factory, http_server + "/hook")
-    urls = [http_server + "/missing.png", f"{http_server}/to?u=http://169.254.169.254/"]
+    job_urls = [http_server + "/missing.png", f"{http_server}/to?u=http://169.254.169.254/"]
     with session_scope(factory) as session:
-        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
+        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": job_urls}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     sent, published = [], []
-    total = submit.run_fetch_urls(
+    total = fetch.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -217,7 +216,7 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
         event == "job.failed" and body["job"]["id"] == job_id and body["job"]["failed_count"] == 2
     )
     # The same task again (a redelivery) records and publishes nothing more.
-    submit.run_fetch_urls(
+    fetch.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -231,11 +230,11 @@ def test_url_job_where_every_url_fails_is_finished_with_a_job_failed_webhook(
 def test_url_job_is_not_finished_while_urls_are_left_to_fetch(engine, tmp_path, http_server):
     factory = make_sessionmaker(engine)
     owner_id = _owner_with_hook(factory, http_server + "/hook")
-    urls = [f"{http_server}/missing{i}.png" for i in range(50)] + [http_server + "/img.png"]
+    job_urls = [f"{http_server}/missing{i}.png" for i in range(50)] + [http_server + "/img.png"]
     with session_scope(factory) as session:
-        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": urls}).id
+        job_id = jobs.create_job(session, "urls", owner_id=owner_id, options={"urls": job_urls}).id
     sent, published = [], []
-    total = submit.run_fetch_urls(
+    total = fetch.run_fetch_urls(
         job_id,
         session_factory=factory,
         store=LocalObjectStore(tmp_path / "o"),
@@ -259,7 +258,7 @@ def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
         job_id = jobs.create_job(session, "p", owner_id=owner_id, options={"prefix": "photos/"}).id
     s = settings(url_allow_hosts=["127.0.0.1"])
     published = []
-    total = submit.run_enumerate_prefix(
+    total = prefixes.run_enumerate_prefix(
         job_id,
         session_factory=factory,
         store=store,
@@ -278,16 +277,16 @@ def test_empty_prefix_job_is_finished_with_a_webhook(engine, tmp_path):
 
 def test_zip_total_size_cap():
     archive = make_zip({"a.png": png(), "b.png": png((1, 1, 1))})
-    with pytest.raises(submit.SubmissionRejected, match="uncompresses to"):
-        submit.read_zip(archive, settings(zip_max_total_bytes=50))
+    with pytest.raises(errors.SubmissionRejected, match="uncompresses to"):
+        uploads.read_zip(archive, settings(zip_max_total_bytes=50))
 
 
 def test_prefix_within_store():
-    assert submit.prefix_within_store("s3://b/base/photos/", "s3://b/base") == "photos/"
-    with pytest.raises(submit.SubmissionRejected):
-        submit.prefix_within_store("s3://b/elsewhere/", "s3://b/base")
-    with pytest.raises(submit.SubmissionRejected):
-        submit.prefix_within_store("../x", "file:///tmp/o")
+    assert prefixes.prefix_within_store("s3://b/base/photos/", "s3://b/base") == "photos/"
+    with pytest.raises(errors.SubmissionRejected):
+        prefixes.prefix_within_store("s3://b/elsewhere/", "s3://b/base")
+    with pytest.raises(errors.SubmissionRejected):
+        prefixes.prefix_within_store("../x", "file:///tmp/o")
 
 
 # --- DNS rebinding: the fetch connects only to the address that was checked -------------------
@@ -329,18 +328,14 @@ def logged_server():
 
 
 @pytest.mark.parametrize("via_redirect", [False, True], ids=["direct", "redirect-hop"])
-@pytest.mark.parametrize("fetch", ["ingest", "pinned_http"])
-def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, fetch, via_redirect):
-    from captioner.intake import urls
-
-    fetch_url = submit.fetch_url if fetch == "ingest" else urls.fetch_url
+def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, via_redirect):
     port, seen = logged_server
     lookups, connects = rebinding_dns
     target = f"http://rebind.example:{port}/img.png"
     url = f"http://127.0.0.1:{port}/to?u={target}" if via_redirect else target
     s = settings(url_allow_hosts=["127.0.0.1"] if via_redirect else [])
-    with pytest.raises(submit.SubmissionRejected, match="fetch failed"):
-        fetch_url(url, s)
+    with pytest.raises(errors.SubmissionRejected, match="fetch failed"):
+        urls.fetch_url(url, s)
     # The name was resolved once (for the check) and the connect went to that checked address.
     assert lookups == ["rebind.example"]
     assert connects[-1] == PUBLIC_IP and "rebind.example" not in connects
@@ -348,15 +343,13 @@ def test_dns_rebinding_cannot_reach_loopback(logged_server, rebinding_dns, fetch
 
 
 def test_pinned_fetch_keeps_host_header_and_checks_every_hop(logged_server):
-    from captioner.intake import urls
-
     port, seen = logged_server
     names = {"pinned.example": ["127.0.0.1"], "inner.example": ["10.0.0.5"]}
     resolver = lambda host, _port: names[host]  # noqa: E731
     s = settings(url_allow_hosts=["pinned.example"])
     assert urls.fetch_url(f"http://pinned.example:{port}/img.png", s, resolver=resolver) == png()
     assert seen == [("/img.png", f"pinned.example:{port}")]
-    with pytest.raises(submit.UnsafeURL, match="private, loopback or link-local"):
+    with pytest.raises(errors.UnsafeURL, match="private, loopback or link-local"):
         urls.fetch_url(
             f"http://pinned.example:{port}/to?u=http://inner.example/x.png", s, resolver=resolver
         )

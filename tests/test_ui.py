@@ -68,6 +68,25 @@ def test_refused_upload_is_flashed(client, accounts):
     assert b"path escapes the archive" in r.data
 
 
+def test_form_refuses_more_than_max_submit_items_like_the_api(app, client, accounts):
+    settings = app.extensions["captioner"].settings
+    app.extensions["captioner"].settings = settings.model_copy(update={"max_submit_items": 2})
+    login(client, "alice@example.com")
+    colours = [(10, 10, 10), (20, 20, 20), (30, 30, 30)]
+    for files, archive in (
+        ([(io.BytesIO(png(c)), f"{i}.png") for i, c in enumerate(colours)], None),
+        ([(io.BytesIO(png(colours[0])), "0.png")], {"1.png": png(colours[1]), "2.png": png()}),
+    ):
+        data = {"csrf_token": csrf(client), "files": files}
+        if archive:
+            data["archive"] = (io.BytesIO(make_zip(archive)), "more.zip")
+        r = client.post(
+            "/jobs/new", data=data, content_type="multipart/form-data", follow_redirects=True
+        )
+        assert b"Refused: more than 2 images" in r.data
+    assert client.get("/api/v1/jobs", headers=accounts["alice"].headers).json["items"] == []
+
+
 def test_script_caption_renders_as_text_everywhere(app, client, accounts):
     login(client, "alice@example.com")
     data = {"csrf_token": csrf(client), "name": XSS, "files": [(io.BytesIO(png()), XSS + ".png")]}

@@ -11,7 +11,7 @@ from conftest import PUBLIC_IP
 
 from captioner import webhooks
 from captioner.settings import Settings
-from captioner.state import images, jobs
+from captioner.state import images, jobs, outbox
 from captioner.state.models import User, Webhook, WebhookDelivery, WebhookStatus
 
 
@@ -63,8 +63,8 @@ def test_sign_and_verify():
 def test_delivery_signed_to_allow_listed_loopback(session, receiver):
     url, received, _ = receiver
     job = finished_job(session, url)
-    ids = webhooks.record_job_events(session, [job.id])
-    assert len(ids) == 1 and webhooks.record_job_events(session, [job.id]) == []  # idempotent
+    ids = outbox.record_job_events(session, [job.id])
+    assert len(ids) == 1 and outbox.record_job_events(session, [job.id]) == []  # idempotent
     settings = Settings(url_allow_hosts=["127.0.0.1"])
     attempt = webhooks.deliver(session, ids[0], settings=settings)
     assert attempt.status == WebhookStatus.DELIVERED
@@ -79,7 +79,7 @@ def test_delivery_signed_to_allow_listed_loopback(session, receiver):
 def test_loopback_refused_without_allow_list(session, receiver):
     url, received, _ = receiver
     job = finished_job(session, url)
-    [delivery_id] = webhooks.record_job_events(session, [job.id])
+    [delivery_id] = outbox.record_job_events(session, [job.id])
     attempt = webhooks.deliver(session, delivery_id, settings=Settings())
     assert (
         attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error and received == []
@@ -90,7 +90,7 @@ def test_retries_with_exponential_backoff_then_fail(session, receiver):
     url, received, codes = receiver
     codes.extend([500, 503, 500])
     job = finished_job(session, url)
-    [delivery_id] = webhooks.record_job_events(session, [job.id])
+    [delivery_id] = outbox.record_job_events(session, [job.id])
     settings = Settings(
         url_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3
     )
@@ -112,7 +112,7 @@ def test_delivery_connects_to_the_checked_address_not_a_rebound_one(
     port = url.split(":")[2].split("/")[0]
     lookups, connects = rebinding_dns
     job = finished_job(session, f"http://rebind.example:{port}/hook")
-    [delivery_id] = webhooks.record_job_events(session, [job.id])
+    [delivery_id] = outbox.record_job_events(session, [job.id])
     attempt = webhooks.deliver(session, delivery_id, settings=Settings())
     assert (
         attempt.status == WebhookStatus.PENDING and "ConnectionError" in attempt.error
