@@ -4,7 +4,7 @@
 (`captioner serve`), the workers (`captioner worker` / `beat`) and the stack supervisor
 (`captioner run`) all call it. With `CAPTIONER_LOG_FORMAT=json` each line is one JSON object:
 
-    {"ts": "2026-01-01T12:00:00.123Z", "level": "INFO", "logger": "workers.tasks",
+    {"ts": "2026-01-01T12:00:00.123Z", "level": "INFO", "logger": "captioner.worker",
      "process": 4242, "message": "batch done", "job_id": 7, "image_ids": [1, 2, 3]}
 
 `job_id` / `image_id` / `image_ids` come from a record's `extra=` or from `log_context(...)`,

@@ -16,11 +16,13 @@ from .tokenizer import CaptionTokenizer
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when there is one, else the CPU.
+    """The torch device a model runs on: 'auto' (or "") is the first CUDA device when there is
+    one, else the CPU; any other name ('cpu', 'cuda:1', 'mps') is that device.
 
-    Apple's MPS is used only when asked for by name: 'auto' never picks it on any machine.
+    Apple's MPS is used only when asked for by name: 'auto' never picks it on any machine, so a
+    CUDA machine that also reports MPS still gets CUDA.
     """
-    if str(device) == "auto":
+    if str(device) in ("auto", ""):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from .config import from_fields
 from .datasets import CaptionDataset, Collate, ReadBytes, examples_to_records
+from .inference import resolve_device
 from .model import CaptionModel
 from .preprocess import Preprocessor
 from .tokenizer import CaptionTokenizer
@@ -90,13 +91,6 @@ class TrainConfig:
         return from_fields(cls, d, "TrainConfig")
 
 
-def select_device(requested: str = "") -> torch.device:
-    """cuda when available, else cpu. MPS only when asked for by name."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`: warmup, then cosine."""
     if step < cfg.warmup_steps:
@@ -129,7 +123,7 @@ class Trainer:
         log: Callable[[str], None] = print,  # where one-line notices go
     ):
         self.cfg = cfg
-        self.device = select_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.tokenizer = CaptionTokenizer(model.cfg.decoder_config.vocab_size)
         self.preprocess = Preprocessor.for_encoder(model.encoder)
@@ -478,7 +472,7 @@ def fine_tune(
     cfg = config or TrainConfig(out_dir="var/models/finetune", epochs=3, lr=1e-4, warmup_steps=10)
     if not examples:
         raise ValueError("fine_tune needs at least one example")
-    model, meta = load_checkpoint(base_checkpoint, select_device(cfg.device))
+    model, meta = load_checkpoint(base_checkpoint, resolve_device(cfg.device))
     records = examples_to_records(examples)
     val = examples_to_records(val_examples) if val_examples else records
     provenance = {

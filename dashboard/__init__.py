@@ -19,7 +19,7 @@ from typing import Any
 
 from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
-from flask import g, render_template, request, send_from_directory
+from flask import Response, g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
@@ -88,6 +88,18 @@ class Captioner:
 def create_app(settings: Settings | None = None, *, publisher: Any = None) -> APIFlask:
     """Build the dashboard for `settings` (default: the process settings)."""
     settings = settings or get_settings()
+    app = _new_app()
+    _configure(app, settings)
+    _add_extensions(app, settings, publisher)
+    _register_blueprints(app, settings)
+    _add_request_hooks(app)
+    _add_docs_assets(app)
+    _add_error_handlers(app)
+    return app
+
+
+def _new_app() -> APIFlask:
+    """The bare APIFlask app: OpenAPI document and Swagger UI paths, Flask's own error pages."""
     app = APIFlask(
         __name__,
         title="Captioner API",
@@ -97,6 +109,15 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
         docs_ui="swagger-ui",
         json_errors=False,
     )
+    app.info = {
+        "description": "Submit image collections, follow their progress, review and export "
+        "captions. Authenticate with `Authorization: Bearer <personal API token>`."
+    }
+    return app
+
+
+def _configure(app: APIFlask, settings: Settings) -> None:
+    """Flask config: session key and cookies, upload cap, Swagger UI assets served locally."""
     app.config.update(
         SECRET_KEY=settings.secret_key.get_secret_value(),
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
@@ -111,10 +132,13 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Personal API token"}
         },
     )
-    app.info = {
-        "description": "Submit image collections, follow their progress, review and export "
-        "captions. Authenticate with `Authorization: Bearer <personal API token>`."
-    }
+    # `<int:...>` in every route is a database id: numbers past the INTEGER range every backend
+    # shares don't match (404) instead of overflowing the database driver (500).
+    app.url_map.converters["int"] = IdConverter
+
+
+def _add_extensions(app: APIFlask, settings: Settings, publisher: Any) -> None:
+    """The per-app state in `app.extensions["captioner"]`: database, publisher, object store."""
     engine = make_engine(settings.database_url)
     app.extensions["captioner"] = Captioner(
         settings=settings,
@@ -123,27 +147,47 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
         publisher=publisher or Publisher(settings),
     )
 
-    # `<int:...>` in every route is a database id: numbers past the INTEGER range every backend
-    # shares don't match (404) instead of overflowing the database driver (500).
-    app.url_map.converters["int"] = IdConverter
 
-    from dashboard import api, auth, ops, ui
+def _register_blueprints(app: APIFlask, settings: Settings) -> None:
+    """Auth (with rate limits and CSRF), /metrics and /health, the API, the pages, training."""
+    from dashboard import api, auth, ops, training, ui
 
     auth.init_app(app, settings)
     ops.init_app(app)  # /metrics and /health
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ui.bp)
-    from dashboard import training
-
     app.register_blueprint(training.api_bp)  # the learning loop: models and training runs
     app.register_blueprint(training.ui_bp)
 
-    @app.teardown_appcontext
-    def _close_session(_exc) -> None:
-        session = g.pop("db", None)
-        if session is not None:
-            session.close()
+
+def _add_request_hooks(app: APIFlask) -> None:
+    """Close the request's database session at teardown; security headers on every response."""
+    app.teardown_appcontext(_close_session)
+    app.after_request(_security_headers)
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if not request.path.startswith("/api/docs"):
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+            "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+        )
+    return response
+
+
+def _add_docs_assets(app: APIFlask) -> None:
+    """Swagger UI's files, served from the installed `swagger-ui-bundle` package (no CDN)."""
 
     @app.get("/api/docs/assets/<path:filename>")
     @app.doc(hide=True)
@@ -152,42 +196,33 @@ def create_app(settings: Settings | None = None, *, publisher: Any = None) -> AP
 
         return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), filename)
 
-    @app.after_request
-    def _security_headers(response):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.path.startswith("/api/docs"):
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-                "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
-            )
-        return response
 
-    def _json_error(code: int, message: str, detail: Any = None, headers=None):
-        body = {"message": message, "detail": detail or {}}
-        return body, code, headers or {}
+def _add_error_handlers(app: APIFlask) -> None:
+    """Errors as JSON `{message, detail}` under /api/, as the error page everywhere else."""
+    app.register_error_handler(HTTPError, _apiflask_error)
+    app.register_error_handler(HTTPException, _http_error)
 
-    @app.errorhandler(HTTPError)
-    def _apiflask_error(error: HTTPError):
-        if _wants_json():
-            return _json_error(error.status_code, error.message, error.detail, error.headers)
-        return _html_error(error.status_code, error.message)
 
-    @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException):
-        if _wants_json():
-            headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
-            return _json_error(error.code or 500, error.name, None, headers)
-        return _html_error(error.code or 500, error.name, error.description)
+def _apiflask_error(error: HTTPError):
+    if _wants_json():
+        return _json_error(error.status_code, error.message, error.detail, error.headers)
+    return _html_error(error.status_code, error.message)
 
-    def _html_error(code: int, message: str, description: str | None = None):
-        return render_template(
-            "error.html", code=code, message=message, description=description
-        ), code
 
-    return app
+def _http_error(error: HTTPException):
+    if _wants_json():
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        return _json_error(error.code or 500, error.name, None, headers)
+    return _html_error(error.code or 500, error.name, error.description)
+
+
+def _json_error(code: int, message: str, detail: Any = None, headers=None):
+    body = {"message": message, "detail": detail or {}}
+    return body, code, headers or {}
+
+
+def _html_error(code: int, message: str, description: str | None = None):
+    return render_template("error.html", code=code, message=message, description=description), code
 
 
 class IdConverter(IntegerConverter):

@@ -1,6 +1,6 @@
-"""Accounts: password login (sessions), personal API tokens, roles, CSRF, rate limits.
+"""Who is asking: password login (sessions), personal API tokens, roles, CSRF, rate limits.
 
-- Passwords are stored as werkzeug's salted scrypt hashes (`set_password` / `check_password`).
+- Users and their passwords are created, hashed and checked by `captioner.accounts`.
 - API requests authenticate with `Authorization: Bearer <token>` (only the token's SHA-256 is
   stored) or, for the dashboard's own JavaScript, with the login session plus an
   `X-CSRF-Token` header. A bad or revoked token is 401 even when a session exists.
@@ -33,9 +33,9 @@ from flask import (
 )
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from sqlalchemy import func, select
-from werkzeug.security import check_password_hash, generate_password_hash
+from sqlalchemy import select
 
+from captioner.accounts import check_password, find_user
 from captioner.state.models import ApiToken, User, UserRole, utcnow
 
 bp = Blueprint("auth", __name__)
@@ -75,41 +75,6 @@ def db():
     if "db" not in g:
         g.db = current_app.extensions["captioner"].sessionmaker()
     return g.db
-
-
-# --- passwords and users -------------------------------------------------------------------
-
-
-def set_password(user: User, password: str) -> None:
-    user.password_hash = generate_password_hash(password)
-
-
-def check_password(user: User | None, password: str) -> bool:
-    if user is None or not user.password_hash:
-        # Same work for unknown users, so timing does not reveal which emails exist.
-        check_password_hash(_DUMMY_HASH, password)
-        return False
-    return check_password_hash(user.password_hash, password)
-
-
-_DUMMY_HASH = generate_password_hash(secrets.token_hex(16))
-
-
-def create_user(
-    session, email: str, password: str | None, *, role: str = "submitter", name: str = ""
-) -> User:
-    """A new user (flushed). Email is stored lower-cased; role admin also sets is_admin."""
-    role = UserRole(role)
-    user = User(email=email.strip().lower(), name=name, role=role, is_admin=role == UserRole.ADMIN)
-    if password:
-        set_password(user, password)
-    session.add(user)
-    session.flush()
-    return user
-
-
-def find_user(session, email: str) -> User | None:
-    return session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
 
 
 # --- who is asking -------------------------------------------------------------------------

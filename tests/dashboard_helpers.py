@@ -46,7 +46,7 @@ class Account:
 
 
 def make_user(app, email: str, role: str) -> Account:
-    from dashboard.auth import create_user
+    from captioner.accounts import create_user
 
     with session_scope(app.extensions["captioner"].sessionmaker) as session:
         user = create_user(session, email, PASSWORD, role=role)

@@ -49,7 +49,7 @@ def _zip(n: int) -> bytes:
 @pytest.fixture
 def live(tmp_path, redis_dbs):
     """Database with two users, a worker and the dashboard, all on one tmp dir."""
-    from dashboard.auth import create_user
+    from captioner.accounts import create_user
 
     database_url = f"sqlite:///{tmp_path / 'captioner.db'}"
     migrate.upgrade(database_url)

@@ -8,9 +8,10 @@ import torch
 from core_model import train as train_mod
 from core_model.checkpoint import load_checkpoint
 from core_model.config import preset
+from core_model.inference import resolve_device
 from core_model.model import CaptionModel
 from core_model.synthetic import SyntheticWorld
-from core_model.train import TrainConfig, Trainer, fine_tune, lr_at, select_device
+from core_model.train import TrainConfig, Trainer, fine_tune, lr_at
 
 
 def tiny_cfg(**changes):
@@ -205,7 +206,9 @@ def test_tiny_model_overfits_a_few_synthetic_examples(tmp_path, world):
 def test_device_selection_never_picks_mps_on_a_cuda_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert select_device().type == "cuda"
+    assert resolve_device("").type == "cuda"
+    assert resolve_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert select_device().type == "cpu"
-    assert select_device("cpu").type == "cpu"
+    assert resolve_device("").type == "cpu"
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"

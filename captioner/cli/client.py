@@ -48,7 +48,10 @@ class Client:
         return response
 
 
-def _zip_folder(folder: Path) -> bytes:
+def zip_folder(folder: Path) -> bytes:
+    """A stored (uncompressed) zip of the images under `folder`, paths relative to it; symlinks
+    and files that are not images by their suffix are left out. What `submit` uploads for a
+    folder, and how the embedded stack submits its sample collection."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
         for path in sorted(folder.rglob("*")):
@@ -85,7 +88,7 @@ def submit(source, server, token, name, priority, num_beams, n_best, recaption, 
     if source.startswith("s3://"):
         job = client.call("POST", "/jobs", json=options | {"prefix": source}).json()
     elif path.is_dir() or path.suffix.lower() == ".zip":
-        data = _zip_folder(path) if path.is_dir() else path.read_bytes()
+        data = zip_folder(path) if path.is_dir() else path.read_bytes()
         form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
         files = {
             "archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")
@@ -182,27 +185,17 @@ def user() -> None:
 @click.option("--url", default=None, help="Database URL (default: CAPTIONER_DATABASE_URL).")
 def user_create(email, role, name, password, url):
     """Create a user who can log in to the dashboard."""
-    from sqlalchemy import func, select
-    from werkzeug.security import generate_password_hash
-
+    from captioner.accounts import MIN_PASSWORD_LENGTH, create_user, find_user
     from captioner.state.db import make_engine, session_scope
-    from captioner.state.models import User, UserRole
 
-    if len(password) < 8:
-        raise click.ClickException("the password needs at least 8 characters")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise click.ClickException(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
     engine = make_engine(url)
     try:
         with session_scope(engine) as session:
-            if session.scalar(select(User.id).where(func.lower(User.email) == email.lower())):
+            if find_user(session, email) is not None:
                 raise click.ClickException(f"user {email} exists")
-            user_row = User(
-                email=email.strip().lower(),
-                name=name,
-                role=UserRole(role),
-                is_admin=role == "admin",
-                password_hash=generate_password_hash(password),
-            )
-            session.add(user_row)
+            create_user(session, email, password, role=role, name=name)
     finally:
         engine.dispose()
     click.echo(f"created {role} {email}")

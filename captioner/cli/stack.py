@@ -37,11 +37,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from captioner.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 ADMIN_EMAIL = "admin@captioner.local"
 SAMPLE_JOB_NAME = "sample collection"
@@ -204,46 +207,166 @@ def cli_argv(*args: str) -> list[str]:
 
 
 def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a model checkpoint directory (config and weights present)."""
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+@dataclass(frozen=True)
+class StackOptions:
+    """What `captioner run` was asked for: which model, and whether to submit the sample."""
+
+    checkpoint: Path | None = None
+    untrained: bool = False
+    can_train: bool = False
+    submit_sample: bool = True
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """Where the stack listens: the dashboard on `host:dashboard`, its Redis on 127.0.0.1."""
+
+    host: str
+    dashboard: int
+    redis: int
+
+    @property
+    def base_url(self) -> str:
+        """The dashboard's URL as this machine reaches it."""
+        reach = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{reach}:{self.dashboard}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis}/0"
+
+
+def stack_ports(settings: Settings) -> StackPorts:
+    """The ports the settings ask for, refused (StackError) when they clash or are in use."""
+    ports = StackPorts(
+        settings.dashboard_host, settings.dashboard_port, settings.embedded_redis_port
+    )
+    if ports.dashboard == ports.redis:
+        raise StackError(
+            f"the dashboard and Redis cannot share port {ports.dashboard}: change "
+            "CAPTIONER_DASHBOARD_PORT or CAPTIONER_EMBEDDED_REDIS_PORT"
+        )
+    check_ports(
+        [
+            Port(ports.dashboard, "dashboard", "CAPTIONER_DASHBOARD_PORT", "--port"),
+            Port(ports.redis, "embedded Redis", "CAPTIONER_EMBEDDED_REDIS_PORT", "--redis-port"),
+        ],
+        ports.host,
+    )
+    return ports
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """The decisions made before anything starts: settings, options, ports, data directory."""
+
+    settings: Settings
+    options: StackOptions
+    ports: StackPorts
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class StopSignals:
+    """SIGINT/SIGTERM handling while the stack runs: the first signal asks the stack to stop,
+    a second one stops waiting for graceful exits."""
+
+    stop: threading.Event
+    force: threading.Event
+    previous: dict[int, Any]
+
+    @classmethod
+    def install(cls) -> StopSignals:
+        stop, force = threading.Event(), threading.Event()
+
+        def on_signal(_signum, _frame) -> None:
+            if stop.is_set():
+                force.set()
+            stop.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return cls(stop, force, previous)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before `install`."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def child_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """The environment of a child process: this one's, plus `overrides` and the data dir."""
+    env = dict(os.environ)
+    env.update(overrides)
+    env["CAPTIONER_DATA_DIR"] = str(settings.data_dir.expanduser().resolve())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def stack_env(plan: StackPlan) -> dict[str, str]:
+    """The children's environment: the private Redis, and a session key kept in the data dir
+    unless CAPTIONER_SECRET_KEY is set."""
+    env = child_env(plan.settings, CAPTIONER_REDIS_URL=plan.ports.redis_url)
+    if not os.environ.get("CAPTIONER_SECRET_KEY"):
+        env["CAPTIONER_SECRET_KEY"] = secret_key(plan.data_dir)
+    return env
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackModel:
+    """The checkpoint the worker captions with."""
+
+    checkpoint: Path
+
+
 def ensure_model(
-    settings: Settings,
-    *,
-    checkpoint: Path | None,
-    untrained: bool,
-    can_train: bool,
-    env: dict[str, str],
-    echo: Callable[[str], None],
-) -> Path:
-    """The checkpoint the worker will caption with, training or initialising one if needed."""
+    settings: Settings, options: StackOptions, env: dict[str, str], echo: Callable[[str], None]
+) -> StackModel:
+    """The checkpoint the worker will caption with: the one named, else the demo model (trained
+    on first use when `captioner train` exists), else a freshly initialised tiny one."""
+    if options.checkpoint is not None:
+        return _named_checkpoint(options.checkpoint, echo)
     models = settings.data_dir.expanduser().resolve() / "models"
-    if checkpoint is not None:
-        checkpoint = checkpoint.expanduser().resolve()
-        if not is_checkpoint(checkpoint):
-            raise StackError(
-                f"{checkpoint} is not a model checkpoint (no config.json / model.safetensors)"
-            )
-        echo(f"model: {checkpoint}")
-        return checkpoint
     demo = models / "demo"
-    if not untrained:
-        if is_checkpoint(demo):
-            echo(f"model: the demo model in {demo}")
-            return demo
-        if can_train:
-            echo(f"training the demo model into {demo} (first run only; a few minutes on a CPU)")
-            # Inherits the terminal: the trainer's progress bar shows, Ctrl-C reaches it.
-            result = subprocess.run(
-                cli_argv("train", "--preset", "demo", "--out", str(demo)), env=env
-            )
-            if result.returncode == 0 and is_checkpoint(demo):
-                return demo
-            raise StackError(
-                f"training the demo model failed (exit {result.returncode}); run "
-                f"`captioner train --preset demo --out {demo}` to see why, or pass --untrained"
-            )
-    tiny = models / "untrained-tiny"
+    if not options.untrained and (is_checkpoint(demo) or options.can_train):
+        return _demo_model(demo, env, echo)
+    return _untrained_model(models / "untrained-tiny", options.untrained, env, echo)
+
+
+def _named_checkpoint(checkpoint: Path, echo: Callable[[str], None]) -> StackModel:
+    checkpoint = checkpoint.expanduser().resolve()
+    if not is_checkpoint(checkpoint):
+        raise StackError(
+            f"{checkpoint} is not a model checkpoint (no config.json / model.safetensors)"
+        )
+    echo(f"model: {checkpoint}")
+    return StackModel(checkpoint)
+
+
+def _demo_model(demo: Path, env: dict[str, str], echo: Callable[[str], None]) -> StackModel:
+    if is_checkpoint(demo):
+        echo(f"model: the demo model in {demo}")
+        return StackModel(demo)
+    echo(f"training the demo model into {demo} (first run only; a few minutes on a CPU)")
+    # Inherits the terminal: the trainer's progress bar shows, Ctrl-C reaches it.
+    result = subprocess.run(cli_argv("train", "--preset", "demo", "--out", str(demo)), env=env)
+    if result.returncode == 0 and is_checkpoint(demo):
+        return StackModel(demo)
+    raise StackError(
+        f"training the demo model failed (exit {result.returncode}); run "
+        f"`captioner train --preset demo --out {demo}` to see why, or pass --untrained"
+    )
+
+
+def _untrained_model(
+    tiny: Path, asked: bool, env: dict[str, str], echo: Callable[[str], None]
+) -> StackModel:
     if not is_checkpoint(tiny):
         result = subprocess.run(
             cli_argv("init-model", "--preset", "tiny", "--out", str(tiny)),
@@ -252,15 +375,27 @@ def ensure_model(
         )
         if result.returncode != 0 or not is_checkpoint(tiny):
             raise StackError(f"could not write a tiny model to {tiny} (exit {result.returncode})")
-    reason = "as asked (--untrained)" if untrained else "(`captioner train` is not available yet)"
+    reason = "as asked (--untrained)" if asked else "(`captioner train` is not available yet)"
     echo(
         f"model: {tiny}\n"
         f"NOTE: this model is freshly initialised and UNTRAINED {reason}: its captions are noise."
     )
-    return tiny
+    return StackModel(tiny)
 
 
-def start_redis(sup: Supervisor, data_dir: Path, port: int) -> Child:
+# --- Redis and the database -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddedRedis:
+    """The stack's private Redis: its process and the URL the children use."""
+
+    child: Child
+    url: str
+
+
+def start_redis(sup: Supervisor, data_dir: Path, port: int) -> EmbeddedRedis:
+    """Start a private Redis on 127.0.0.1:`port` (data under `<data_dir>/redis`) and wait for it."""
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     child = sup.start(
@@ -284,7 +419,7 @@ def start_redis(sup: Supervisor, data_dir: Path, port: int) -> Child:
         ],
     )
     wait_until(lambda: _redis_ping(port), what=f"Redis on port {port}", child=child, timeout=20)
-    return child
+    return EmbeddedRedis(child, f"redis://127.0.0.1:{port}/0")
 
 
 def _redis_ping(port: int) -> bool:
@@ -307,6 +442,8 @@ def wait_until(
     timeout: float = 60.0,
     stop: threading.Event | None = None,
 ) -> None:
+    """Poll `ready` until it is true; StackError if `child` dies or `timeout` passes first,
+    KeyboardInterrupt if `stop` is set meanwhile."""
     deadline = time.monotonic() + timeout
     while not ready():
         if child is not None and not child.alive():
@@ -319,6 +456,22 @@ def wait_until(
             tail = f"; the end of {child.log_path}:\n{child.tail()}" if child else ""
             raise StackError(f"{what} did not answer within {timeout:.0f} s{tail}")
         time.sleep(0.25)
+
+
+@dataclass(frozen=True)
+class StackDatabase:
+    """The migrated database: its URL, and the same URL with the password hidden for display."""
+
+    url: str
+    shown: str
+
+
+def migrate_database(database_url: str) -> StackDatabase:
+    """Bring the database to the newest schema (idempotent)."""
+    from captioner.state import migrate
+
+    migrate.upgrade(database_url)
+    return StackDatabase(database_url, _safe_url(database_url))
 
 
 def secret_key(data_dir: Path) -> str:
@@ -338,55 +491,145 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+# --- the admin account ----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Admin:
+    """The stack's admin login and API token; `issued`: the password and token are new in this
+    run (and saved to `admin.json`), rather than kept from an earlier run."""
+
     email: str
     password: str
     token: str
-    created: bool
+    issued: bool
+
+
+@dataclass(frozen=True)
+class SavedAdmin:
+    """What `admin.json` holds from an earlier run (empty credentials when there is none)."""
+
+    email: str = ADMIN_EMAIL
+    password: str = ""
+    token: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> SavedAdmin:
+        saved: dict = {}
+        if path.is_file():
+            with contextlib.suppress(ValueError):
+                saved = json.loads(path.read_text())
+        return cls(
+            email=saved.get("email", ADMIN_EMAIL),
+            password=saved.get("password", ""),
+            token=saved.get("token", ""),
+        )
 
 
 def ensure_admin(database_url: str, data_dir: Path) -> Admin:
     """The stack's admin account and an API token, created once and kept in `admin.json`."""
-    from sqlalchemy import func, select
-    from werkzeug.security import check_password_hash, generate_password_hash
-
     from captioner.state.db import make_engine, session_scope
-    from captioner.state.models import ApiToken, User, UserRole
 
     path = data_dir / "admin.json"
-    saved: dict = {}
-    if path.is_file():
-        with contextlib.suppress(ValueError):
-            saved = json.loads(path.read_text())
+    saved = SavedAdmin.load(path)
     engine = make_engine(database_url)
     try:
         with session_scope(engine) as session:
-            email = saved.get("email", ADMIN_EMAIL)
-            user = session.scalar(select(User).where(func.lower(User.email) == email))
-            token_ok = bool(saved.get("token")) and session.scalar(
-                select(ApiToken.id).where(ApiToken.token_sha256 == ApiToken.hash(saved["token"]))
-            )
-            if (
-                user is not None
-                and user.password_hash
-                and check_password_hash(user.password_hash, saved.get("password", ""))
-                and token_ok
-            ):
-                return Admin(email, saved["password"], saved["token"], created=False)
-            password = secrets.token_urlsafe(12)
-            created = user is None
-            if user is None:
-                user = User(email=email, name="Admin", role=UserRole.ADMIN, is_admin=True)
-                session.add(user)
-            user.password_hash = generate_password_hash(password)
-            session.flush()
-            raw, row = ApiToken.issue(user.id, "captioner run")
-            session.add(row)
+            admin = admin_account(session, saved)
     finally:
         engine.dispose()
-    _write_private(path, json.dumps({"email": email, "password": password, "token": raw}))
-    return Admin(email, password, raw, created=created)
+    if admin.issued:
+        payload = {"email": admin.email, "password": admin.password, "token": admin.token}
+        _write_private(path, json.dumps(payload))
+    return admin
+
+
+def admin_account(session: Session, saved: SavedAdmin) -> Admin:
+    """The saved admin credentials when they still log in, else the admin account (created if
+    missing) with a new password and a new API token. The caller commits."""
+    from captioner.accounts import check_password, create_user, find_user, set_password
+    from captioner.state.models import ApiToken, UserRole
+
+    user = find_user(session, saved.email)
+    if _saved_token_valid(session, saved) and check_password(user, saved.password):
+        return Admin(saved.email, saved.password, saved.token, issued=False)
+    password = secrets.token_urlsafe(12)
+    if user is None:
+        user = create_user(session, saved.email, password, role=UserRole.ADMIN, name="Admin")
+    else:
+        set_password(user, password)
+    raw, row = ApiToken.issue(user.id, "captioner run")
+    session.add(row)
+    session.flush()
+    return Admin(saved.email, password, raw, issued=True)
+
+
+def _saved_token_valid(session: Session, saved: SavedAdmin) -> bool:
+    from sqlalchemy import select
+
+    from captioner.state.models import ApiToken
+
+    if not saved.token:
+        return False
+    found = session.scalar(
+        select(ApiToken.id).where(ApiToken.token_sha256 == ApiToken.hash(saved.token))
+    )
+    return found is not None
+
+
+# --- the children ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackChildren:
+    """The long-running processes after Redis: the dashboard (answering), one worker, beat."""
+
+    dashboard: Child
+    worker: Child
+    beat: Child
+
+
+def start_children(
+    sup: Supervisor, ports: StackPorts, stop: threading.Event, echo: Callable[[str], None]
+) -> StackChildren:
+    """Start the dashboard, a worker on every queue and beat; wait until the dashboard answers."""
+    dashboard = sup.start(
+        "dashboard", cli_argv("serve", "--host", ports.host, "--port", str(ports.dashboard))
+    )
+    worker = sup.start(
+        "worker", cli_argv("worker", "-Q", WORKER_QUEUES, "-n", f"embedded-{os.getpid()}@%h")
+    )
+    beat = sup.start("beat", cli_argv("beat"))
+    echo(f"dashboard, worker and beat started; logs in {sup.log_dir}")
+    wait_until(
+        lambda: _http_ok(ports.base_url + "/health"),
+        what=f"the dashboard on port {ports.dashboard}",
+        child=dashboard,
+        timeout=120,
+        stop=stop,
+    )
+    return StackChildren(dashboard, worker, beat)
+
+
+def _http_ok(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# --- the sample job -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """The sample collection's job (None when the sample is not wanted); `submitted`: this run
+    submitted it, rather than an earlier one."""
+
+    job_id: int | None
+    submitted: bool = False
 
 
 def sample_job(database_url: str) -> int | None:
@@ -408,161 +651,74 @@ def sample_job(database_url: str) -> int | None:
 
 def submit_sample(base_url: str, token: str) -> int:
     """Upload `captioner/sample/` through the API (the path any user's upload takes)."""
-    from captioner.cli.client import Client, _zip_folder
+    from captioner.cli.client import Client, zip_folder
 
     client = Client(base_url, token)
     form = {"name": SAMPLE_JOB_NAME, "n_best": "3", "num_beams": "1"}
-    files = {"archive": ("sample.zip", _zip_folder(SAMPLE_DIR), "application/zip")}
+    files = {"archive": ("sample.zip", zip_folder(SAMPLE_DIR), "application/zip")}
     return int(client.call("POST", "/jobs/upload", data=form, files=files).json()["id"])
 
 
+def ensure_sample_job(plan: StackPlan, admin: Admin) -> SampleJob:
+    """The sample job of an earlier run, else a new one submitted now (when it is wanted)."""
+    if not plan.options.submit_sample:
+        return SampleJob(None)
+    earlier = sample_job(plan.settings.database_url)
+    if earlier is not None:
+        return SampleJob(earlier)
+    return SampleJob(submit_sample(plan.ports.base_url, admin.token), submitted=True)
+
+
 def job_progress(base_url: str, token: str, job_id: int) -> dict:
+    """The job as the API shows it (status and progress counts)."""
     from captioner.cli.client import Client
 
     return Client(base_url, token).call("GET", f"/jobs/{job_id}").json()
 
 
-def _http_ok(url: str) -> bool:
-    import requests
-
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+# --- supervising ----------------------------------------------------------------------------
 
 
-# --- the whole thing ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleWatch:
+    """The sample job whose end the supervisor announces once (job_id None: nothing to watch)."""
+
+    base_url: str
+    token: str
+    job_id: int | None
+
+    def poll(self, echo: Callable[[str], None]) -> SampleWatch:
+        """This watch while the job runs; once it has ended, says so and returns an empty one.
+        Progress is a courtesy: an error reading it never stops the stack."""
+        if self.job_id is None:
+            return self
+        with contextlib.suppress(Exception):
+            job = job_progress(self.base_url, self.token, self.job_id)
+            if job["status"] in ("finished", "cancelled"):
+                p = job["progress"]
+                echo(
+                    f"sample collection: {p['captioned']} captioned, {p['failed']} failed "
+                    f"-> {self.base_url}/jobs/{self.job_id}"
+                )
+                return replace(self, job_id=None)
+        return self
 
 
-@dataclass
-class StackOptions:
-    checkpoint: Path | None = None
-    untrained: bool = False
-    can_train: bool = False
-    submit_sample: bool = True
+@dataclass(frozen=True)
+class SupervisionEnd:
+    """Why supervision ended: a child died on its own (`dead`), or a stop was asked for."""
+
+    dead: Child | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.dead is not None else 0
 
 
-def child_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(overrides)
-    env["CAPTIONER_DATA_DIR"] = str(settings.data_dir.expanduser().resolve())
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def run_stack(
-    settings: Settings, options: StackOptions, echo: Callable[[str], None] = print
-) -> int:
-    """Start everything, supervise until SIGINT/SIGTERM or a child dies; returns an exit code."""
-    from captioner.logging import configure_logging
-    from captioner.state import migrate
-
-    configure_logging(settings)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration is noise here
-    data_dir = settings.data_dir.expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    host, port, redis_port = (
-        settings.dashboard_host,
-        settings.dashboard_port,
-        settings.embedded_redis_port,
-    )
-    if port == redis_port:
-        raise StackError(
-            f"the dashboard and Redis cannot share port {port}: change CAPTIONER_DASHBOARD_PORT "
-            "or CAPTIONER_EMBEDDED_REDIS_PORT"
-        )
-    check_ports(
-        [
-            Port(port, "dashboard", "CAPTIONER_DASHBOARD_PORT", "--port"),
-            Port(redis_port, "embedded Redis", "CAPTIONER_EMBEDDED_REDIS_PORT", "--redis-port"),
-        ],
-        host,
-    )
-
-    stop = threading.Event()
-    force = threading.Event()
-
-    def _on_signal(signum, _frame) -> None:
-        if stop.is_set():
-            force.set()  # a second Ctrl-C: stop waiting for graceful exits
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = child_env(settings, CAPTIONER_REDIS_URL=redis_url)
-    if not os.environ.get("CAPTIONER_SECRET_KEY"):
-        env["CAPTIONER_SECRET_KEY"] = secret_key(data_dir)
-    sup = Supervisor(env=env, log_dir=data_dir / "logs", echo=echo)
-    try:
-        checkpoint = ensure_model(
-            settings,
-            checkpoint=options.checkpoint,
-            untrained=options.untrained,
-            can_train=options.can_train,
-            env=env,
-            echo=echo,
-        )
-        if stop.is_set():
-            return 130
-        env["CAPTIONER_MODEL_CHECKPOINT"] = str(checkpoint)
-
-        echo(f"starting Redis on 127.0.0.1:{redis_port} (private to this stack)")
-        start_redis(sup, data_dir, redis_port)
-
-        migrate.upgrade(settings.database_url)
-        echo(f"database: {_safe_url(settings.database_url)} (migrated)")
-        admin = ensure_admin(settings.database_url, data_dir)
-
-        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        dashboard = sup.start("dashboard", cli_argv("serve", "--host", host, "--port", str(port)))
-        sup.start(
-            "worker", cli_argv("worker", "-Q", WORKER_QUEUES, "-n", f"embedded-{os.getpid()}@%h")
-        )
-        sup.start("beat", cli_argv("beat"))
-        echo(f"dashboard, worker and beat started; logs in {sup.log_dir}")
-        wait_until(
-            lambda: _http_ok(base_url + "/health"),
-            what=f"the dashboard on port {port}",
-            child=dashboard,
-            timeout=120,
-            stop=stop,
-        )
-
-        job_id = sample_job(settings.database_url) if options.submit_sample else None
-        if options.submit_sample and job_id is None:
-            job_id = submit_sample(base_url, admin.token)
-            echo(f"submitted the sample collection ({SAMPLE_DIR}) as job {job_id}")
-
-        echo("")
-        echo(f"Captioner is running: {base_url}/")
-        echo(
-            f"  login: {admin.email}  password: {admin.password}"
-            + ("" if admin.created else "  (kept from an earlier run)")
-        )
-        echo(f"  API token: {admin.token}  (also in {data_dir / 'admin.json'})")
-        echo("  Ctrl-C stops everything.")
-        echo("")
-        return _supervise(sup, stop, base_url, admin.token, job_id, echo)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if sup.children:
-            echo("stopping the stack")
-            sup.stop_all(force=force)
-            echo("stopped")
-
-
-def _supervise(
-    sup: Supervisor,
-    stop: threading.Event,
-    base_url: str,
-    token: str,
-    job_id: int | None,
-    echo: Callable[[str], None],
-) -> int:
-    watching = job_id
+def supervise(
+    sup: Supervisor, stop: threading.Event, watch: SampleWatch, echo: Callable[[str], None]
+) -> SupervisionEnd:
+    """Wait until `stop` is set or a child dies, announcing the sample job's end meanwhile."""
     while not stop.wait(1.0):
         dead = sup.dead()
         if dead:
@@ -571,18 +727,79 @@ def _supervise(
                 f"{child.name} exited unexpectedly (code {child.process.returncode}); "
                 f"the end of {child.log_path}:\n{child.tail()}"
             )
-            return 1
-        if watching is not None:
-            with contextlib.suppress(Exception):  # progress is a courtesy; never stop for it
-                job = job_progress(base_url, token, watching)
-                if job["status"] in ("finished", "cancelled"):
-                    p = job["progress"]
-                    echo(
-                        f"sample collection: {p['captioned']} captioned, {p['failed']} failed "
-                        f"-> {base_url}/jobs/{watching}"
-                    )
-                    watching = None
-    return 0
+            return SupervisionEnd(child)
+        watch = watch.poll(echo)
+    return SupervisionEnd()
+
+
+# --- the whole thing ------------------------------------------------------------------------
+
+
+def run_stack(
+    settings: Settings, options: StackOptions, echo: Callable[[str], None] = print
+) -> int:
+    """Start everything, supervise until SIGINT/SIGTERM or a child dies; returns an exit code."""
+    plan = _plan(settings, options)
+    env = stack_env(plan)
+    signals = StopSignals.install()
+    try:
+        model = ensure_model(settings, options, env, echo)
+        if signals.stop.is_set():
+            return 130
+        env_with_model = env | {"CAPTIONER_MODEL_CHECKPOINT": str(model.checkpoint)}
+        sup = Supervisor(env=env_with_model, log_dir=plan.data_dir / "logs", echo=echo)
+        return _start_and_supervise(plan, sup, signals, echo)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signals.restore()
+
+
+def _plan(settings: Settings, options: StackOptions) -> StackPlan:
+    """Logging, the data directory and the ports, checked before anything starts."""
+    from captioner.logging import configure_logging
+
+    configure_logging(settings)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration is noise here
+    data_dir = settings.data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return StackPlan(settings, options, stack_ports(settings), data_dir)
+
+
+def _start_and_supervise(
+    plan: StackPlan, sup: Supervisor, signals: StopSignals, echo: Callable[[str], None]
+) -> int:
+    """Redis, database, admin, children, sample job, then supervise; the children stop after."""
+    try:
+        echo(f"starting Redis on 127.0.0.1:{plan.ports.redis} (private to this stack)")
+        start_redis(sup, plan.data_dir, plan.ports.redis)
+        database = migrate_database(plan.settings.database_url)
+        echo(f"database: {database.shown} (migrated)")
+        admin = ensure_admin(database.url, plan.data_dir)
+        start_children(sup, plan.ports, signals.stop, echo)
+        sample = ensure_sample_job(plan, admin)
+        if sample.submitted:
+            echo(f"submitted the sample collection ({SAMPLE_DIR}) as job {sample.job_id}")
+        _announce(plan, admin, echo)
+        watch = SampleWatch(plan.ports.base_url, admin.token, sample.job_id)
+        return supervise(sup, signals.stop, watch, echo).exit_code
+    finally:
+        if sup.children:
+            echo("stopping the stack")
+            sup.stop_all(force=signals.force)
+            echo("stopped")
+
+
+def _announce(plan: StackPlan, admin: Admin, echo: Callable[[str], None]) -> None:
+    echo("")
+    echo(f"Captioner is running: {plan.ports.base_url}/")
+    echo(
+        f"  login: {admin.email}  password: {admin.password}"
+        + ("" if admin.issued else "  (kept from an earlier run)")
+    )
+    echo(f"  API token: {admin.token}  (also in {plan.data_dir / 'admin.json'})")
+    echo("  Ctrl-C stops everything.")
+    echo("")
 
 
 def _safe_url(url: str) -> str:

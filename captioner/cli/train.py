@@ -212,11 +212,11 @@ def eval_cmd(
     from core_model.checkpoint import CheckpointError, load_checkpoint
     from core_model.datasets import DatasetError, load_jsonl, load_records
     from core_model.evaluate import evaluate_model, format_table, write_json
+    from core_model.inference import resolve_device
     from core_model.synthetic import SyntheticWorld, world_config_from_dict
-    from core_model.train import select_device
 
     try:
-        model, meta = load_checkpoint(checkpoint, select_device(device))
+        model, meta = load_checkpoint(checkpoint, resolve_device(device))
         if references is not None:
             records, source = (
                 load_jsonl(references, split=None, image_root=image_root),

@@ -4,7 +4,7 @@ A caption worker is one process per device: the model is loaded once, lazily, an
 initialised before a fork. By default it is pipelined on CUDA: `--pool=threads` with
 `--concurrency` = `CAPTIONER_WORKER_PIPELINE_DEPTH` (2 on CUDA), so while one batch runs the
 model the next is fetched and decoded and the last one saved, all sharing the one model (see
-`workers.tasks`). On the CPU, or with a depth of 1, it is `--pool=solo`, one batch at a time.
+`workers.caption`). On the CPU, or with a depth of 1, it is `--pool=solo`, one batch at a time.
 Run one worker per GPU with `CAPTIONER_DEVICE=cuda:N`, one `captioner worker -Q
 maintenance,train` for the sweeper (and training; a worker that consumes no caption queue is
 always `solo`), and one `captioner beat` per deployment.
