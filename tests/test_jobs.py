@@ -531,3 +531,5 @@ def test_two_processes_claim_each_image_exactly_once(migrated_url, session_facto
     owner = {image_id: worker for image_id, worker, _ in rows}
     assert all(owner[i] == "w0" for i in won["w0"]) and all(owner[i] == "w1" for i in won["w1"])
     assert {attempts for *_, attempts in rows} == {1}
+    with session_scope(session_factory) as session:
+        assert jobs.recount(session) == []  # concurrent claims counted exactly

@@ -5,6 +5,9 @@ worker's caption and status change land together. Functions that change many row
 conditional UPDATEs (with RETURNING) instead of read-modify-write, so concurrent workers cannot
 double-claim; ORM objects already loaded in the session are not refreshed by them (call
 `session.expire_all()` if you hold any).
+
+Every status change also moves the job counters (`jobs.CounterDeltas`) in the same
+transaction, and every caption save keeps the review-queue key `Image.review_score`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, literal_column, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, aliased
 
-from captioner.state.jobs import LifecycleError
+from captioner.state.jobs import CounterDeltas, dialect_insert
 from captioner.state.models import (
     Caption,
     Image,
@@ -26,6 +39,7 @@ from captioner.state.models import (
     Job,
     JobStatus,
     Review,
+    ReviewDecision,
     utcnow,
 )
 
@@ -60,50 +74,139 @@ def claim_images(
 ) -> list[int]:
     """Claim claimable images for `worker_id`: queued -> running with a lease. Returns the ids won.
 
-    The final UPDATE repeats the claimable condition, so a row another worker already holds
-    does not match: it is skipped, never claimed twice. On PostgreSQL the candidates are first
-    locked with SELECT ... FOR UPDATE SKIP LOCKED, so concurrent claimers split the rows
-    instead of waiting on each other (a separate statement: inside `UPDATE ... IN (subquery
-    LIMIT n)` the planner may evaluate the subquery more than once and exceed the limit).
-    SQLite has one writer at a time, so there a single UPDATE with the subquery is atomic (and
-    starting with the write avoids a read-then-write lock upgrade failing under contention).
+    The UPDATE repeats the claimable condition, so a row another worker already holds does not
+    match: it is skipped, never claimed twice. On PostgreSQL the candidates are locked with
+    SELECT ... FOR UPDATE SKIP LOCKED in a materialized CTE of the UPDATE, so concurrent
+    claimers split the rows instead of waiting on each other, the LIMIT is applied once, and
+    each row's status before the claim comes back for the counters. SQLite has one writer at a
+    time: there an UPDATE re-claims the expired leases among the first `limit` candidates, then
+    a second takes the rest of the limit from the queued images (the same rows, in the same
+    id order, as one pass would).
     """
+    if image_ids is not None and not image_ids:
+        return []
     now = now or utcnow()
-    candidates = select(Image.id).where(_claimable(now, max_attempts))
+    scope: list[ColumnElement[bool]] = []
     if image_ids is not None:
-        if not image_ids:
-            return []
-        candidates = candidates.where(Image.id.in_(list(image_ids)))
+        scope.append(Image.id.in_(list(image_ids)))
     if job_id is not None:
-        candidates = candidates.where(Image.job_id == job_id)
-    candidates = candidates.order_by(Image.id)
-    if limit is not None:
-        candidates = candidates.limit(limit)
-
-    if session.get_bind().dialect.name == "postgresql":
-        locked = list(session.scalars(candidates.with_for_update(skip_locked=True)))
-        if not locked:
-            return []
-        chosen = Image.id.in_(locked)
-    else:
-        chosen = Image.id.in_(candidates.scalar_subquery())
-
-    statement = (
-        update(Image)
-        .where(chosen, _claimable(now, max_attempts))
-        .values(
-            status=ImageStatus.RUNNING,
-            lease_owner=worker_id,
-            lease_until=now + timedelta(seconds=lease_seconds),
-            attempts=Image.attempts + 1,
-            failure_reason=None,
+        scope.append(Image.job_id == job_id)
+    values = {
+        "status": ImageStatus.RUNNING,
+        "lease_owner": worker_id,
+        "lease_until": now + timedelta(seconds=lease_seconds),
+        "attempts": Image.attempts + 1,
+        "failure_reason": None,
+    }
+    claimable = [_claimable(now, max_attempts), *scope]
+    if _dialect(session) == "postgresql":
+        candidates = (
+            select(Image.id, Image.job_id, Image.status)
+            .where(*claimable)
+            .order_by(Image.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
+        rows = session.execute(_update_locked(candidates, values, claimable)).all()
+    else:
+        rows = _claim_sqlite(session, claimable, scope, values, limit, max_attempts)
+    deltas = CounterDeltas()
+    for _, job, old in rows:
+        deltas.move(job, old, ImageStatus.RUNNING)
+    deltas.apply(session)
+    _mark_jobs_started({job for _, job, _ in rows}, session, now)
+    return sorted(image_id for image_id, _, _ in rows)
+
+
+def _claim_sqlite(
+    session: Session,
+    claimable: list[ColumnElement[bool]],
+    scope: list[ColumnElement[bool]],
+    values: dict[str, Any],
+    limit: int | None,
+    max_attempts: int | None,
+) -> list[tuple[int, int, ImageStatus]]:
+    """(id, job, status before) of each image claimed, in two UPDATEs (see `claim_images`)."""
+    first = select(Image.id).where(*claimable).order_by(Image.id).limit(limit)
+    rows = _returning(
+        session,
+        update(Image).where(
+            Image.id.in_(first.scalar_subquery()), *claimable, Image.status == ImageStatus.RUNNING
+        ),
+        values,
+        ImageStatus.RUNNING,
+    )
+    left = None if limit is None else limit - len(rows)
+    if left is not None and left <= 0:
+        return rows
+    queued = [Image.status == ImageStatus.QUEUED, *scope]
+    if max_attempts is not None:
+        queued.append(Image.attempts < max_attempts)
+    rest = select(Image.id).where(*queued).order_by(Image.id).limit(left)
+    statement = update(Image).where(Image.id.in_(rest.scalar_subquery()), *queued)
+    return rows + _returning(session, statement, values, ImageStatus.QUEUED)
+
+
+def _returning(
+    session: Session, statement, values: dict[str, Any], old: ImageStatus
+) -> list[tuple[int, int, ImageStatus]]:
+    """Run an UPDATE of images whose status is `old`: (id, job, old) of each row changed."""
+    result = session.execute(
+        statement.values(**values)
         .returning(Image.id, Image.job_id)
         .execution_options(synchronize_session=False)
     )
-    rows = session.execute(statement).all()
-    _mark_jobs_started({job for _, job in rows}, session, now)
-    return sorted(image_id for image_id, _ in rows)
+    return [(image_id, job, old) for image_id, job in result]
+
+
+def _update_locked(candidates: Select, values: dict[str, Any], where: Sequence[Any]):
+    """PostgreSQL: UPDATE the rows `candidates` (id, job_id, status) locks, in one statement
+    that returns (id, job, status before) of each: the CTE is materialized, so it runs once."""
+    before = candidates.cte("old_rows").prefix_with("MATERIALIZED")
+    return (
+        update(Image)
+        .where(Image.id == before.c.id, *where)
+        .values(**values)
+        .returning(Image.id, before.c.job_id, before.c.status)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _move_images(
+    session: Session,
+    where: Sequence[ColumnElement[bool]],
+    values: dict[str, Any],
+    old: Sequence[ImageStatus],
+    deltas: CounterDeltas,
+) -> list[int]:
+    """Set `values` (a new `status` among them) on the images matching `where` whose status is
+    one of `old`; counts each move in `deltas` and returns the ids changed.
+
+    The counters need each row's status before the change. With one `old` status the
+    conditional UPDATE says it. With several: on PostgreSQL one UPDATE locks the rows in a CTE
+    first and returns their statuses; on SQLite (one writer at a time) one conditional UPDATE
+    per old status, the one that keeps the status first.
+    """
+    new = values["status"]
+    if len(old) > 1 and _dialect(session) == "postgresql":
+        candidates = (
+            select(Image.id, Image.job_id, Image.status)
+            .where(*where, Image.status.in_(old))
+            .with_for_update()
+        )
+        rows = session.execute(_update_locked(candidates, values, [])).all()
+    else:
+        rows = []
+        for status in sorted(old, key=lambda s: s != new):
+            statement = update(Image).where(*where, Image.status == status)
+            rows += _returning(session, statement, values, status)
+    for _, job, before in rows:
+        deltas.move(job, before, new)
+    return sorted(image_id for image_id, _, _ in rows)
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def _mark_jobs_started(job_ids: set[int], session: Session, now: datetime) -> None:
@@ -163,12 +266,68 @@ def save_caption(
         "updated_at": now,
     }
     statement = _caption_upsert(session, [values]).returning(Caption.id)
-    return session.execute(statement).first() is not None
+    saved = session.execute(statement).first() is not None
+    deltas = CounterDeltas()
+    _keep_review_scores(session, [image_id], deltas)
+    deltas.apply(session)
+    return saved
+
+
+# --- the review-queue key -------------------------------------------------------------------
+
+
+def newest_caption_score():
+    """The score of the image's newest caption (correlated to `Image` in the enclosing query)."""
+    newer = aliased(Caption)
+    return (
+        select(newer.score)
+        .where(newer.image_id == Image.id)
+        .order_by(newer.id.desc())
+        .limit(1)
+        .correlate(Image)
+        .scalar_subquery()
+    )
+
+
+def awaiting_review() -> ColumnElement[bool]:
+    """The image has a caption, and no current review or the current one is `undone`."""
+    current = (
+        select(Review.decision)
+        .where(Review.image_id == Image.id)
+        .order_by(Review.id.desc())
+        .limit(1)
+        .correlate(Image)
+        .scalar_subquery()
+    )
+    has_caption = exists().where(Caption.image_id == Image.id).correlate(Image)
+    undone = ReviewDecision.UNDONE.value
+    return and_(has_caption, func.coalesce(current, undone) == undone)
+
+
+def _keep_review_scores(session: Session, image_ids: Sequence[int], deltas: CounterDeltas) -> None:
+    """After captions of these images were saved: a key already set takes the newest caption's
+    score; an unset one is set if the image awaits review (its first caption), counted."""
+    ids = list(image_ids)
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(ids), Image.review_score.is_not(None))
+        .values(review_score=newest_caption_score())
+        .execution_options(synchronize_session=False)
+    )
+    entered = session.execute(
+        update(Image)
+        .where(Image.id.in_(ids), Image.review_score.is_(None), awaiting_review())
+        .values(review_score=newest_caption_score())
+        .returning(Image.job_id)
+        .execution_options(synchronize_session=False)
+    )
+    for job in entered.scalars():
+        deltas.add(job, "unreviewed_count", 1)
 
 
 def _caption_upsert(session: Session, rows: list[dict[str, Any]]):
     """INSERT captions ... ON CONFLICT (image, model version) DO UPDATE, unless reviewed."""
-    insert = _dialect_insert(session)(Caption).values(rows)
+    insert = dialect_insert(session)(Caption).values(rows)
     # The conflicting (existing) row is `captions` inside ON CONFLICT ... WHERE; a plain
     # `Caption.id` here would add `captions` to the subquery's FROM and match ANY reviewed caption.
     unreviewed = ~exists().where(Review.caption_id == literal_column("captions.id"))
@@ -184,15 +343,6 @@ def _caption_upsert(session: Session, rows: list[dict[str, Any]]):
     )
 
 
-def _dialect_insert(session: Session):
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise LifecycleError(f"upsert is not implemented for the {name} dialect")
-
-
 def complete_image(
     session: Session,
     *,
@@ -205,29 +355,8 @@ def complete_image(
     height: int | None = None,
 ) -> None:
     """Save the caption and mark the image captioned (lease released, any failure cleared)."""
-    save_caption(
-        session,
-        image_id=image_id,
-        model_version_id=model_version_id,
-        text=text,
-        score=score,
-        candidates=candidates,
-    )
-    values: dict[str, Any] = {
-        "status": ImageStatus.CAPTIONED,
-        "failure_reason": None,
-        "lease_owner": None,
-        "lease_until": None,
-        "finished_at": utcnow(),
-    }
-    if width is not None and height is not None:
-        values.update(width=width, height=height)
-    session.execute(
-        update(Image)
-        .where(Image.id == image_id)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    row = CaptionRow(image_id, text, score, candidates or [], width, height)
+    complete_images(session, model_version_id, [row])
 
 
 @dataclass
@@ -243,8 +372,10 @@ class CaptionRow:
 
 
 def complete_images(session: Session, model_version_id: int, rows: Sequence[CaptionRow]) -> None:
-    """`complete_image` for a whole batch in two statements: one multi-row caption upsert
-    (never over a reviewed caption) and one executemany UPDATE of the images."""
+    """`complete_image` for a whole batch in a fixed number of statements, whatever the size of
+    the job: one multi-row caption upsert (never over a reviewed caption), the status change
+    (one UPDATE on PostgreSQL), one executemany for the image sizes, two for the review key and
+    one for the job counters."""
     if not rows:
         return
     now = utcnow()
@@ -261,6 +392,7 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
         for r in rows
     ]
     session.execute(_caption_upsert(session, rows_values))
+    ids = [r.image_id for r in rows]
     done = {
         "status": ImageStatus.CAPTIONED,
         "failure_reason": None,
@@ -268,16 +400,27 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
         "lease_until": None,
         "finished_at": now,
     }
+    deltas = CounterDeltas()
+    _move_images(session, [Image.id.in_(ids)], done, list(ImageStatus), deltas)
+    _save_sizes(session, rows)
+    _keep_review_scores(session, ids, deltas)
+    deltas.apply(session)
+
+
+def _save_sizes(session: Session, rows: Sequence[CaptionRow]) -> None:
+    sizes = [
+        {"b_id": r.image_id, "b_width": r.width, "b_height": r.height}
+        for r in rows
+        if r.width is not None and r.height is not None
+    ]
+    if not sizes:
+        return
+    table = Image.__table__
     session.execute(
-        update(Image),
-        [
-            {
-                "id": r.image_id,
-                **done,
-                **({"width": r.width, "height": r.height} if r.width else {}),
-            }
-            for r in rows
-        ],
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(width=bindparam("b_width"), height=bindparam("b_height")),
+        sizes,
     )
 
 
@@ -286,32 +429,32 @@ def fail_image(session: Session, image_id: int, reason: str) -> bool:
 
     A caption that another worker already saved wins over a late failure.
     """
-    rows = session.execute(
-        update(Image)
-        .where(Image.id == image_id, Image.status != ImageStatus.CAPTIONED)
-        .values(
-            status=ImageStatus.FAILED,
-            failure_reason=reason,
-            lease_owner=None,
-            lease_until=None,
-            finished_at=utcnow(),
-        )
-        .returning(Image.id)
-        .execution_options(synchronize_session=False)
-    )
-    return rows.first() is not None
+    values = {
+        "status": ImageStatus.FAILED,
+        "failure_reason": reason,
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": utcnow(),
+    }
+    deltas = CounterDeltas()
+    not_captioned = [ImageStatus.QUEUED, ImageStatus.RUNNING, ImageStatus.FAILED]
+    changed = _move_images(session, [Image.id == image_id], values, not_captioned, deltas)
+    deltas.apply(session)
+    return bool(changed)
 
 
 def _back_to_queue(session: Session, *where, now: datetime) -> list[int]:
-    """Images matching `where` go back to queued, lease cleared; their sorted ids."""
-    rows = session.execute(
-        update(Image)
-        .where(*where)
-        .values(status=ImageStatus.QUEUED, lease_owner=None, lease_until=None, queued_at=now)
-        .returning(Image.id)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted(rows.scalars())
+    """Running images matching `where` go back to queued, lease cleared; their sorted ids."""
+    values = {
+        "status": ImageStatus.QUEUED,
+        "lease_owner": None,
+        "lease_until": None,
+        "queued_at": now,
+    }
+    deltas = CounterDeltas()
+    ids = _move_images(session, where, values, [ImageStatus.RUNNING], deltas)
+    deltas.apply(session)
+    return ids
 
 
 def requeue_images(session: Session, image_ids: Sequence[int], *, worker_id: str) -> list[int]:
@@ -319,7 +462,6 @@ def requeue_images(session: Session, image_ids: Sequence[int], *, worker_id: str
     return _back_to_queue(
         session,
         Image.id.in_(list(image_ids)),
-        Image.status == ImageStatus.RUNNING,
         Image.lease_owner == worker_id,
         now=utcnow(),
     )
@@ -333,19 +475,18 @@ def release_expired_leases(
 ) -> list[int]:
     """Expired leases go back to queued (ids returned, to re-publish) or, out of attempts, failed."""
     now = now or utcnow()
-    expired = and_(Image.status == ImageStatus.RUNNING, Image.lease_until < now)
-    session.execute(
-        update(Image)
-        .where(expired, Image.attempts >= max_attempts)
-        .values(
-            status=ImageStatus.FAILED,
-            failure_reason=LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
-            lease_owner=None,
-            lease_until=None,
-            finished_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    expired = Image.lease_until < now
+    given_up = {
+        "status": ImageStatus.FAILED,
+        "failure_reason": LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": now,
+    }
+    deltas = CounterDeltas()
+    running = [ImageStatus.RUNNING]
+    _move_images(session, [expired, Image.attempts >= max_attempts], given_up, running, deltas)
+    deltas.apply(session)
     return _back_to_queue(session, expired, Image.attempts < max_attempts, now=now)
 
 
@@ -369,17 +510,15 @@ def requeue_stale_queued(
 
 def fail_queued_past_cap(session: Session, max_attempts: int) -> list[int]:
     """Queued images already claimed `max_attempts` times can never be claimed again: fail them."""
-    rows = session.execute(
-        update(Image)
-        .where(Image.status == ImageStatus.QUEUED, Image.attempts >= max_attempts)
-        .values(
-            status=ImageStatus.FAILED,
-            failure_reason=LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
-            lease_owner=None,
-            lease_until=None,
-            finished_at=utcnow(),
-        )
-        .returning(Image.id)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted(rows.scalars())
+    values = {
+        "status": ImageStatus.FAILED,
+        "failure_reason": LEASE_EXHAUSTED_REASON.format(attempts=max_attempts),
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": utcnow(),
+    }
+    deltas = CounterDeltas()
+    past_cap = [Image.attempts >= max_attempts]
+    ids = _move_images(session, past_cap, values, [ImageStatus.QUEUED], deltas)
+    deltas.apply(session)
+    return ids

@@ -192,11 +192,16 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(
         _status(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True
     )
-    # Counts: image_count is kept at submit; the others are filled when the job finishes
-    # (live progress is a GROUP BY over images: jobs.job_progress).
+    # Counters, kept by captioner.state in the same transaction as every status change they
+    # count (UPDATE ... SET x = x + n, never read-modify-write): image_count is every image of
+    # the job, the next four split it by image status, unreviewed_count is the images waiting
+    # for review (review_score not NULL). `captioner db check` recounts them from the rows.
     image_count: Mapped[int] = mapped_column(default=0)
+    queued_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    running_count: Mapped[int] = mapped_column(default=0, server_default="0")
     captioned_count: Mapped[int] = mapped_column(default=0)
     failed_count: Mapped[int] = mapped_column(default=0)
+    unreviewed_count: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -216,6 +221,23 @@ class Image(Base):
         Index("ix_images_status_lease_until", "status", "lease_until"),
         # ...and for images queued for too long.
         Index("ix_images_status_queued_at", "status", "queued_at"),
+        # The review queue, "unreviewed, least confident first", walked by keyset: over every
+        # job, and within one job. Partial: only the images waiting for review are in them.
+        Index(
+            "ix_images_review_score_id",
+            "review_score",
+            "id",
+            sqlite_where=text("review_score IS NOT NULL"),
+            postgresql_where=text("review_score IS NOT NULL"),
+        ),
+        Index(
+            "ix_images_job_id_review_score_id",
+            "job_id",
+            "review_score",
+            "id",
+            sqlite_where=text("review_score IS NOT NULL"),
+            postgresql_where=text("review_score IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -238,6 +260,10 @@ class Image(Base):
     # When the image was last (re-)published to the queue; the sweeper re-publishes stale ones.
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    # The review queue's key: the score of the newest caption while the image waits for review
+    # (it has a caption, and no current review or the current one is `undone`); NULL otherwise.
+    # Kept by the caption saves (captioner.state.images) and by captioner.state.reviews.
+    review_score: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="images")
     captions: Mapped[list[Caption]] = relationship(back_populates="image", passive_deletes=True)
