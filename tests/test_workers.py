@@ -361,6 +361,8 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
         assert len(counts) == 96 and set(counts.values()) == {1}
         images = stack.images(ids)
         assert all(images[i].attempts == 2 for i in held)  # the killed claim, then the rescue
+        with stack.sessions() as s:
+            assert jobs.recount(s) == []  # the job counters survived the kill exactly
         second.stop()
     finally:
         if first.alive():
@@ -404,9 +406,8 @@ def test_two_workers_never_caption_an_image_twice(tmp_path, checkpoints, monkeyp
         with stack.sessions() as s:
             captions = s.scalars(select(Caption).where(Caption.image_id.in_(ids))).all()
             assert all(c.created_at == c.updated_at for c in captions)
-        logs = [w.log() for w in workers]
-        assert all("batch done" in log for log in logs), "both workers should have worked"
-        assert any("nothing to claim" in log for log in logs)
+        # Which worker took which message is up to the broker and the machine's load; what
+        # matters is above: each image claimed once and captioned once.
     finally:
         for w in workers:
             w.stop()
