@@ -58,7 +58,14 @@ from captioner.tasks import TASK_CAPTION_BATCH
 from workers import metrics
 from workers.deliveries import publish_committed_deliveries
 from workers.model_runtime import LoadedModel, ModelUnavailable, WantedModel
-from workers.pixels import Prepared, decode_jpegs_on_device, device_batch, prepare_image
+from workers.pixels import (
+    Prepared,
+    batch_pixels,
+    decode_jpegs_on_device,
+    device_batch,
+    prepare_image,
+    split_preprocess,
+)
 from workers.resources import WorkerResources, backoff, is_transient_db_error, resources, worker_id
 
 log = logging.getLogger("captioner.worker")
@@ -229,13 +236,14 @@ def _fetch_and_decode(
     In a pipelined worker this overlaps with another batch's model step."""
     captioner = loaded.captioner
     device_jpeg = batch.settings.gpu_decode and captioner.device.type == "cuda"
+    preprocess = split_preprocess(captioner.preprocess)  # to-tensor and normalise per batch
     futures = {
         image_id: res.fetch_pool.submit(
             prepare_image,
             res.store,
             claimed.keys[image_id],
             batch.settings,
-            captioner.preprocess,
+            preprocess,
             device_jpeg,
         )
         for image_id in claimed.image_ids
@@ -259,7 +267,9 @@ def _run_on_device(
         return ModelRun(prepared=prepared)
     started = time.perf_counter()
     try:
-        pixels = device_batch([prepared[i].pixels for i in good], captioner.device)
+        items = [prepared[i].pixels for i in good]
+        tensors = batch_pixels(items, split_preprocess(captioner.preprocess))
+        pixels = device_batch(tensors, captioner.device)
         hyps = captioner.caption_tensors(pixels, res.runtime.decode_options())
     except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
         return ModelRun(prepared=prepared, error=exc)
