@@ -207,15 +207,24 @@ class Settings(BaseSettings):
         description="Largest uncompressed/compressed size ratio of a zip member (zip bombs).",
     )
     url_fetch_timeout_seconds: float = Field(
-        default=20.0, gt=0, description="Time limit for fetching one submitted image URL."
+        default=20.0,
+        gt=0,
+        description="Total time limit for fetching one submitted image URL (connect, every "
+        "redirect and the body).",
     )
     url_fetch_max_redirects: int = Field(
         default=5, ge=0, description="Redirects followed (each re-checked) when fetching a URL."
     )
     url_allow_hosts: list[str] = Field(
         default_factory=list,
-        description="Hosts or CIDR networks an operator trusts although they are private or "
-        'loopback (URL submission and webhooks), e.g. `["10.0.0.0/8", "hooks.internal"]`.',
+        description="Hosts or CIDR networks an operator trusts for submitted image URLs although "
+        'they are private or loopback, e.g. `["10.0.0.0/8", "images.internal"]`. Every '
+        "submitter may fetch from them; webhooks have their own list.",
+    )
+    webhook_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDR networks an operator trusts as webhook receivers although "
+        'they are private or loopback, e.g. `["hooks.internal"]`. Not used for URL submission.',
     )
     webhook_max_attempts: int = Field(
         default=6, ge=1, description="Delivery attempts per webhook event before it is failed."
@@ -226,7 +235,9 @@ class Settings(BaseSettings):
         description="Delay before the first webhook retry; doubled after each failed attempt.",
     )
     webhook_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="Time limit for one webhook delivery request."
+        default=10.0,
+        gt=0,
+        description="Total time limit of one webhook delivery request (connect, send and reply).",
     )
     submit_rate_limit: str = Field(
         default="60/minute",

@@ -37,13 +37,42 @@ class InvalidKey(StorageError, ValueError):
     """A key that could escape the store or is otherwise malformed."""
 
 
+# The longest key a database row can record (`Image.storage_key` is String(1024)).
+KEY_MAX_LENGTH = 1024
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a safe relative object name; raise InvalidKey otherwise."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         raise InvalidKey(f"invalid object key {key!r}: must be a non-empty relative name")
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidKey(f"invalid object key {key!r}: empty, '.' or '..' path segment")
+    if len(key) > KEY_MAX_LENGTH:
+        raise InvalidKey(
+            f"invalid object key {key[:40]!r}...: {len(key)} characters > limit {KEY_MAX_LENGTH}"
+        )
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return `prefix` if every key under it could be a valid key (`check_key`): relative, no
+    empty, '.' or '..' segment (the last segment may be empty, `photos/`, or a partial name);
+    `""` is the whole store. Raise InvalidKey otherwise."""
+    if prefix == "":
+        return prefix
+    if prefix.startswith("/") or "\\" in prefix or "\x00" in prefix:
+        raise InvalidKey(f"invalid prefix {prefix!r}: must be a relative name")
+    *dirs, last = prefix.split("/")
+    if any(part in ("", ".", "..") for part in dirs) or last in (".", ".."):
+        raise InvalidKey(
+            f"invalid prefix {prefix!r}: empty, '.' or '..' path segment "
+            "(write it as a plain relative path, like photos/2024/)"
+        )
+    if len(prefix) > KEY_MAX_LENGTH:
+        raise InvalidKey(
+            f"invalid prefix {prefix[:40]!r}...: {len(prefix)} characters > limit {KEY_MAX_LENGTH}"
+        )
+    return prefix
 
 
 class ObjectStore(ABC):
@@ -132,10 +161,10 @@ class LocalObjectStore(ObjectStore):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         # Walk only the directory the prefix lives in, not the whole store.
-        directory = prefix.rpartition("/")[0]
+        directory = check_prefix(prefix).rpartition("/")[0]
         start = self.root / directory if directory else self.root
         if directory:
-            self._path(directory)  # refuse '..' in prefixes as in keys
+            self._path(directory)  # refuse a link out of the store as for keys
         if not start.is_dir():
             return
         yield from (key for key in self._walk(start) if key.startswith(prefix))
@@ -298,7 +327,7 @@ class S3ObjectStore(ObjectStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + check_prefix(prefix))
         try:
             for page in pages:
                 for item in page.get("Contents", []):

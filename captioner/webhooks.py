@@ -5,12 +5,16 @@ Flow: whoever finishes jobs (the workers, after `jobs.finish_completed_jobs`) ca
 one `WebhookDelivery` row per (webhook, event, job) -- recording twice is a no-op. After the
 commit it publishes `captioner.deliver_webhook(delivery_id)` for each
 (`captioner.tasks.publish_deliveries`).
-The task calls `deliver(session, delivery_id)`: it POSTs the JSON body with
-`X-Captioner-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's secret>`; a
-2xx marks it delivered, anything else schedules the next attempt with exponential backoff
-(`next_attempt_at`, returned so the task can retry with that countdown) until
-`webhook_max_attempts`. URLs obey the same rules as URL submission (public addresses only,
-unless allow-listed in `url_allow_hosts`), checked again at every attempt; no redirects.
+The task calls `deliver(session_factory, delivery_id)`: it counts the attempt and commits
+BEFORE sending (so a worker killed by a hostile receiver cannot re-send forever), then POSTs the
+JSON body with `X-Captioner-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's
+secret>` through the bounded outbound path of `captioner.intake.urls` (a total time limit, the
+reply read raw and capped at `REPLY_MAX_BYTES`); a 2xx marks it delivered, anything else leaves
+the next attempt scheduled with exponential backoff (`next_attempt_at`, returned so the task
+can retry with that countdown) until `webhook_max_attempts`. Receiver URLs must be public
+unless allow-listed in `webhook_allow_hosts` (a list of its own: trusting an internal receiver
+does not open it to URL submission), checked again at every attempt; no redirects. Errors
+stored and logged name the URL redacted to scheme, host and path.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from captioner.intake.errors import UnsafeURL
+from captioner.intake.errors import SubmissionRejected, UnsafeURL
+from captioner.state.db import session_scope
 from captioner.state.models import (
     WebhookDelivery,
     WebhookStatus,
@@ -34,12 +40,16 @@ from captioner.state.models import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker
+
     from captioner.intake.urls import Resolver
     from captioner.settings import Settings
 
 SIGNATURE_HEADER = "X-Captioner-Signature"
 EVENT_HEADER = "X-Captioner-Event"
 DELIVERY_HEADER = "X-Captioner-Delivery"
+# Most bytes of a receiver's reply read (raw, never decompressed): nothing but its status is used.
+REPLY_MAX_BYTES = 4096
 
 
 def new_secret() -> str:
@@ -64,6 +74,31 @@ class Attempt:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One attempt, counted and ready to send: where, the signed body and its headers."""
+
+    delivery_id: int
+    attempt: int
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What sending an `Outgoing` came to: the receiver's status, or why there was none
+    (`refused`: the URL is not allowed, so retrying cannot help)."""
+
+    status: int | None = None
+    error: str | None = None
+    refused: bool = False
+
+
+# Posts one signed body: `post(url, data=..., headers=...)`, an object with `.status` back.
+Post = Callable[..., Any]
+
+
 def _settings(settings: Settings | None) -> Settings:
     if settings is not None:
         return settings
@@ -72,80 +107,158 @@ def _settings(settings: Settings | None) -> Settings:
     return get_settings()
 
 
-def deliver(
+def check_receiver_url(
+    url: str, settings: Settings | None = None, *, resolver: Resolver | None = None
+) -> str:
+    """`url` if a webhook may be sent there (public, or in `webhook_allow_hosts`); else
+    `UnsafeURL`. For registering a webhook; every delivery checks again."""
+    from captioner.intake.urls import check_url
+
+    return check_url(url, allow_hosts=_settings(settings).webhook_allow_hosts, resolver=resolver)
+
+
+def _backoff(settings: Settings, attempts: int) -> float:
+    return settings.webhook_backoff_seconds * 2 ** (attempts - 1)
+
+
+def begin_attempt(
     session: Session,
     delivery_id: int,
     *,
     settings: Settings | None = None,
     now: datetime | None = None,
-    resolver: Resolver | None = None,
-    post=None,
-) -> Attempt:
-    """One delivery attempt (idempotent for a delivered or failed row: it does nothing)."""
-    from functools import partial
-
-    import requests
-
-    from captioner.intake.urls import checked_addresses
-    from captioner.intake.urls import post as pinned_post
-
+) -> Outgoing | Attempt:
+    """Count one attempt of a pending delivery and schedule the next one as if this one
+    failed; the caller commits BEFORE sending, so a worker killed while sending (a hostile
+    receiver) still used up an attempt and the sweeper re-sends only after the backoff, until
+    `webhook_max_attempts`. An `Attempt` back means there is nothing to send (delivered,
+    failed, gone, or out of attempts: then it is marked failed)."""
     settings = _settings(settings)
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None:
         return Attempt(delivery_id, WebhookStatus.FAILED, error="no such delivery")
     if delivery.status != WebhookStatus.PENDING:
         return Attempt(delivery_id, delivery.status)
-    hook = delivery.webhook
+    if delivery.attempts >= settings.webhook_max_attempts:
+        # Every attempt was started and none recorded an outcome: the sender was lost.
+        error = delivery.last_error or "no outcome recorded for the last attempt"
+        return _fail(session, delivery, error)
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
     delivery.attempts += 1
-    error = None
-    try:
-        # resolved once and checked; the POST connects only to these addresses (no rebinding)
-        addresses = checked_addresses(
-            hook.url, allow_hosts=settings.url_allow_hosts, resolver=resolver
-        )
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(hook.secret, body),
-            EVENT_HEADER: delivery.event,
-            DELIVERY_HEADER: str(delivery.id),
-            "User-Agent": "captioner-webhooks/1",
-        }
-        poster = post or partial(pinned_post, addresses=addresses)
-        response = poster(
-            hook.url,
-            data=body,
-            headers=headers,
-            timeout=settings.webhook_timeout_seconds,
-            allow_redirects=False,
-        )
-        delivery.response_status = response.status_code
-        if 200 <= response.status_code < 300:
-            delivery.status = WebhookStatus.DELIVERED
-            delivery.delivered_at = now or utcnow()
-            delivery.next_attempt_at = None
-            delivery.last_error = None
-            session.flush()
-            return Attempt(delivery_id, WebhookStatus.DELIVERED)
-        error = f"HTTP {response.status_code}"
-    except UnsafeURL as exc:
-        delivery.status = WebhookStatus.FAILED
-        delivery.last_error = exc.reason
-        delivery.next_attempt_at = None
-        session.flush()
-        return Attempt(delivery_id, WebhookStatus.FAILED, error=exc.reason)
-    except requests.RequestException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
-    delivery.last_error = error
-    if delivery.attempts >= settings.webhook_max_attempts:
-        delivery.status = WebhookStatus.FAILED
-        delivery.next_attempt_at = None
-        session.flush()
-        return Attempt(delivery_id, WebhookStatus.FAILED, error=error)
-    delay = settings.webhook_backoff_seconds * 2 ** (delivery.attempts - 1)
-    delivery.next_attempt_at = (now or utcnow()) + timedelta(seconds=delay)
+    delivery.last_error = f"attempt {delivery.attempts} started, no outcome recorded"
+    delivery.next_attempt_at = (now or utcnow()) + timedelta(
+        seconds=_backoff(settings, delivery.attempts)
+    )
     session.flush()
-    return Attempt(delivery_id, WebhookStatus.PENDING, retry_in_seconds=delay, error=error)
+    hook = delivery.webhook
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(hook.secret, body),
+        EVENT_HEADER: delivery.event,
+        DELIVERY_HEADER: str(delivery.id),
+        "User-Agent": "captioner-webhooks/1",
+    }
+    return Outgoing(delivery.id, delivery.attempts, hook.url, body, headers)
+
+
+def send(
+    outgoing: Outgoing,
+    *,
+    settings: Settings | None = None,
+    resolver: Resolver | None = None,
+    post: Post | None = None,
+) -> Sent:
+    """POST one attempt (no transaction should be open): the URL checked again against
+    `webhook_allow_hosts` and pinned, `webhook_timeout_seconds` in total, no redirects, at most
+    `REPLY_MAX_BYTES` of the reply read and never decompressed."""
+    from captioner.intake import urls
+
+    settings = _settings(settings)
+    limits = urls.Limits(
+        seconds=settings.webhook_timeout_seconds, max_bytes=REPLY_MAX_BYTES, truncate=True
+    )
+
+    def pinned(url: str, *, data: bytes, headers: dict[str, str]) -> urls.Reply:
+        allow = settings.webhook_allow_hosts
+        return urls.request(
+            "POST",
+            url,
+            allow_hosts=allow,
+            limits=limits,
+            data=data,
+            headers=headers,
+            resolver=resolver,
+        )
+
+    try:
+        reply = (post or pinned)(outgoing.url, data=outgoing.body, headers=outgoing.headers)
+    except UnsafeURL as exc:
+        return Sent(error=exc.reason, refused=True)
+    except SubmissionRejected as exc:
+        return Sent(error=exc.reason)
+    return Sent(status=reply.status)
+
+
+def finish_attempt(
+    session: Session,
+    outgoing: Outgoing,
+    sent: Sent,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+) -> Attempt:
+    """Record what an attempt came to: delivered on a 2xx, failed when the URL is refused or
+    the attempts are used up, else pending until the next attempt (already scheduled by
+    `begin_attempt`)."""
+    settings = _settings(settings)
+    delivery = session.get(WebhookDelivery, outgoing.delivery_id)
+    if delivery is None or delivery.status != WebhookStatus.PENDING:
+        return Attempt(outgoing.delivery_id, delivery.status if delivery else WebhookStatus.FAILED)
+    delivery.response_status = sent.status
+    if sent.status is not None and 200 <= sent.status < 300:
+        delivery.status = WebhookStatus.DELIVERED
+        delivery.delivered_at = now or utcnow()
+        delivery.next_attempt_at = None
+        delivery.last_error = None
+        session.flush()
+        return Attempt(delivery.id, WebhookStatus.DELIVERED)
+    error = sent.error or f"HTTP {sent.status}"
+    if sent.refused or delivery.attempts >= settings.webhook_max_attempts:
+        return _fail(session, delivery, error)
+    delivery.last_error = error
+    session.flush()
+    delay = _backoff(settings, delivery.attempts)
+    return Attempt(delivery.id, WebhookStatus.PENDING, retry_in_seconds=delay, error=error)
+
+
+def _fail(session: Session, delivery: WebhookDelivery, error: str) -> Attempt:
+    delivery.status = WebhookStatus.FAILED
+    delivery.last_error = error[:500]
+    delivery.next_attempt_at = None
+    session.flush()
+    return Attempt(delivery.id, WebhookStatus.FAILED, error=error)
+
+
+def deliver(
+    session_factory: sessionmaker[Session],
+    delivery_id: int,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    resolver: Resolver | None = None,
+    post: Post | None = None,
+) -> Attempt:
+    """One delivery attempt in two transactions around the POST: the attempt is counted and
+    committed first (`begin_attempt`), the POST runs with no transaction open (`send`), then
+    its outcome is committed (`finish_attempt`). Idempotent for a delivered or failed row."""
+    settings = _settings(settings)
+    with session_scope(session_factory) as session:
+        outgoing = begin_attempt(session, delivery_id, settings=settings, now=now)
+    if isinstance(outgoing, Attempt):
+        return outgoing
+    sent = send(outgoing, settings=settings, resolver=resolver, post=post)
+    with session_scope(session_factory) as session:
+        return finish_attempt(session, outgoing, sent, settings=settings, now=now)
 
 
 def due_deliveries(session: Session, now: datetime | None = None) -> list[int]:

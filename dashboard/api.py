@@ -22,7 +22,6 @@ from captioner.accounts import create_user, find_user, set_password
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
-from captioner.intake.urls import check_url
 from captioner.state import jobs, outbox, reviews
 from captioner.state.models import (
     ApiToken,
@@ -840,7 +839,7 @@ def list_webhooks():
 def create_webhook(data):
     settings = current_app.extensions["captioner"].settings
     try:
-        url = check_url(data["url"], allow_hosts=settings.url_allow_hosts)
+        url = webhooks.check_receiver_url(data["url"], settings)
     except SubmissionRejected as exc:
         abort(422, exc.reason)
     hook = Webhook(

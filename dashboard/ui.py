@@ -12,7 +12,6 @@ from captioner import export, webhooks
 from captioner.accounts import create_user, find_user, set_password
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
-from captioner.intake.urls import check_url
 from captioner.state.models import (
     ApiToken,
     Image,
@@ -251,7 +250,7 @@ def new_webhook():
     session, user = db(), current_user()
     settings = current_app.extensions["captioner"].settings
     try:
-        url = check_url(request.form.get("url", ""), allow_hosts=settings.url_allow_hosts)
+        url = webhooks.check_receiver_url(request.form.get("url", ""), settings)
     except SubmissionRejected as exc:
         flash(f"Refused: {exc.reason}", "error")
         return redirect(url_for("ui.account"), 303)

@@ -627,3 +627,41 @@ def test_cli_user_create(dashboard_settings, client):
     )
     assert result.exit_code == 0, result.output
     assert login(client, "boss@example.com", "long password").status_code == 302
+
+
+# --- inputs validated to what the database stores (issue 16) ---------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["./x", "a//b", "../x", "x/./y"])
+def test_malformed_prefix_is_422_at_submit(app, client, users, publisher, prefix):
+    r = client.post("/api/v1/jobs", json={"prefix": prefix}, headers=users["alice"].headers)
+    assert r.status_code == 422 and "invalid prefix" in r.json["message"], r.json
+    assert count(app, Job) == 0 and publisher.tasks == []
+
+
+def test_url_longer_than_the_column_is_422_at_submit(app, client, users, publisher):
+    limit = Image.__table__.c.original_name.type.length
+    long_url = "https://example.com/" + "a" * limit
+    r = client.post(
+        "/api/v1/jobs",
+        json={"urls": ["https://example.com/ok.jpg", long_url]},
+        headers=users["alice"].headers,
+    )
+    assert r.status_code == 422 and "URL too long" in r.json["message"], r.json
+    assert count(app, Job) == 0 and publisher.tasks == []
+
+
+def test_webhook_registration_uses_the_webhook_allow_list(app, client, users, monkeypatch):
+    ext = app.extensions["captioner"]
+    alice = users["alice"].headers
+    hook = {"url": "http://127.0.0.1:9/hook"}
+    # Trusting a host for URL fetches does not trust it as a webhook receiver ...
+    urls_only = ext.settings.model_copy(update={"url_allow_hosts": ["127.0.0.1"]})
+    monkeypatch.setattr(ext, "settings", urls_only)
+    assert client.post("/api/v1/webhooks", json=hook, headers=alice).status_code == 422
+    # ... only the webhook allow-list does.
+    hooks_only = ext.settings.model_copy(
+        update={"url_allow_hosts": [], "webhook_allow_hosts": ["127.0.0.1"]}
+    )
+    monkeypatch.setattr(ext, "settings", hooks_only)
+    assert client.post("/api/v1/webhooks", json=hook, headers=alice).status_code == 201

@@ -83,6 +83,7 @@ def test_submit_folder_with_wait_captions_all_and_fires_one_signed_webhook(tmp_p
         "CAPTIONER_SECRET_KEY": "e2e-secret",
         # The operator trusts the loopback receiver (webhooks refuse loopback otherwise).
         "CAPTIONER_URL_ALLOW_HOSTS": '["127.0.0.1"]',
+        "CAPTIONER_WEBHOOK_ALLOW_HOSTS": '["127.0.0.1"]',
     }
 
     # The model: a tiny untrained checkpoint written by the CLI.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import threading
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
@@ -176,14 +180,13 @@ def _deliver(factory, delivery_ids, s: Settings) -> list[tuple[str, dict]]:
 
     def post(url, data, headers, **kw):
         posts.append((headers[webhooks.EVENT_HEADER], json.loads(data)))
-        return SimpleNamespace(status_code=200)
+        return SimpleNamespace(status=200)
 
     for delivery_id in delivery_ids:
-        with session_scope(factory) as session:
-            assert (
-                webhooks.deliver(session, delivery_id, settings=s, post=post).status
-                == WebhookStatus.DELIVERED
-            )
+        assert (
+            webhooks.deliver(factory, delivery_id, settings=s, post=post).status
+            == WebhookStatus.DELIVERED
+        )
     return posts
 
 
@@ -454,3 +457,235 @@ def test_pinned_https_verifies_the_name_not_the_ip(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- bounded outbound HTTP: one deadline per request, a capped body, a redirect cap ----------
+
+
+@functools.lru_cache(maxsize=1)
+def gzip_bomb() -> bytes:
+    """About 260 KB of gzip that inflates to 256 MiB of zeros (compressed a MiB at a time)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
+    block = b"\0" * (1024 * 1024)
+    return b"".join(packer.compress(block) for _ in range(256)) + packer.flush()
+
+
+class HostileServer:
+    """A loopback HTTP server for GET and POST: `/drip` answers one byte every `DRIP_SECONDS`
+    (status line, headers and a long body, until the client hangs up), `/bomb` answers 200 with
+    `gzip_bomb()` as a gzip Content-Encoding, `/hop/N` redirects to `/hop/N+1` forever.
+    `paths` records every request's path (without its query)."""
+
+    DRIP_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.stop = threading.Event()
+        hostile = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                path = self.path.split("?", 1)[0]
+                hostile.paths.append(path)
+                if path == "/drip":
+                    self._drip()
+                elif path == "/bomb":
+                    body = gzip_bomb()
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif self.path.startswith("/hop/"):
+                    self.send_response(302)
+                    self.send_header("Location", f"/hop/{int(self.path[5:]) + 1}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self.send_error(404)
+
+            def _drip(self) -> None:
+                data = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000
+                for i in range(len(data)):
+                    if hostile.stop.wait(HostileServer.DRIP_SECONDS):
+                        return
+                    try:
+                        self.wfile.write(data[i : i + 1])
+                    except OSError:  # the client gave up
+                        return
+
+            def do_GET(self):  # noqa: N802
+                self._answer()
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self._answer()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile():
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+def test_fetch_from_a_drip_server_ends_at_the_total_deadline(hostile):
+    """The server sends a byte before any per-read timeout could fire, forever: only a total
+    deadline ends the fetch, and the reason says so."""
+    s = settings(url_allow_hosts=["127.0.0.1"], url_fetch_timeout_seconds=1.0)
+    with pytest.raises(errors.SubmissionRejected, match="timed out"):
+        urls.fetch_url(hostile.url + "/drip", s)
+    assert hostile.paths == ["/drip"]
+
+
+def test_fetch_of_a_gzip_bomb_stops_at_the_decoded_size_cap(hostile):
+    cap = 1024 * 1024
+    s = settings(url_allow_hosts=["127.0.0.1"], max_image_bytes=cap)
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.TooLarge, match=f"larger than {cap} bytes"):
+            urls.fetch_url(hostile.url + "/bomb", s)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * cap  # 256 MiB were on offer
+
+
+def test_raw_capped_read_never_inflates_a_gzip_bomb(hostile):
+    """Webhook replies: raw bytes, cut at the cap, never decompressed."""
+    limits = urls.Limits(seconds=10, max_bytes=4096, truncate=True)
+    reply = urls.request(
+        "POST", hostile.url + "/bomb", allow_hosts=["127.0.0.1"], limits=limits, data=b"{}"
+    )
+    assert reply.status == 200 and len(reply.body) == 4096
+    assert reply.body == gzip_bomb()[:4096]  # the compressed bytes as sent
+
+
+def test_redirect_chain_is_cut_at_the_redirect_cap(hostile):
+    s = settings(url_allow_hosts=["127.0.0.1"], url_fetch_max_redirects=3)
+    with pytest.raises(errors.SubmissionRejected, match="more than 3 redirects"):
+        urls.fetch_url(hostile.url + "/hop/0", s)
+    assert hostile.paths == ["/hop/0", "/hop/1", "/hop/2", "/hop/3"]
+
+
+# --- SSRF: IPv6 forms of private addresses, separate allow-lists, redacted URLs ---------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:5db8:d70e::1",  # 6to4 of a public address: a tunnel all the same
+        "fec0::1",  # site-local
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "::ffff:10.0.0.1",  # IPv4-mapped private
+        "::ffff:192.168.1.1",
+    ],
+)
+def test_ipv6_forms_of_private_addresses_are_private(address):
+    with pytest.raises(errors.UnsafeURL, match="private, loopback or link-local"):
+        urls.check_url("http://tricky.example/a.png", resolver=lambda h, p: [address])
+    with pytest.raises(errors.UnsafeURL):
+        urls.check_url(f"http://[{address}]/a.png", resolve=False)
+
+
+@pytest.mark.parametrize("address", ["2606:2800:220:1:248:1893:25c8:1946", "::ffff:93.184.215.14"])
+def test_public_ipv6_addresses_pass(address):
+    assert urls.check_url("http://v6.example/a.png", resolver=lambda h, p: [address])
+
+
+def test_url_allow_list_does_not_open_webhooks_and_back(http_server):
+    only_urls = settings(url_allow_hosts=["127.0.0.1"])
+    only_hooks = settings(webhook_allow_hosts=["127.0.0.1"])
+    assert urls.fetch_url(http_server + "/img.png", only_urls) == png()
+    with pytest.raises(errors.UnsafeURL):
+        urls.fetch_url(http_server + "/img.png", only_hooks)
+    assert webhooks.check_receiver_url(http_server + "/hook", only_hooks)
+    with pytest.raises(errors.UnsafeURL):
+        webhooks.check_receiver_url(http_server + "/hook", only_urls)
+
+
+def test_urls_are_redacted_in_stored_failure_reasons(session, tmp_path, http_server):
+    host = http_server.removeprefix("http://")
+    job = jobs.create_job(session, "urls")
+    job_urls = [
+        f"http://user:pw@{host}/missing.png?token=SECRET1#frag",
+        f"http://{host}/to?u=http://169.254.169.254/latest?token=SECRET2",
+        "http://10.0.0.1/inner.png?sig=SECRET3",
+    ]
+    s = settings(url_allow_hosts=["127.0.0.1"])
+    store = LocalObjectStore(tmp_path / "objects")
+    assert fetch.fetch_urls(session, job.id, job_urls, store=store, settings=s) == []
+    reasons = [i.failure_reason for i in session.query(Image).filter_by(job_id=job.id)]
+    assert len(reasons) == 3 and not any("SECRET" in r or "pw" in r for r in reasons), reasons
+    assert f"http://{host}/missing.png: HTTP 404" in reasons
+    assert urls.redact("https://u:p@Example.com:8443/a/b.png?x=1#y") == (
+        "https://example.com:8443/a/b.png"
+    )
+
+
+# --- inputs validated to what the database stores ---------------------------------------------
+
+
+def test_url_longer_than_the_column_is_refused_at_submit():
+    limit = Image.__table__.c.original_name.type.length
+    url = "https://example.com/" + "a" * (limit - len("https://example.com/"))
+    assert urls.check_url(url, resolve=False) == url
+    with pytest.raises(errors.SubmissionRejected, match=f"URL too long: {limit + 1} characters"):
+        urls.check_url(url + "b", resolve=False)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["./x", "a//b", "../x", "x/./y", "x/../y", "/abs", "x/.", "a\\b"]
+)
+def test_malformed_prefixes_are_refused_at_submit(prefix):
+    with pytest.raises(errors.SubmissionRejected, match="invalid prefix"):
+        prefixes.prefix_within_store(prefix, "file:///tmp/o")
+
+
+@pytest.mark.parametrize("prefix", ["", "photos/", "photos/2024", "a/b/c_", "x/.hidden"])
+def test_plain_prefixes_pass(prefix):
+    assert prefixes.prefix_within_store(prefix, "file:///tmp/o") == prefix
+
+
+def test_keys_longer_than_the_column_are_refused():
+    limit = Image.__table__.c.storage_key.type.length
+    assert prefixes.check_keys(["k" * limit]) == ["k" * limit]
+    with pytest.raises(errors.SubmissionRejected, match=f"{limit + 1} characters > limit"):
+        prefixes.check_keys(["k" * (limit + 1)])
+
+
+# --- zip: the compression ratio of every member ------------------------------------------------
+
+
+def _bmp(size=(512, 512)) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", size, (0, 0, 0)).save(buf, "BMP")  # 768 KiB, deflates about 1000x
+    return buf.getvalue()
+
+
+def test_zip_ratio_checked_on_members_under_a_mebibyte():
+    archive = make_zip({f"{i}.bmp": _bmp() for i in range(4)})
+    assert len(archive) < 10_000 and len(_bmp()) < 1024 * 1024
+    with pytest.raises(
+        errors.SubmissionRejected, match="refused: compression ratio .* > limit 200"
+    ):
+        uploads.read_zip(archive, settings())
+    # A member that compresses within the limit passes.
+    assert [f.name for f in uploads.read_zip(make_zip({"a.png": png()}), settings())] == ["a.png"]

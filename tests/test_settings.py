@@ -73,3 +73,15 @@ def test_every_field_is_documented():
     # The config table in the docs is generated from these descriptions.
     missing = [name for name, f in Settings.model_fields.items() if not f.description]
     assert missing == []
+
+
+def test_url_and_webhook_allow_lists_are_separate(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_URL_ALLOW_HOSTS", '["images.internal"]')
+    monkeypatch.setenv("CAPTIONER_WEBHOOK_ALLOW_HOSTS", '["hooks.internal", "10.0.0.0/8"]')
+    s = Settings()
+    assert s.url_allow_hosts == ["images.internal"]
+    assert s.webhook_allow_hosts == ["hooks.internal", "10.0.0.0/8"]
+    monkeypatch.delenv("CAPTIONER_WEBHOOK_ALLOW_HOSTS")
+    assert Settings().webhook_allow_hosts == [] and Settings().url_allow_hosts == [
+        "images.internal"
+    ]

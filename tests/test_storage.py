@@ -7,11 +7,13 @@ from botocore.awsrequest import AWSResponse
 
 from captioner.settings import Settings
 from captioner.storage import (
+    KEY_MAX_LENGTH,
     InvalidKey,
     LocalObjectStore,
     ObjectNotFound,
     S3ObjectStore,
     StorageError,
+    check_prefix,
     open_store,
 )
 
@@ -89,6 +91,25 @@ def test_read_url(object_store):
 def test_bad_keys_are_refused(object_store, key):
     with pytest.raises(InvalidKey):
         object_store.put(key, b"x")
+
+
+def test_keys_longer_than_the_image_column_are_refused(object_store):
+    from captioner.state.models import Image
+
+    assert KEY_MAX_LENGTH == Image.__table__.c.storage_key.type.length
+    with pytest.raises(InvalidKey, match="characters > limit"):
+        object_store.put("k" * (KEY_MAX_LENGTH + 1), b"x")
+
+
+@pytest.mark.parametrize("prefix", ["./x", "a//b", "../x", "x/./y", "/x", "a\\b", "x/.."])
+def test_malformed_prefixes_are_refused_by_listing(object_store, prefix):
+    with pytest.raises(InvalidKey, match="invalid prefix"):
+        list(object_store.list(prefix))
+
+
+def test_check_prefix_accepts_plain_prefixes():
+    for prefix in ("", "photos/", "photos/2024", "a/b/c_", "x/.hidden"):
+        assert check_prefix(prefix) == prefix
 
 
 def test_local_store_refuses_symlink_escape(tmp_path):

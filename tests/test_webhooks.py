@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import PUBLIC_IP
 from captioner import webhooks
 from captioner.settings import Settings
 from captioner.state import images, jobs, outbox
-from captioner.state.models import User, Webhook, WebhookDelivery, WebhookStatus
+from captioner.state.models import User, Webhook, WebhookDelivery, WebhookStatus, utcnow
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def finished_job(session, url):
     images.claim_images(session, worker_id="w", lease_seconds=60)
     images.fail_image(session, image_id, "broken")
     jobs.finish_completed_jobs(session)
-    session.expire_all()
+    session.commit()  # deliveries run in transactions of their own
     return job
 
 
@@ -60,51 +61,59 @@ def test_sign_and_verify():
     )
 
 
-def test_delivery_signed_to_allow_listed_loopback(session, receiver):
+def test_delivery_signed_to_allow_listed_loopback(session, session_factory, receiver):
     url, received, _ = receiver
     job = finished_job(session, url)
     ids = outbox.record_job_events(session, [job.id])
     assert len(ids) == 1 and outbox.record_job_events(session, [job.id]) == []  # idempotent
-    settings = Settings(url_allow_hosts=["127.0.0.1"])
-    attempt = webhooks.deliver(session, ids[0], settings=settings)
+    session.commit()
+    settings = Settings(webhook_allow_hosts=["127.0.0.1"])
+    attempt = webhooks.deliver(session_factory, ids[0], settings=settings)
     assert attempt.status == WebhookStatus.DELIVERED
     [(headers, body)] = received
     assert webhooks.verify("s3cret", body, headers["X-Captioner-Signature"])
     payload = json.loads(body)
     assert payload["event"] == "job.failed" and payload["job"]["failed_count"] == 1
-    assert webhooks.deliver(session, ids[0], settings=settings).status == WebhookStatus.DELIVERED
+    assert (
+        webhooks.deliver(session_factory, ids[0], settings=settings).status
+        == WebhookStatus.DELIVERED
+    )
     assert len(received) == 1  # delivered rows are not sent again
 
 
-def test_loopback_refused_without_allow_list(session, receiver):
+def test_loopback_refused_without_allow_list(session, session_factory, receiver):
     url, received, _ = receiver
     job = finished_job(session, url)
     [delivery_id] = outbox.record_job_events(session, [job.id])
-    attempt = webhooks.deliver(session, delivery_id, settings=Settings())
+    session.commit()
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=Settings())
     assert (
         attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error and received == []
     )
 
 
-def test_retries_with_exponential_backoff_then_fail(session, receiver):
+def test_retries_with_exponential_backoff_then_fail(session, session_factory, receiver):
     url, received, codes = receiver
     codes.extend([500, 503, 500])
     job = finished_job(session, url)
     [delivery_id] = outbox.record_job_events(session, [job.id])
+    session.commit()
     settings = Settings(
-        url_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3
+        webhook_allow_hosts=["127.0.0.1"], webhook_backoff_seconds=5, webhook_max_attempts=3
     )
     delays = [
-        webhooks.deliver(session, delivery_id, settings=settings).retry_in_seconds for _ in range(2)
+        webhooks.deliver(session_factory, delivery_id, settings=settings).retry_in_seconds
+        for _ in range(2)
     ]
     assert delays == [5, 10]
-    last = webhooks.deliver(session, delivery_id, settings=settings)
+    last = webhooks.deliver(session_factory, delivery_id, settings=settings)
     assert last.status == WebhookStatus.FAILED and last.error == "HTTP 500"
+    session.expire_all()
     assert session.get(WebhookDelivery, delivery_id).attempts == 3 and len(received) == 3
 
 
 def test_delivery_connects_to_the_checked_address_not_a_rebound_one(
-    session, receiver, rebinding_dns
+    session, session_factory, receiver, rebinding_dns
 ):
     """The hook's name answers a public address for the check and 127.0.0.1 afterwards: the POST
     goes to the checked address (refused here) and never reaches the loopback receiver."""
@@ -113,9 +122,101 @@ def test_delivery_connects_to_the_checked_address_not_a_rebound_one(
     lookups, connects = rebinding_dns
     job = finished_job(session, f"http://rebind.example:{port}/hook")
     [delivery_id] = outbox.record_job_events(session, [job.id])
-    attempt = webhooks.deliver(session, delivery_id, settings=Settings())
+    session.commit()
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=Settings())
     assert (
         attempt.status == WebhookStatus.PENDING and "ConnectionError" in attempt.error
     )  # retried later
     assert lookups == ["rebind.example"] and connects == [PUBLIC_IP]
     assert received == []
+
+
+# --- bounded deliveries: a total deadline, a capped raw reply, attempts committed first -------
+
+
+@pytest.fixture
+def hostile():
+    from test_ingest import HostileServer
+
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+def _pending(session, url):
+    job = finished_job(session, url)
+    [delivery_id] = outbox.record_job_events(session, [job.id])
+    session.commit()
+    return delivery_id
+
+
+def test_delivery_to_a_drip_receiver_ends_at_the_deadline(session, session_factory, hostile):
+    delivery_id = _pending(session, hostile.url + "/drip")
+    settings = Settings(webhook_allow_hosts=["127.0.0.1"], webhook_timeout_seconds=1.0)
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=settings)
+    assert attempt.status == WebhookStatus.PENDING and attempt.error.endswith("timed out")
+    session.expire_all()
+    assert session.get(WebhookDelivery, delivery_id).attempts == 1
+
+
+def test_gzip_bomb_reply_is_read_raw_and_capped(session, session_factory, hostile):
+    delivery_id = _pending(session, hostile.url + "/bomb")
+    settings = Settings(webhook_allow_hosts=["127.0.0.1"])
+    tracemalloc.start()
+    try:
+        attempt = webhooks.deliver(session_factory, delivery_id, settings=settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert attempt.status == WebhookStatus.DELIVERED
+    assert peak < 16 * 1024 * 1024  # the reply inflates to 256 MiB
+
+
+def test_redirecting_receiver_is_not_followed(session, session_factory, hostile):
+    delivery_id = _pending(session, hostile.url + "/hop/0")
+    settings = Settings(webhook_allow_hosts=["127.0.0.1"])
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=settings)
+    assert attempt.status == WebhookStatus.PENDING and attempt.error == "HTTP 302"
+    assert hostile.paths == ["/hop/0"]
+
+
+def test_attempt_is_committed_before_the_post(session, session_factory):
+    """The receiver looks at the delivery from another connection while it is being posted:
+    the attempt is already counted there, so a sender killed now has used it up."""
+    seen = []
+
+    def post(url, data, headers):
+        with session_factory() as other:
+            seen.append(other.get(WebhookDelivery, int(headers[webhooks.DELIVERY_HEADER])).attempts)
+        raise KeyboardInterrupt  # the worker dies mid-send
+
+    delivery_id = _pending(session, "http://93.184.215.14/hook")
+    settings = Settings(webhook_max_attempts=2, webhook_backoff_seconds=30)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            webhooks.deliver(session_factory, delivery_id, settings=settings, post=post)
+    assert seen == [1, 2]
+    session.expire_all()
+    row = session.get(WebhookDelivery, delivery_id)
+    assert row.status == WebhookStatus.PENDING and row.next_attempt_at > utcnow()
+    # The sweeper re-sends it once overdue: out of attempts, it fails without another POST.
+    last = webhooks.deliver(session_factory, delivery_id, settings=settings, post=post)
+    assert last.status == WebhookStatus.FAILED and seen == [1, 2]
+
+
+def test_url_allow_list_does_not_trust_webhook_receivers(session, session_factory, receiver):
+    url, received, _ = receiver
+    delivery_id = _pending(session, url)
+    settings = Settings(url_allow_hosts=["127.0.0.1"])
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=settings)
+    assert attempt.status == WebhookStatus.FAILED and "refused URL" in attempt.error
+    assert received == []
+
+
+def test_receiver_url_is_redacted_in_errors(session, session_factory, hostile):
+    delivery_id = _pending(session, f"http://u:pw@{hostile.url[7:]}/drip?token=SECRET#x")
+    settings = Settings(webhook_allow_hosts=["127.0.0.1"], webhook_timeout_seconds=0.5)
+    attempt = webhooks.deliver(session_factory, delivery_id, settings=settings)
+    session.expire_all()
+    stored = session.get(WebhookDelivery, delivery_id).last_error
+    assert attempt.error == stored == f"{hostile.url}/drip: timed out"

@@ -45,7 +45,8 @@ class MaintenanceStack(Stack):
         from captioner.settings import Settings
 
         values = {k[len("CAPTIONER_") :].lower(): v for k, v in self.env.items()}
-        values["url_allow_hosts"] = json.loads(values["url_allow_hosts"])  # a JSON list in env
+        for name in ("url_allow_hosts", "webhook_allow_hosts"):
+            values[name] = json.loads(values[name])  # a JSON list in env
         return Settings(**values)
 
 
@@ -116,6 +117,7 @@ def stack(tmp_path_factory, redis_dbs):
             "CAPTIONER_METRICS_PORT": str(free_port()),
             # The loopback receiver is trusted by the operator (URL submission and webhooks).
             "CAPTIONER_URL_ALLOW_HOSTS": '["127.0.0.1"]',
+            "CAPTIONER_WEBHOOK_ALLOW_HOSTS": '["127.0.0.1"]',
             "CAPTIONER_WEBHOOK_BACKOFF_SECONDS": "0.5",
             "CAPTIONER_WEBHOOK_MAX_ATTEMPTS": "3",
         },

@@ -17,7 +17,6 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from captioner import webhooks
 from captioner.settings import Settings, get_settings
-from captioner.state.db import session_scope
 from captioner.tasks import TASK_DELIVER_WEBHOOK, publish_deliveries
 from workers.resources import resources
 
@@ -40,11 +39,9 @@ def publish_committed_deliveries(delivery_ids: list[int], settings: Settings) ->
 
 
 def run_deliver_webhook(delivery_id: int, settings: Settings | None = None) -> webhooks.Attempt:
-    """One delivery attempt, committed."""
+    """One delivery attempt: counted and committed before the POST, its outcome after."""
     settings = settings or get_settings()
-    res = resources(settings)
-    with session_scope(res.sessions) as s:
-        return webhooks.deliver(s, delivery_id, settings=settings)
+    return webhooks.deliver(resources(settings).sessions, delivery_id, settings=settings)
 
 
 @shared_task(name=TASK_DELIVER_WEBHOOK, bind=True, max_retries=None, acks_late=True)

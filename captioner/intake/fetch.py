@@ -1,7 +1,7 @@
 """Images behind http(s) URLs: a worker fetches a job's URLs (`run_fetch_urls`, sent by task
 name) in chunks, each chunk stored, queued and published in its own transaction, through the
 checked and pinned HTTP of `captioner.intake.urls`. A URL that cannot be fetched becomes a failed
-image with the reason.
+image with the reason (naming the URL redacted to scheme, host and path).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqlalchemy import select
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_image_bytes, upload_key
-from captioner.intake.urls import Resolver, fetch_url
+from captioner.intake.urls import Resolver, fetch_url, redact
 from captioner.settings import get_settings
 from captioner.state import images, jobs
 from captioner.state.models import Image
@@ -55,7 +55,7 @@ def fetch_urls(
         done.add(url)
         try:
             data = fetch_url(url, settings, resolver=resolver)
-            check_image_bytes(url, data, settings)
+            check_image_bytes(redact(url), data, settings)
         except SubmissionRejected as exc:
             _fail_url(session, job_id, url, exc.reason)
             continue

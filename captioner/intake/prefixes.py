@@ -14,7 +14,7 @@ from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import IMAGE_SUFFIXES
 from captioner.state import jobs
-from captioner.storage import InvalidKey, check_key
+from captioner.storage import InvalidKey, check_key, check_prefix
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +27,8 @@ PAGE_SIZE = 1000
 
 
 def check_keys(keys: Iterable[str]) -> list[str]:
-    """Object keys as given, each checked for safety; raises SubmissionRejected."""
+    """Object keys as given, each checked for safety and for what the database stores (at most
+    `KEY_MAX_LENGTH` characters); raises SubmissionRejected."""
     checked = []
     for key in keys:
         try:
@@ -38,13 +39,16 @@ def check_keys(keys: Iterable[str]) -> list[str]:
 
 
 def prefix_within_store(prefix: str, storage_url: str) -> str:
-    """A key prefix relative to the store, from `s3://bucket/p/...` or a bare key prefix."""
+    """A key prefix relative to the store, from `s3://bucket/p/...` or a bare key prefix; refused
+    (SubmissionRejected) unless every key under it could be listed and stored (`check_prefix`:
+    no `./x`, `a//b`, `../x`, `x/./y`, nothing longer than a key)."""
     prefix = prefix.strip()
     if prefix.startswith("s3://"):
         prefix = _s3_prefix_within_store(prefix, storage_url)
-    if prefix.startswith("/") or ".." in prefix.split("/") or "\\" in prefix or "\x00" in prefix:
-        raise SubmissionRejected(f"invalid prefix {prefix!r}")
-    return prefix
+    try:
+        return check_prefix(prefix)
+    except InvalidKey as exc:
+        raise SubmissionRejected(str(exc)) from None
 
 
 def _s3_prefix_within_store(prefix: str, storage_url: str) -> str:

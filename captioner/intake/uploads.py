@@ -7,7 +7,8 @@ Rules enforced here, each with a test:
 - every file: at most `max_image_bytes`, a supported format, at most `max_image_pixels`;
 - zip members: no absolute paths, no `..`, no links or devices, at most `zip_max_members`
   members, at most `zip_max_total_bytes` uncompressed (counted while reading, so a lying
-  header does not help) and at most `zip_max_ratio` per member;
+  header does not help) and at most `zip_max_ratio` per member, whatever its size (declared, and
+  counted while inflating);
 - one upload: at least one image and at most `max_submit_items`.
 """
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-# Members above this size are held to `zip_max_ratio` (small files may compress very well).
-RATIO_CHECKED_FROM = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -165,11 +164,21 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _ratio_problem(info: zipfile.ZipInfo, settings: Settings) -> str | None:
-    ratio = info.file_size / max(info.compress_size, 1)
-    if info.file_size > RATIO_CHECKED_FROM and ratio > settings.zip_max_ratio:
+def _ratio_problem(
+    info: zipfile.ZipInfo, settings: Settings, size: int | None = None
+) -> str | None:
+    """Every member, whatever its size, is held to `zip_max_ratio`: by its declared size, and
+    (`size`) by the bytes it really inflated to."""
+    ratio = (info.file_size if size is None else size) / max(info.compress_size, 1)
+    if ratio > settings.zip_max_ratio:
         return f"compression ratio {ratio:.0f} > limit {settings.zip_max_ratio:g} (zip bomb?)"
     return None
+
+
+def _ratio_budget(info: zipfile.ZipInfo, settings: Settings) -> int:
+    """The most bytes a member may inflate to within `zip_max_ratio` (a lying header does not
+    raise it)."""
+    return int(max(info.compress_size, 1) * settings.zip_max_ratio)
 
 
 def _read_members(
@@ -181,8 +190,15 @@ def _read_members(
     for info in infos:
         if info.is_dir() or _is_litter(info.filename):
             continue
-        budget = min(settings.max_image_bytes, settings.zip_max_total_bytes - total) + 1
-        content = _read_member(archive, info, budget)
+        budget = min(
+            settings.max_image_bytes,
+            settings.zip_max_total_bytes - total,
+            _ratio_budget(info, settings),
+        )
+        content = _read_member(archive, info, budget + 1)
+        problem = _ratio_problem(info, settings, size=len(content))
+        if problem:
+            raise SubmissionRejected(f"zip member {info.filename!r} refused: {problem}")
         total += len(content)
         if total > settings.zip_max_total_bytes:
             raise SubmissionRejected(
