@@ -126,7 +126,23 @@ class ImageOut(Schema):
 
 class ImageListOut(Schema):
     items = List(Nested(ImageOut))
-    total = Integer()
+    total = Integer(metadata={"description": "Images the filter matches (the job's counters)"})
+    next_after = Integer(
+        allow_none=True,
+        metadata={"description": "Pass as `after` for the next page; null on the last page"},
+    )
+
+
+class QueueOut(Schema):
+    items = List(Nested(ImageOut))
+    total = Integer(metadata={"description": "Captions the filters match"})
+    total_exact = Boolean(
+        metadata={"description": "False when `total` stopped at a cap (score or text filters)"}
+    )
+    next_cursor = String(
+        allow_none=True,
+        metadata={"description": "Pass as `after` for the next page; null on the last page"},
+    )
 
 
 class JobDetailOut(JobOut):
@@ -173,7 +189,15 @@ class QueueIn(Schema):
     max_score = Float(allow_nan=False)
     q = String(validate=Length(0, 200))
     limit = Integer(load_default=50, validate=Range(1, 500))
-    offset = Integer(load_default=0, validate=Range(0, 10_000_000))
+    after = String(
+        validate=Length(1, 100),
+        metadata={"description": "The `next_cursor` of the page before (opaque)"},
+    )
+    offset = Integer(
+        load_default=0,
+        validate=Range(0, 10_000_000),
+        metadata={"description": "Not for the unreviewed queue (it pages by `after`)"},
+    )
 
 
 class ReviewIn(Schema):
@@ -193,7 +217,11 @@ class BulkApproveIn(Schema):
 class ImagesQueryIn(Schema):
     status = String(validate=OneOf([s.value for s in ImageStatus]))
     limit = Integer(load_default=100, validate=Range(1, 1000))
-    offset = Integer(load_default=0, validate=Range(0, 10_000_000))
+    after = Integer(
+        validate=Range(0, 2**63 - 1),
+        metadata={"description": "The `next_after` of the page before: images with a larger id"},
+    )
+    offset = Integer(load_default=0, validate=Range(0, 10_000))
 
 
 class ExportIn(Schema):
@@ -268,8 +296,9 @@ class EmptyOut(Schema):
 # --- serialisers ---------------------------------------------------------------------------
 
 
-def job_dict(session, job: Job) -> dict:
-    progress = jobs.job_progress(session, job.id)
+def job_dict(job: Job) -> dict:
+    """The job with its progress, read from the counters on its row."""
+    progress = services.progress_of(job)
     return {
         "id": job.id,
         "name": job.name,
@@ -323,6 +352,14 @@ def caption_dict(caption) -> dict | None:
         ],
         "model_version_id": caption.model_version_id,
     }
+
+
+def image_dicts(session, images: list[Image]) -> list[dict]:
+    """`image_dict` of each image, their captions and reviews loaded in one query each."""
+    ids = [image.id for image in images]
+    captions = services.newest_captions(session, ids)
+    current = services.current_reviews(session, ids)
+    return [image_dict(session, i, captions.get(i.id), current.get(i.id)) for i in images]
 
 
 def image_dict(session, image: Image, caption=..., review=...) -> dict:
@@ -401,7 +438,7 @@ def create_job(data):
     except SubmissionRejected as exc:
         session.rollback()
         abort(exc.status_code, exc.reason)
-    return job_dict(session, job)
+    return job_dict(job)
 
 
 @bp.post("/jobs/upload")
@@ -421,7 +458,7 @@ def upload_job(data):
     except SubmissionRejected as exc:
         abort(exc.status_code, exc.reason)
     job = services.submit_files(db(), _user(), _opts(data), upload.files, upload.source)
-    return job_dict(db(), job)
+    return job_dict(job)
 
 
 @bp.get("/jobs")
@@ -441,12 +478,11 @@ def upload_job(data):
 @bp.doc(summary="Jobs you can see, newest first", responses=E401, **AUTH)
 def list_jobs(query):
     session = db()
+    # The jobs table holds one row per submission, not per image: counting it is cheap.
     base = services.visible_jobs(_user())
     total = session.scalar(select(func.count()).select_from(base.subquery()))
-    rows = session.scalars(
-        base.order_by(Job.id.desc()).limit(query["limit"]).offset(query["offset"])
-    )
-    return {"items": [job_dict(session, j) for j in rows], "total": total}
+    rows = services.jobs_page(session, _user(), limit=query["limit"], offset=query["offset"])
+    return {"items": [job_dict(j) for j in rows], "total": total}
 
 
 @bp.get("/jobs/<int:job_id>")
@@ -456,13 +492,10 @@ def list_jobs(query):
 def get_job(job_id):
     session = db()
     job = _job_or_404(job_id)
-    failed = session.scalars(
-        select(Image)
-        .where(Image.job_id == job.id, Image.status == ImageStatus.FAILED)
-        .order_by(Image.id)
-        .limit(50)
-    )
-    return job_dict(session, job) | {"failures": [image_dict(session, i) for i in failed]}
+    failed = []
+    if job.failed_count:
+        failed = services.job_images(session, job, status=ImageStatus.FAILED, limit=50).images
+    return job_dict(job) | {"failures": image_dicts(session, failed)}
 
 
 @bp.get("/jobs/<int:job_id>/images")
@@ -470,19 +503,24 @@ def get_job(job_id):
 @bp.input(ImagesQueryIn, location="query", arg_name="query")
 @bp.output(ImageListOut)
 @bp.doc(
-    summary="A job's images with status, failure reason, caption and review",
+    summary="A job's images with status, failure reason, caption and review, by id",
     responses=E401 | E404,
     **AUTH,
 )
 def job_images(job_id, query):
+    """Pages by image id: pass the response's `next_after` as `after` for the next page."""
     session = db()
     job = _job_or_404(job_id)
-    base = select(Image).where(Image.job_id == job.id)
-    if query.get("status"):
-        base = base.where(Image.status == query["status"])
-    total = session.scalar(select(func.count()).select_from(base.subquery()))
-    rows = session.scalars(base.order_by(Image.id).limit(query["limit"]).offset(query["offset"]))
-    return {"items": [image_dict(session, i) for i in rows], "total": total}
+    page = services.job_images(
+        session,
+        job,
+        status=query.get("status"),
+        limit=query["limit"],
+        after=query.get("after"),
+        offset=query["offset"],
+    )
+    items = image_dicts(session, page.images)
+    return {"items": items, "total": page.total, "next_after": page.next_after}
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -499,7 +537,7 @@ def cancel_job(job_id):
         services.cancel_job(db(), job)
     except services.Conflict as exc:
         abort(409, str(exc))
-    return job_dict(db(), job)
+    return job_dict(job)
 
 
 @bp.post("/jobs/<int:job_id>/retry")
@@ -570,22 +608,37 @@ def image_content(image_id):
 @bp.get("/review/queue")
 @api_auth()
 @bp.input(QueueIn, location="query", arg_name="query")
-@bp.output(ImageListOut)
-@bp.doc(summary="Captions to review, least confident first, with filters", responses=E401, **AUTH)
+@bp.output(QueueOut)
+@bp.doc(
+    summary="Captions to review, least confident first, with filters",
+    responses=E401 | E422,
+    **AUTH,
+)
 def review_queue(query):
+    """Pages by cursor: pass the response's `next_cursor` as `after` for the next page. Rows
+    reviewed or added meanwhile never make a walk show an item twice or skip one."""
     session = db()
     filters = {k: query.get(k) for k in ("job_id", "min_score", "max_score")}
-    page = services.review_queue(
-        session,
-        _user(),
-        status=query["status"],
-        text=query.get("q"),
-        limit=query["limit"],
-        offset=query["offset"],
-        **filters,
-    )
+    try:
+        page = services.review_queue(
+            session,
+            _user(),
+            status=query["status"],
+            text=query.get("q"),
+            limit=query["limit"],
+            after=query.get("after"),
+            offset=query["offset"],
+            **filters,
+        )
+    except jobs.LifecycleError as exc:
+        abort(422, str(exc))
     items = [image_dict(session, image, caption, review) for image, caption, review in page.rows]
-    return {"items": items, "total": page.total}
+    return {
+        "items": items,
+        "total": page.total,
+        "total_exact": page.total_exact,
+        "next_cursor": page.next_cursor.encode() if page.next_cursor else None,
+    }
 
 
 @bp.post("/images/<int:image_id>/reviews")

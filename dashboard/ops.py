@@ -1,18 +1,21 @@
 """Operating signals of the dashboard: Prometheus `/metrics` and `/health`.
 
 `/metrics` is computed from the database (and Redis, for queue depth) at scrape time by a custom
-collector, so any number of web processes report the same truth and nothing is kept in memory:
+collector, so any number of web processes report the same truth. No scrape reads a table that
+grows with the collection: image counts are sums of the job counters (one row per job), and the
+series that need rows (failure reasons, latency, reviews) come from a summary each process
+recomputes at most every `SUMMARY_SECONDS`, each part over a bounded, indexed range:
 
 | series | type | what |
 |---|---|---|
 | `captioner_queue_depth{queue}` | gauge | messages waiting in each Redis queue (NaN if Redis is down) |
-| `captioner_images{status}` | gauge | images by status (queued, running, captioned, failed) |
+| `captioner_images{status}` | gauge | images by status (queued, running, captioned, failed): job counters |
 | `captioner_images_finished_total{status}` | counter | images finished (captioned / failed); `rate()` gives images/s |
-| `captioner_images_per_second` | gauge | images captioned per second over the last `RATE_WINDOW` |
-| `captioner_caption_latency_seconds` | gauge histogram | submission -> caption, images finished in the last `LATENCY_WINDOW` |
-| `captioner_images_failed{reason}` | gauge | failed images by kind of reason (a small fixed label set) |
-| `captioner_reviews_total{decision}` | counter | reviews by decision; `rate()` gives review throughput |
-| `captioner_reviews_last_hour` | gauge | reviews made in the last hour |
+| `captioner_images_per_second` | gauge | images captioned per second over the last `RATE_WINDOW` (summary) |
+| `captioner_caption_latency_seconds` | gauge histogram | submission -> caption, images finished in the last `LATENCY_WINDOW` (summary) |
+| `captioner_images_failed{reason}` | gauge | failed images by kind of reason, a small fixed label set (summary) |
+| `captioner_reviews_total{decision}` | counter | reviews by decision; `rate()` gives review throughput (summary) |
+| `captioner_reviews_last_hour` | gauge | reviews made in the last hour (summary) |
 | `captioner_jobs{status}` | gauge | jobs by status |
 | `captioner_training_runs{status}` | gauge | training runs by status |
 | `captioner_model_versions{status}` | gauge | model versions by status |
@@ -21,16 +24,20 @@ collector, so any number of web processes report the same truth and nothing is k
 Workers export their own per-process series (batch and model time, failures as they happen) on
 `CAPTIONER_METRICS_PORT`; see `workers/metrics.py`.
 
-`/health` checks the database, Redis and object storage, each with a short time limit, and
-answers 200 when all pass and 503 otherwise, with one entry per check.
+`/health` checks the database (`SELECT 1`), Redis (PING) and object storage (a listing of one
+small prefix), each with a short time limit, and answers 200 when all pass and 503 otherwise,
+with one entry per check.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app
@@ -43,7 +50,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 
+from captioner.state.jobs import STATUS_COUNTERS
 from captioner.state.models import (
+    Caption,
     Image,
     ImageStatus,
     Job,
@@ -63,8 +72,15 @@ bp = Blueprint("ops", __name__)
 
 RATE_WINDOW = timedelta(minutes=5)
 LATENCY_WINDOW = timedelta(minutes=15)
+# Latency and rate are read from the images of the newest captions (by id, the primary key):
+# this many at most, whatever the size of the table.
 LATENCY_SAMPLE_LIMIT = 20_000
 LATENCY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
+# How long a process reuses its summary of the series that need rows.
+SUMMARY_SECONDS = 30.0
+# Reviews older than this are settled: counted once into a process's running totals, which
+# then only read the reviews added since (reviews are appended, never changed).
+REVIEW_SETTLE = timedelta(minutes=1)
 HEALTH_TIMEOUT_SECONDS = 2.0
 
 # Failure reasons are free text for people; metrics label them by kind. First match wins.
@@ -94,11 +110,126 @@ def failure_kind(reason: str | None) -> str:
     return "other"
 
 
+# --- the summary: series that need rows, recomputed at most every SUMMARY_SECONDS ---------
+
+
+@dataclass
+class ReviewTally:
+    """Reviews by decision, kept per process: reviews up to `settled_id` (older than
+    `REVIEW_SETTLE` when counted) are summed once into `settled`; each recount reads only the
+    reviews after it, a range of the primary key. The first recount of a process reads them
+    all. `hour_id` is the newest review known to be more than an hour old, the start of the
+    range that "reviews in the last hour" counts."""
+
+    settled_id: int = 0
+    settled: dict[ReviewDecision, int] = field(default_factory=dict)
+    hour_id: int = 0
+
+    def totals(self, session, now: datetime) -> dict[ReviewDecision, int]:
+        newest_settled = session.scalar(
+            select(func.max(Review.id)).where(
+                Review.id > self.settled_id, Review.created_at < now - REVIEW_SETTLE
+            )
+        )
+        if newest_settled is not None:
+            span = (Review.id > self.settled_id, Review.id <= newest_settled)
+            _add_counts(self.settled, _by_decision(session, *span))
+            self.settled_id = newest_settled
+        totals = dict(self.settled)
+        _add_counts(totals, _by_decision(session, Review.id > self.settled_id))
+        return totals
+
+    def last_hour(self, session, now: datetime) -> int:
+        hour_ago = now - timedelta(hours=1)
+        older = session.scalar(
+            select(func.max(Review.id)).where(
+                Review.id > self.hour_id, Review.created_at < hour_ago
+            )
+        )
+        self.hour_id = older or self.hour_id
+        return (
+            session.scalar(
+                select(func.count()).where(Review.id > self.hour_id, Review.created_at >= hour_ago)
+            )
+            or 0
+        )
+
+
+def _by_decision(session, *where) -> dict[ReviewDecision, int]:
+    rows = session.execute(
+        select(Review.decision, func.count()).where(*where).group_by(Review.decision)
+    )
+    return {decision: n for decision, n in rows}
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
+
+
+@dataclass
+class Summary:
+    """The series that need rows, as of one recount."""
+
+    failure_kinds: dict[str, int]
+    latencies: list[float]  # seconds from submission to caption, recent captioned images
+    per_second: float
+    reviews: dict[ReviewDecision, int]
+    reviews_last_hour: int
+
+
+def failure_kinds(session) -> dict[str, int]:
+    """Failed images by kind of reason: only the failed images of jobs whose counter says they
+    have any, found through the (job_id, status) index."""
+    failing_jobs = select(Job.id).where(Job.failed_count > 0)
+    rows = session.execute(
+        select(Image.failure_reason, func.count())
+        .where(Image.job_id.in_(failing_jobs), Image.status == ImageStatus.FAILED)
+        .group_by(Image.failure_reason)
+    )
+    kinds: dict[str, int] = {}
+    for reason, count in rows:
+        _add_counts(kinds, {failure_kind(reason): count})
+    return kinds
+
+
+def recent_latencies(session, now: datetime) -> tuple[list[float], float]:
+    """(latency of each image captioned in the last `LATENCY_WINDOW`, images captioned per
+    second over the last `RATE_WINDOW`), read from the images of the newest
+    `LATENCY_SAMPLE_LIMIT` captions. When that many captions were made within the rate window,
+    the rate is taken over the span they cover instead."""
+    sample = (
+        select(Caption.image_id, Caption.created_at)
+        .order_by(Caption.id.desc())
+        .limit(LATENCY_SAMPLE_LIMIT)
+        .subquery("newest_captions")
+    )
+    sampled, oldest = session.execute(select(func.count(), func.min(sample.c.created_at))).one()
+    rows = session.execute(
+        select(Image.created_at, Image.finished_at).where(
+            Image.id.in_(select(sample.c.image_id)),
+            Image.status == ImageStatus.CAPTIONED,
+            Image.finished_at >= now - LATENCY_WINDOW,
+        )
+    ).all()
+    seconds = [max(0.0, (done - created).total_seconds()) for created, done in rows]
+    in_rate_window = sum(1 for _, done in rows if done >= now - RATE_WINDOW)
+    span = RATE_WINDOW.total_seconds()
+    if sampled >= LATENCY_SAMPLE_LIMIT and oldest is not None and oldest > now - RATE_WINDOW:
+        span = max((now - oldest).total_seconds(), 1.0)
+    return seconds, in_rate_window / span
+
+
 class DatabaseCollector:
     """Reads every series from SQL (and Redis) when Prometheus scrapes."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
+        self.clock = clock  # when the summary is due again (tests pass their own)
+        self._lock = threading.Lock()
+        self._summary: Summary | None = None
+        self._summary_at = -math.inf
+        self._reviews = ReviewTally()
 
     def describe(self):  # no samples at registration time (that would query the database)
         return []
@@ -140,14 +271,28 @@ class DatabaseCollector:
             depth.add_metric([queue], float(depths.get(queue, math.nan)))
         yield depth
 
+    def summary(self, session) -> Summary:
+        """The summary, recounted when it is older than `SUMMARY_SECONDS` (one recount at a
+        time per process)."""
+        with self._lock:
+            if self._summary is None or self.clock() - self._summary_at >= SUMMARY_SECONDS:
+                now = utcnow()
+                seconds, per_second = recent_latencies(session, now)
+                self._summary = Summary(
+                    failure_kinds=failure_kinds(session),
+                    latencies=seconds,
+                    per_second=per_second,
+                    reviews=self._reviews.totals(session, now),
+                    reviews_last_hour=self._reviews.last_hour(session, now),
+                )
+                self._summary_at = self.clock()
+            return self._summary
+
     def _from_database(self, session):
-        now = utcnow()
-        by_status = dict(
-            session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
-        )
+        by_status = image_counts(session)
         images = GaugeMetricFamily("captioner_images", "Images by status.", labels=["status"])
         for status in ImageStatus:
-            images.add_metric([status.value], by_status.get(status, 0))
+            images.add_metric([status.value], by_status[status])
         yield images
 
         finished = CounterMetricFamily(
@@ -156,35 +301,21 @@ class DatabaseCollector:
             labels=["status"],
         )
         for status in (ImageStatus.CAPTIONED, ImageStatus.FAILED):
-            finished.add_metric([status.value], by_status.get(status, 0))
+            finished.add_metric([status.value], by_status[status])
         yield finished
 
-        recent = session.scalar(
-            select(func.count()).where(
-                Image.status == ImageStatus.CAPTIONED, Image.finished_at >= now - RATE_WINDOW
-            )
-        )
+        summary = self.summary(session)
         yield GaugeMetricFamily(
             "captioner_images_per_second",
             f"Images captioned per second over the last {int(RATE_WINDOW.total_seconds())} s.",
-            value=(recent or 0) / RATE_WINDOW.total_seconds(),
+            value=summary.per_second,
         )
-
-        yield self._latency(session, now)
+        yield self._latency(summary.latencies)
 
         failed = GaugeMetricFamily(
             "captioner_images_failed", "Failed images by kind of reason.", labels=["reason"]
         )
-        kinds: dict[str, int] = {}
-        rows = session.execute(
-            select(Image.failure_reason, func.count())
-            .where(Image.status == ImageStatus.FAILED)
-            .group_by(Image.failure_reason)
-        )
-        for reason, count in rows:
-            kind = failure_kind(reason)
-            kinds[kind] = kinds.get(kind, 0) + count
-        for kind, count in sorted(kinds.items()):
+        for kind, count in sorted(summary.failure_kinds.items()):
             failed.add_metric([kind], count)
         yield failed
 
@@ -193,19 +324,13 @@ class DatabaseCollector:
             "Reviews by decision (rate() gives review throughput).",
             labels=["decision"],
         )
-        by_decision = dict(
-            session.execute(select(Review.decision, func.count()).group_by(Review.decision)).all()
-        )
         for decision in ReviewDecision:
-            reviews.add_metric([decision.value], by_decision.get(decision, 0))
+            reviews.add_metric([decision.value], summary.reviews.get(decision, 0))
         yield reviews
         yield GaugeMetricFamily(
             "captioner_reviews_last_hour",
             "Reviews made in the last hour.",
-            value=session.scalar(
-                select(func.count()).where(Review.created_at >= now - timedelta(hours=1))
-            )
-            or 0,
+            value=summary.reviews_last_hour,
         )
 
         yield self._by_status(session, Job, JobStatus, "captioner_jobs", "Jobs by status.")
@@ -226,6 +351,7 @@ class DatabaseCollector:
 
     @staticmethod
     def _by_status(session, model, enum_cls, name: str, doc: str) -> GaugeMetricFamily:
+        """A small table (jobs, training runs, model versions) counted by status."""
         counts = dict(
             session.execute(select(model.status, func.count()).group_by(model.status)).all()
         )
@@ -235,16 +361,7 @@ class DatabaseCollector:
         return family
 
     @staticmethod
-    def _latency(session, now) -> GaugeHistogramMetricFamily:
-        rows = session.execute(
-            select(Image.created_at, Image.finished_at)
-            .where(Image.status == ImageStatus.CAPTIONED, Image.finished_at >= now - LATENCY_WINDOW)
-            .order_by(Image.finished_at.desc())
-            .limit(LATENCY_SAMPLE_LIMIT)
-        ).all()
-        seconds = [
-            max(0.0, (done - created).total_seconds()) for created, done in rows if done and created
-        ]
+    def _latency(seconds: list[float]) -> GaugeHistogramMetricFamily:
         buckets = [(str(float(b)), sum(1 for s in seconds if s <= b)) for b in LATENCY_BUCKETS]
         buckets.append(("+Inf", len(seconds)))
         return GaugeHistogramMetricFamily(
@@ -256,10 +373,21 @@ class DatabaseCollector:
         )
 
 
+def image_counts(session) -> dict[ImageStatus, int]:
+    """Images by status over every job: sums of the job counters, one row per job read."""
+    statuses = list(STATUS_COUNTERS)
+    row = session.execute(
+        select(*(func.coalesce(func.sum(getattr(Job, STATUS_COUNTERS[s])), 0) for s in statuses))
+    ).one()
+    return {status: int(n) for status, n in zip(statuses, row, strict=True)}
+
+
 def init_app(app) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(app))
+    collector = DatabaseCollector(app)
+    registry.register(collector)
     app.extensions["captioner_metrics_registry"] = registry
+    app.extensions["captioner_metrics_collector"] = collector
     app.register_blueprint(bp)
 
 

@@ -6,11 +6,13 @@ done and publish after the commit (never before).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
 
 from captioner import tasks
 from captioner.intake import submit
@@ -22,6 +24,7 @@ from captioner.state import jobs, reviews
 from captioner.state.models import (
     Caption,
     Image,
+    ImageStatus,
     Job,
     Review,
     ReviewDecision,
@@ -51,6 +54,20 @@ def visible_jobs(user: User):
     if not sees_all_jobs(user):
         query = query.where(Job.owner_id == user.id)
     return query
+
+
+def jobs_page(session, user: User, *, limit: int, offset: int = 0) -> list[Job]:
+    """The jobs the user may see, newest first, each with its owner (one query for all the
+    owners, not one per job). The jobs table holds one row per submission: small."""
+    query = visible_jobs(user).options(selectinload(Job.owner))
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)))
+
+
+def progress_of(job: Job) -> jobs.JobProgress:
+    """The job's live progress, from the counters on its row (no query over its images)."""
+    return jobs.JobProgress(
+        job.id, job.queued_count, job.running_count, job.captioned_count, job.failed_count
+    )
 
 
 def get_job(session, user: User, job_id: int) -> Job:
@@ -223,11 +240,95 @@ def bulk_approve(session, user: User, job: Job, min_score: float) -> int:
 
 
 def review_queue(
-    session, user: User, *, status: str = "unreviewed", limit: int = 50, offset: int = 0, **filters
+    session,
+    user: User,
+    *,
+    status: str = "unreviewed",
+    limit: int = 50,
+    after: str | None = None,
+    offset: int = 0,
+    **filters,
 ) -> reviews.QueuePage:
-    """The review queue as `user` may see it: only their own jobs' images unless they see all."""
+    """One page of the review queue as `user` may see it (only their own jobs' images unless
+    they see all), after the opaque cursor `after` of the page before. `LifecycleError` for a
+    cursor that is not one, or an offset into the unreviewed queue (it pages by cursor only)."""
     owner_id = None if sees_all_jobs(user) else user.id
     queue_filter = reviews.QueueFilter(
         status=reviews.QueueStatus(status), owner_id=owner_id, **filters
     )
-    return reviews.review_queue(session, queue_filter, limit=limit, offset=offset)
+    page = reviews.review_queue(session, queue_filter, limit=limit, after=after, offset=offset)
+    preload_reviewers(session, [review for _, _, review in page.rows])
+    return page
+
+
+# --- pages of images -----------------------------------------------------------------------
+
+
+@dataclass
+class ImagePage:
+    """A page of a job's images by id: the images, how many the filter matches (from the job's
+    counters) and the id to pass as `after` for the next page (None on the last one)."""
+
+    images: list[Image]
+    total: int
+    next_after: int | None
+
+
+def job_images(
+    session,
+    job: Job,
+    *,
+    status: ImageStatus | str | None = None,
+    limit: int = 100,
+    after: int | None = None,
+    offset: int = 0,
+) -> ImagePage:
+    """A job's images in id order, from just after image id `after` (keyset: no deep OFFSET;
+    a small `offset` on top still works). The total is the job's counter, never a COUNT."""
+    query = select(Image).where(Image.job_id == job.id)
+    if status is not None:
+        query = query.where(Image.status == ImageStatus(status))
+    if after is not None:
+        query = query.where(Image.id > after)
+    found = list(session.scalars(query.order_by(Image.id).offset(offset).limit(limit + 1)))
+    images = found[:limit]
+    next_after = images[-1].id if len(found) > limit else None
+    return ImagePage(images, job_image_total(job, status), next_after)
+
+
+def job_image_total(job: Job, status: ImageStatus | str | None = None) -> int:
+    """How many images the job holds (in `status`, if given): its counters."""
+    if status is None:
+        return job.image_count
+    return getattr(job, jobs.STATUS_COUNTERS[ImageStatus(status)])
+
+
+def newest_captions(session, image_ids: Sequence[int]) -> dict[int, Caption]:
+    """{image id: its newest caption} for these images, in one query."""
+    ids = list(image_ids)
+    if not ids:
+        return {}
+    newest = (
+        select(func.max(Caption.id)).where(Caption.image_id.in_(ids)).group_by(Caption.image_id)
+    )
+    rows = session.scalars(select(Caption).where(Caption.id.in_(newest)))
+    return {caption.image_id: caption for caption in rows}
+
+
+def current_reviews(session, image_ids: Sequence[int]) -> dict[int, Review]:
+    """{image id: its current review} for these images (with their reviewers), two queries."""
+    ids = list(image_ids)
+    if not ids:
+        return {}
+    current = select(func.max(Review.id)).where(Review.image_id.in_(ids)).group_by(Review.image_id)
+    found = list(session.scalars(select(Review).where(Review.id.in_(current))))
+    preload_reviewers(session, found)
+    return {review.image_id: review for review in found}
+
+
+def preload_reviewers(session, found: Sequence[Review | None]) -> None:
+    """Load the reviewers of these reviews in one query, so `review.reviewer` is read from the
+    session instead of one query per review."""
+    ids = {r.reviewer_id for r in found if r is not None and r.reviewer_id is not None}
+    if ids:
+        session.scalars(select(User).where(User.id.in_(ids))).all()

@@ -14,7 +14,6 @@ from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
 from captioner.state.models import (
     ApiToken,
-    Image,
     ImageStatus,
     Job,
     User,
@@ -52,13 +51,8 @@ def _int(value: str | None, default: int, lo: int, hi: int) -> int:
 def jobs_page():
     session = db()
     page = _int(request.args.get("page"), 1, 1, 100_000)
-    rows = session.scalars(
-        services.visible_jobs(current_user())
-        .order_by(Job.id.desc())
-        .limit(50)
-        .offset((page - 1) * 50)
-    )
-    return render_template("jobs.html", jobs=[job_dict(session, j) for j in rows], page=page)
+    rows = services.jobs_page(session, current_user(), limit=50, offset=(page - 1) * 50)
+    return render_template("jobs.html", jobs=[job_dict(j) for j in rows], page=page)
 
 
 @bp.post("/jobs/new")
@@ -123,13 +117,16 @@ def job_detail(job_id: int):
     status = request.args.get("status") or None
     if status not in (None, *[s.value for s in ImageStatus]):
         status = None
-    page = _int(request.args.get("page"), 1, 1, 1_000_000)
-    query = select(Image).where(Image.job_id == job.id)
-    if status:
-        query = query.where(Image.status == status)
-    images = list(session.scalars(query.order_by(Image.id).limit(100).offset((page - 1) * 100)))
+    # Pages by image id ("More" passes the last id shown as `after`): no deep OFFSET.
+    after = _int(request.args.get("after"), 0, 0, 2**63 - 1) or None
+    page = services.job_images(session, job, status=status, limit=100, after=after)
     return render_template(
-        "job.html", job=job_dict(session, job), images=images, status=status, page=page
+        "job.html",
+        job=job_dict(job),
+        images=page.images,
+        total=page.total,
+        next_after=page.next_after,
+        status=status,
     )
 
 

@@ -435,6 +435,160 @@ def test_bulk_approve_above_threshold(app, client, users):
     )
 
 
+def _scored_job(app, client, owner, scores, failed=()) -> list[int]:
+    """A job of images (distinct from every other job's) captioned with these scores, except
+    the positions in `failed`, which fail first; its image ids in upload order."""
+    files = [(f"{i}.png", png((i, len(scores), 7 + len(failed)))) for i in range(len(scores))]
+    job_id = upload(client, owner, files=files).json["id"]
+    ids = image_ids(app, job_id)
+    if failed:
+        from captioner.state import images as image_state
+
+        with session_scope(app.extensions["captioner"].sessionmaker) as session:
+            image_state.claim_images(session, worker_id="w", lease_seconds=60, job_id=job_id)
+            for n in failed:
+                image_state.fail_image(session, ids[n], "image file not found in storage")
+            image_state.requeue_images(session, ids, worker_id="w")
+    texts = [f"caption {i}" for i in range(len(scores)) if i not in failed]
+    kept = [score for i, score in enumerate(scores) if i not in failed]
+    fake_caption(app, job_id, texts=texts, scores=kept)
+    return ids
+
+
+def _walk_queue(client, headers, limit, between_pages=None) -> list[dict]:
+    """Every page of the unreviewed queue by cursor; `between_pages(n)` runs after page n."""
+    items, after, pages = [], None, 0
+    while True:
+        url = f"/api/v1/review/queue?limit={limit}" + (f"&after={after}" if after else "")
+        r = client.get(url, headers=headers)
+        assert r.status_code == 200, r.json
+        items += r.json["items"]
+        pages += 1
+        after = r.json["next_cursor"]
+        if after is None:
+            return items
+        assert len(r.json["items"]) == limit
+        if between_pages:
+            between_pages(pages)
+
+
+def test_review_queue_cursor_walks_every_unreviewed_item_once_in_order(app, client, users):
+    # Ties on the score are broken by image id.
+    scores = [-0.5, -3.0, -1.0, -1.0, -2.5, -0.1, -1.0, -4.0]
+    ids = _scored_job(app, client, users["alice"], scores)
+    rev = users["reviewer"].headers
+    first = client.get("/api/v1/review/queue?limit=3", headers=rev).json
+    assert first["total"] == 8 and first["total_exact"] is True
+    assert first["next_cursor"]
+    expected = [i for _, i in sorted(zip(scores, ids, strict=True))]
+
+    walked = _walk_queue(client, rev, limit=3)
+    assert [i["id"] for i in walked] == expected
+
+    # Another reviewer works meanwhile: an item already shown is reviewed, and so is one ahead.
+    def review_some(page: int) -> None:
+        if page == 1:
+            for image_id in (expected[0], expected[5]):
+                client.post(
+                    f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=rev
+                )
+
+    walked = _walk_queue(client, rev, limit=3, between_pages=review_some)
+    shown = [i["id"] for i in walked]
+    assert len(shown) == len(set(shown)), "an item was shown twice"
+    assert shown == [i for i in expected if i != expected[5]]
+    assert client.get("/api/v1/review/queue", headers=rev).json["total"] == 6
+
+
+def test_review_queue_refuses_a_bad_cursor_and_an_offset_into_the_unreviewed_queue(
+    app, client, users
+):
+    _scored_job(app, client, users["alice"], [-1.0, -2.0])
+    rev = users["reviewer"].headers
+    r = client.get("/api/v1/review/queue?after=not-a-cursor", headers=rev)
+    assert r.status_code == 422 and "cursor" in r.json["message"]
+    r = client.get("/api/v1/review/queue?offset=1", headers=rev)
+    assert r.status_code == 422 and "after" in r.json["message"]
+    # Other statuses still accept an offset.
+    r = client.get("/api/v1/review/queue?status=any&offset=1", headers=rev)
+    assert r.status_code == 200 and len(r.json["items"]) == 1 and r.json["total"] == 2
+
+
+def test_job_images_page_by_id_with_totals_from_the_counters(app, client, users):
+    ids = _scored_job(app, client, users["alice"], [-1.0] * 5, failed=(1, 3))
+    alice = users["alice"].headers
+    job_id = client.get("/api/v1/jobs", headers=alice).json["items"][0]["id"]
+    walked, after, totals = [], None, set()
+    while True:
+        url = f"/api/v1/jobs/{job_id}/images?limit=2" + (f"&after={after}" if after else "")
+        page = client.get(url, headers=alice).json
+        walked += [i["id"] for i in page["items"]]
+        totals.add(page["total"])
+        after = page["next_after"]
+        if after is None:
+            break
+        assert after == page["items"][-1]["id"]
+    assert walked == sorted(ids) and totals == {5}
+    failed = client.get(f"/api/v1/jobs/{job_id}/images?status=failed&limit=1", headers=alice).json
+    assert [i["id"] for i in failed["items"]] == [ids[1]] and failed["total"] == 2
+    assert failed["items"][0]["failure_reason"] == "image file not found in storage"
+    rest = client.get(
+        f"/api/v1/jobs/{job_id}/images?status=failed&after={failed['next_after']}", headers=alice
+    ).json
+    assert [i["id"] for i in rest["items"]] == [ids[3]] and rest["next_after"] is None
+    # A small offset still works.
+    offset = client.get(f"/api/v1/jobs/{job_id}/images?offset=3", headers=alice).json
+    assert [i["id"] for i in offset["items"]] == sorted(ids)[3:]
+    detail = client.get(f"/api/v1/jobs/{job_id}", headers=alice).json
+    assert detail["progress"] | {"percent": None} == {
+        "queued": 0,
+        "running": 0,
+        "captioned": 3,
+        "failed": 2,
+        "total": 5,
+        "done": 5,
+        "percent": None,
+    }
+    assert [f["id"] for f in detail["failures"]] == [ids[1], ids[3]]
+
+
+def test_a_page_of_images_costs_the_same_statements_however_many_rows(app, client, users):
+    """Captions and reviews of a page are loaded together, not one query per image."""
+    from sqlalchemy import event
+
+    rev = users["reviewer"].headers
+    small = _scored_job(app, client, users["alice"], [-1.0, -2.0])
+    large = _scored_job(app, client, users["bob"], [-1.0 - i / 10 for i in range(7)], failed=(6,))
+    large = large[:6]
+    for image_id in small + large:
+        client.post(
+            f"/api/v1/images/{image_id}/reviews", json={"decision": "approved"}, headers=rev
+        )
+    engine = app.extensions["captioner"].engine
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        counts = []
+        for ids in (small, large):
+            with session_scope(app.extensions["captioner"].sessionmaker) as session:
+                job_id = session.get(Image, ids[0]).job_id
+            statements.clear()
+            page = client.get(f"/api/v1/jobs/{job_id}/images?status=captioned", headers=rev).json
+            assert len(page["items"]) == len(ids)
+            assert all(i["review"]["reviewer"] == "rev@example.com" for i in page["items"])
+            counts.append(len(statements))
+            statements.clear()
+            queue = client.get("/api/v1/review/queue?status=approved&limit=500", headers=rev)
+            assert queue.status_code == 200
+        assert counts[0] == counts[1], counts
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+
 def test_export_formats_and_visibility(app, client, users):
     job_id = _captioned_job(app, client, users["alice"], n=2)
     rev = users["reviewer"].headers

@@ -47,3 +47,73 @@ def test_jsonl_and_coco():
         ("reviewed", "+1 dog"),
         ("model", ROW.model_caption),
     ]
+
+
+def test_export_rows_stream_in_chunks_with_the_newest_version_and_current_review(session):
+    """Across chunk boundaries, for a job whose ids are dense and one whose ids are spread out:
+    each image's caption by the newest model version and its current review, and a number of
+    statements that follows the chunks, not the rows."""
+    from sqlalchemy import event
+
+    from captioner.export import export_rows
+    from captioner.state import images, jobs, reviews
+    from captioner.state.models import ModelVersion, User
+
+    reviewer = User(email="r@example.com", name="r")
+    old, new = (
+        ModelVersion(name="v1", checkpoint_uri="x"),
+        ModelVersion(name="v2", checkpoint_uri="y"),
+    )
+    session.add_all([reviewer, old, new])
+    session.flush()
+    dense = jobs.create_job(session, "dense")
+    spread = jobs.create_job(session, "spread")
+    dense_ids, spread_ids = [], []
+    for i in range(7):
+        dense_ids += jobs.submit_images(session, dense.id, [f"d/{i}.png"])
+        spread_ids += jobs.submit_images(session, spread.id, [f"s/{i}.png"])
+        jobs.submit_images(session, dense.id, [f"filler/{i}/{n}.png" for n in range(10)])
+    for n, image_id in enumerate(dense_ids + spread_ids):
+        images.save_caption(
+            session, image_id=image_id, model_version_id=new.id, text=f"new {n}", score=-1.0
+        )
+        images.save_caption(
+            session, image_id=image_id, model_version_id=old.id, text=f"old {n}", score=-2.0
+        )
+    reviews.add_review(
+        session, image_id=spread_ids[0], decision="corrected", text="fixed", reviewer_id=reviewer.id
+    )
+    reviews.add_review(
+        session, image_id=spread_ids[1], decision="rejected", reviewer_id=reviewer.id
+    )
+    reviews.add_review(
+        session, image_id=spread_ids[2], decision="corrected", text="x", reviewer_id=reviewer.id
+    )
+    reviews.undo_review(session, spread_ids[2], reviewer.id)
+    session.flush()
+
+    rows = list(export_rows(session, job_id=spread.id, chunk_size=2))
+    assert [r.image_id for r in rows] == spread_ids
+    assert [r.model_caption for r in rows] == [f"new {n}" for n in range(7, 14)]
+    assert [r.review_decision for r in rows[:4]] == ["corrected", "rejected", None, None]
+    assert rows[0].reviewed_caption == "fixed" and rows[0].reviewer == "r@example.com"
+    assert rows[1].reviewed_caption is None and rows[1].reviewer is None
+    reviewed = list(export_rows(session, job_id=spread.id, which="reviewed", chunk_size=2))
+    assert [r.image_id for r in reviewed] == [spread_ids[0]]
+
+    statements: list[str] = []
+    engine = session.get_bind()
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        rows = list(export_rows(session, job_id=dense.id, chunk_size=20))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(rows) == 77 and [r.model_caption for r in rows if r.model_caption] == [
+        f"new {n}" for n in range(7)
+    ]
+    chunks = -(-77 // 20)
+    assert len(statements) <= 1 + 2 * chunks, statements

@@ -139,6 +139,78 @@ def test_metrics_expose_queue_throughput_latency_failures_reviews_training(ops_a
     assert again[("captioner_images", (("status", "captioned"),))] == 4
 
 
+def test_metrics_match_a_recount_of_the_rows_after_work(ops_app):
+    """Image series come from the job counters, the rest from the summary: after claims,
+    failures, retries and reviews both equal what the rows say."""
+    from sqlalchemy import func, select
+
+    from captioner.state import reviews as review_state
+    from captioner.state.models import Image, ImageStatus
+
+    client = ops_app.test_client()
+    admin = make_user(ops_app, "admin@example.com", "admin")
+    clock = [0.0]
+    ops_app.extensions["captioner_metrics_collector"].clock = lambda: clock[0]
+    first = submit(client, admin, 4, green=10)
+    second = submit(client, admin, 3, green=20)
+    sessions = ops_app.extensions["captioner"].sessionmaker
+    with session_scope(sessions) as session:
+        claimed = images.claim_images(session, worker_id="w", lease_seconds=60, job_id=second)
+        images.fail_image(session, claimed[0], "image file not found in storage")
+        images.fail_image(session, claimed[1], "gave up after 3 attempts")
+    ids = fake_caption(ops_app, first)
+    with session_scope(sessions) as session:
+        jobs.retry_failed(session, second)  # both failures back to queued
+        images.fail_image(session, claimed[1], "not an image")
+        review_state.add_review(session, image_id=ids[0], decision="rejected", reviewer_id=admin.id)
+        review_state.add_review(
+            session, image_id=ids[1], decision="corrected", text="a dog", reviewer_id=admin.id
+        )
+        review_state.undo_review(session, ids[1], admin.id)
+
+    def rows_say():
+        with session_scope(sessions) as session:
+            by_status = dict(
+                session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+            )
+            by_decision = dict(
+                session.execute(
+                    select(Review.decision, func.count()).group_by(Review.decision)
+                ).all()
+            )
+        return by_status, by_decision
+
+    got = samples(client.get("/metrics").get_data(as_text=True))
+    by_status, by_decision = rows_say()
+    for status in ImageStatus:
+        assert got[("captioner_images", (("status", status.value),))] == by_status.get(status, 0)
+    for decision in ReviewDecision:
+        key = ("captioner_reviews_total", (("decision", decision.value),))
+        assert got[key] == by_decision.get(decision, 0)
+    assert by_status[ImageStatus.CAPTIONED] == 4 and by_status[ImageStatus.RUNNING] == 1
+    assert by_status[ImageStatus.QUEUED] == 1 and by_status[ImageStatus.FAILED] == 1
+    assert got[("captioner_images_failed", (("reason", "not_an_image"),))] == 1
+    assert ("captioner_images_failed", (("reason", "not_found"),)) not in got  # retried
+    assert got[("captioner_reviews_last_hour", ())] == 3
+    assert got[("captioner_caption_latency_seconds_gcount", ())] == 4
+
+    # The summary is reused until it is due; the counters are read at every scrape.
+    with session_scope(sessions) as session:
+        images.fail_image(session, claimed[0], "image file not found in storage")
+        review_state.add_review(
+            session, image_id=ids[2], decision="approved", text="ok", reviewer_id=admin.id
+        )
+    got = samples(client.get("/metrics").get_data(as_text=True))
+    assert got[("captioner_images", (("status", "failed"),))] == 2
+    assert ("captioner_images_failed", (("reason", "not_found"),)) not in got
+    assert got[("captioner_reviews_total", (("decision", "approved"),))] == 0
+    clock[0] += 30.0
+    got = samples(client.get("/metrics").get_data(as_text=True))
+    assert got[("captioner_images_failed", (("reason", "not_found"),))] == 1
+    assert got[("captioner_reviews_total", (("decision", "approved"),))] == 1
+    assert got[("captioner_reviews_last_hour", ())] == 4
+
+
 def test_metrics_still_answer_when_redis_is_down(dashboard_settings, publisher):
     from dashboard import create_app
 

@@ -1,22 +1,70 @@
 // The review page: a queue (least confident first) driven from the keyboard.
 // j/k next/previous, a approve, r reject, e edit, Ctrl+Enter save, Esc stop editing,
 // u undo, 1-9 copy a candidate into the editor.
+// The queue is loaded a page at a time (PAGE items, by cursor): the next page is fetched when
+// the reviewer comes within PREFETCH items of the end of what is loaded.
 "use strict";
 (function () {
   const C = window.Captioner;
   const $ = (id) => document.getElementById(id);
   const section = $("review");
   if (!section) return;
-  const state = { items: [], index: 0, editing: false };
+  const PAGE = 50, PREFETCH = 10;
+  // total: items loaded plus those the server still has after them; cursor: where the next
+  // page starts (null when everything is loaded); loading: the page fetch in flight.
+  const state = { items: [], index: 0, editing: false, total: 0, exact: true, cursor: null, loading: null };
+  const seen = new Set();
 
-  function queueUrl() {
+  function queueUrl(after) {
     const params = new URLSearchParams(window.location.search);
-    const query = new URLSearchParams({ limit: "200" });
+    const query = new URLSearchParams({ limit: String(PAGE) });
     for (const key of ["job_id", "status", "min_score", "max_score", "q"]) {
       const value = (params.get(key) || "").trim();
       if (value) query.set(key, value);
     }
+    if (after) query.set("after", after);
     return "/api/v1/review/queue?" + query.toString();
+  }
+
+  function unreviewedQueue() {
+    return (new URLSearchParams(window.location.search).get("status") || "unreviewed") === "unreviewed";
+  }
+
+  // How many loaded items the server's total still counts: in the unreviewed queue, those not
+  // reviewed since they were loaded; in the others, all of them.
+  function stillCounted() {
+    if (!unreviewedQueue()) return state.items.length;
+    return state.items.filter((item) => !item.review || item.review.decision === "undone").length;
+  }
+
+  function addPage(data) {
+    state.total = state.items.length + Math.max(0, data.total - stillCounted());
+    state.exact = data.total_exact !== false;
+    for (const item of data.items) if (!seen.has(item.id)) { seen.add(item.id); state.items.push(item); }
+    state.cursor = data.next_cursor || null;
+    state.total = Math.max(state.total, state.items.length);
+  }
+
+  // Fetch the next page once (a second call while one is in flight waits for the same one).
+  function loadMore() {
+    if (!state.cursor) return Promise.resolve();
+    if (!state.loading) {
+      state.loading = C.api("GET", queueUrl(state.cursor)).then(addPage)
+        .finally(() => { state.loading = null; });
+    }
+    return state.loading;
+  }
+
+  function prefetch() {
+    if (state.cursor && state.index >= state.items.length - PREFETCH) {
+      loadMore().then(showPosition).catch(() => {});
+    }
+  }
+
+  // Move to the next item, loading the next page first when this is the last one loaded.
+  async function advance() {
+    if (state.index >= state.items.length - 1 && state.cursor) await loadMore();
+    if (state.index < state.items.length - 1) state.index++;
   }
 
   // Word-level diff (longest common subsequence) of the model's text and the reviewer's.
@@ -64,12 +112,25 @@
     }
   }
 
+  function position() {
+    return `${state.index + 1} of ${state.total.toLocaleString("en")}${state.exact ? "" : "+"}`;
+  }
+
+  // After a page arrives in the background: the count only, leaving any status text after it.
+  function showPosition() {
+    const box = $("review-position");
+    if (!current()) return;
+    const rest = box.textContent.includes(" · ") ? box.textContent.slice(box.textContent.indexOf(" · ")) : "";
+    box.textContent = position() + rest;
+  }
+
   function render() {
     const item = current();
     $("review-empty").hidden = !!item;
     section.hidden = !item;
     if (!item) { $("review-position").textContent = ""; return; }
-    $("review-position").textContent = `${state.index + 1} of ${state.items.length}`;
+    $("review-position").textContent = position();
+    prefetch();
     $("review-image").src = item.content_url;
     $("review-image").alt = item.original_name;
     $("review-name").textContent = `${item.original_name} (image ${item.id}, job ${item.job_id})`;
@@ -117,7 +178,7 @@
     try {
       await C.api("POST", `/api/v1/images/${item.id}/reviews`, body);
       await refreshItem(item);
-      if (state.index < state.items.length - 1) state.index++;
+      await advance();
       render();
       $("review-position").textContent += ` · saved ${decision}`;
     } catch (e) { $("review-position").textContent = "Error: " + e.message; }
@@ -155,7 +216,12 @@
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     const item = current();
     switch (event.key) {
-      case "j": if (state.index < state.items.length - 1) { state.index++; render(); } break;
+      case "j": {
+        const before = state.index;
+        advance().then(() => { if (state.index !== before) render(); })
+          .catch((e) => { $("review-position").textContent = "Error: " + e.message; });
+        break;
+      }
       case "k": if (state.index > 0) { state.index--; render(); } break;
       case "a": actions.approve(); break;
       case "r": actions.reject(); break;
@@ -171,6 +237,6 @@
     event.preventDefault();
   });
 
-  C.api("GET", queueUrl()).then((data) => { state.items = data.items; section.dataset.ready = "1"; render(); })
+  C.api("GET", queueUrl(null)).then((data) => { addPage(data); section.dataset.ready = "1"; render(); })
     .catch((e) => { $("review-position").textContent = "Error: " + e.message; });
 })();
