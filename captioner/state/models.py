@@ -215,8 +215,10 @@ class Image(Base):
     __table_args__ = (
         # Submitting the same object twice to a job is a no-op, not a second image.
         UniqueConstraint("job_id", "storage_key"),
-        # Progress counts and claim-by-job scan (job_id, status).
-        Index("ix_images_job_id_status", "job_id", "status"),
+        # A job's images by status (claims, failures) and a job's pages in id order, from the
+        # index alone.
+        Index("ix_images_job_id_status_id", "job_id", "status", "id"),
+        Index("ix_images_job_id_id", "job_id", "id"),
         # The sweeper looks for running images with an expired lease...
         Index("ix_images_status_lease_until", "status", "lease_until"),
         # ...and for images queued for too long.
