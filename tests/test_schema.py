@@ -136,3 +136,25 @@ def test_migrations_do_not_import_flask(sqlite_url, tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_migrations_are_found_through_their_package(monkeypatch):
+    from pathlib import Path
+
+    import migrations
+
+    folder = migrate.migrations_dir()
+    assert folder.resolve() == Path(migrations.__file__).resolve().parent
+    for needed in ("env.py", "alembic.ini", "script.py.mako"):
+        assert (folder / needed).is_file()
+    assert sorted(p.name for p in (folder / "versions").glob("0*.py"))[0].startswith("0001_")
+
+    # A missing package, or one without an Alembic environment, is a clear MigrationsNotFound.
+    for package, message in (("no_such_migrations", "not installed"), ("json", "no Alembic")):
+        migrate.migrations_dir.cache_clear()
+        monkeypatch.setattr(migrate, "MIGRATIONS_PACKAGE", package)
+        with pytest.raises(migrate.MigrationsNotFound, match=message):
+            migrate.head_revision()
+    migrate.migrations_dir.cache_clear()
+    monkeypatch.undo()
+    assert migrate.head_revision() is not None

@@ -1,11 +1,14 @@
 """Schema migrations (Alembic), callable from code, the CLI and tests.
 
-The Alembic environment lives in `migrations/` at the repository root; it is found relative
-to this package, so `captioner db upgrade` works from any working directory.
+The Alembic environment is the package `migrations` (its `env.py`, `alembic.ini`,
+`script.py.mako` and `versions/` are package data), found through `importlib.resources`: the
+same code works from the source tree and from an installed wheel, from any working directory.
 """
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +20,35 @@ from alembic.script import ScriptDirectory
 
 from captioner.state.db import make_engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
-ALEMBIC_INI = MIGRATIONS_DIR / "alembic.ini"
+MIGRATIONS_PACKAGE = "migrations"
 
 
 class MigrationsNotFound(RuntimeError):
-    """The migrations directory is not where the package expects it."""
+    """The `migrations` package (Alembic's environment) is not installed or is incomplete."""
+
+
+@functools.cache
+def migrations_dir() -> Path:
+    """The folder of the installed `migrations` package, with its env.py and alembic.ini."""
+    try:
+        root = resources.files(MIGRATIONS_PACKAGE)
+    except ModuleNotFoundError:
+        raise MigrationsNotFound(
+            f"the package {MIGRATIONS_PACKAGE!r} is not installed: reinstall captioner"
+        ) from None
+    # Alembic reads its scripts from a real folder; a wheel installs the package as one.
+    folder = Path(str(root))
+    for needed in ("env.py", "alembic.ini", "script.py.mako", "versions"):
+        if not (folder / needed).exists():
+            raise MigrationsNotFound(f"no Alembic {needed} in {folder}")
+    return folder
 
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic config for `url` (default: `Settings.database_url`, resolved by env.py)."""
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise MigrationsNotFound(f"no Alembic environment at {MIGRATIONS_DIR}")
-    config = Config(str(ALEMBIC_INI))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    folder = migrations_dir()
+    config = Config(str(folder / "alembic.ini"))
+    config.set_main_option("script_location", str(folder))
     config.attributes["configure_logging"] = False
     if url is not None:
         config.attributes["url"] = url
