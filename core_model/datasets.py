@@ -40,7 +40,7 @@ ImageRef = (
     str | Path | bytes | Image.Image
 )  # path or object-store key, raw bytes, or a decoded image
 ReadBytes = Callable[[str], bytes]  # object-store getter: key -> bytes
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"}
 VAL_PERCENT = 5  # share of a split-less source that becomes val/test
 
 

@@ -97,3 +97,77 @@ def test_decoding_does_not_import_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def _photo() -> Image.Image:
+    im = Image.new("RGB", (32, 24), (200, 40, 10))
+    im.paste((20, 60, 220), (0, 0, 16, 24))  # left half blue, right half red
+    return im
+
+
+def _check_photo(im: Image.Image) -> None:
+    assert im.mode == "RGB" and im.size == (32, 24)
+    for xy, colour in (((4, 12), (20, 60, 220)), ((28, 12), (200, 40, 10))):
+        assert all(abs(a - b) <= 12 for a, b in zip(im.getpixel(xy), colour, strict=True)), xy
+
+
+def test_avif_is_accepted_and_decoded():
+    from PIL import features
+
+    from captioner.intake.uploads import IMAGE_SUFFIXES, check_image_bytes
+
+    assert features.check("avif")  # the pinned Pillow decodes AVIF itself
+    buf = io.BytesIO()
+    _photo().save(buf, "AVIF", quality=95)
+    data = buf.getvalue()
+    assert data[4:12] == b"ftypavif"
+    check_image_bytes("photo.avif", data)  # the upload check accepts it
+    assert open_image(data).format == "AVIF"
+    _check_photo(decode_image(data))
+    assert ".avif" in IMAGE_SUFFIXES
+
+
+def test_heic_is_accepted_and_decoded():
+    import pillow_heif
+
+    from captioner.intake.uploads import IMAGE_SUFFIXES, check_image_bytes
+
+    buf = io.BytesIO()
+    # Encoded by pillow-heif directly: nothing is registered with PIL by making the file.
+    pillow_heif.from_pillow(_photo()).save(buf, quality=95)
+    data = buf.getvalue()
+    assert data[4:12] == b"ftypheic"
+    check_image_bytes("IMG_0001.HEIC", data)
+    assert open_image(data).format == "HEIF"
+    _check_photo(decode_image(data))
+    assert ".heic" in IMAGE_SUFFIXES and ".heif" in IMAGE_SUFFIXES
+
+
+def test_a_broken_avif_or_heic_is_corrupt_not_unsupported():
+    for fmt, brand in (("AVIF", b"avif"), ("HEIC", b"heic")):
+        data = b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00" + b"junk" * 40
+        with pytest.raises(ImageRejected, match=f"corrupt image: unreadable {fmt}"):
+            decode_image(data)
+
+
+def test_heif_opener_is_registered_lazily_on_the_first_heif_file():
+    import subprocess
+    import sys
+
+    code = """
+import io, sys
+from PIL import Image
+from captioner.intake.decode import decode_image
+buf = io.BytesIO()
+Image.new("RGB", (8, 8), (9, 9, 9)).save(buf, "PNG")
+decode_image(buf.getvalue())
+assert "pillow_heif" not in sys.modules and "HEIF" not in Image.OPEN, "registered too early"
+import pillow_heif
+buf = io.BytesIO()
+pillow_heif.from_pillow(Image.new("RGB", (8, 8), (9, 9, 9))).save(buf)
+assert "HEIF" not in Image.OPEN
+assert decode_image(buf.getvalue()).size == (8, 8)
+assert "HEIF" in Image.OPEN
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

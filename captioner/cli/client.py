@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
+from captioner.intake.uploads import IMAGE_SUFFIXES
+
 TOKEN_FILE = Path("~/.config/captioner/token")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def _token(explicit: str | None) -> str:

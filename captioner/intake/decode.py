@@ -1,7 +1,8 @@
 """Safe image decoding: untrusted bytes in, an 8-bit RGB `PIL.Image` out, or a specific error.
 
-Only JPEG, PNG, WebP, GIF (first frame), BMP and TIFF are decoded; PIL is never asked to try
-its other plugins (some, like EPS, run external programs). The pixel count is checked from the
+Only JPEG, PNG, WebP, GIF (first frame), BMP, TIFF, AVIF (Pillow's own plugin) and HEIC/HEIF
+(through `pillow-heif`, registered on the first such file) are decoded; PIL is never asked to
+try its other plugins (some, like EPS, run external programs). The pixel count is checked from the
 header before any pixel is decoded, so a decompression bomb costs nothing. Truncated files
 are rejected (we never set `ImageFile.LOAD_TRUNCATED_IMAGES`). Orientation, alpha, palette,
 CMYK and 16-bit are normalised by `core_model.imageops.to_rgb`, the same function training and
@@ -10,6 +11,7 @@ inference use. Every rejection is an `ImageRejected` subclass whose `reason` a p
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -21,9 +23,16 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from captioner.settings import DEFAULT_MAX_IMAGE_PIXELS
 from core_model.imageops import to_rgb
 
-# PIL format names we decode. MPO is how PIL names multi-picture JPEGs from phone cameras.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# PIL format names we decode, in the order PIL tries them. MPO is how PIL names multi-picture
+# JPEGs from phone cameras. AVIF comes before HEIF: both accept the generic `mif1` brand, and
+# Pillow's AVIF plugin passes a file on (SyntaxError) when its brands say it is not AVIF.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 _ALLOWED_PIL_FORMATS = {*ALLOWED_FORMATS, "MPO"}
+_WITHOUT_HEIF = tuple(f for f in ALLOWED_FORMATS if f != "HEIF")
+# ISO-BMFF brands (bytes 8..12, after "ftyp") of HEVC-coded HEIF files, the iPhone's HEIC
+# among them; `mif1` / `msf1` are the generic image / sequence brands.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
+_GENERIC_BRANDS = (b"mif1", b"msf1")
 
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
@@ -41,7 +50,7 @@ class NotAnImage(ImageRejected):
 
 
 class UnsupportedFormat(ImageRejected):
-    """A real image format, but not one we decode (SVG, PDF, HEIC, PSD, ...)."""
+    """A real image format, but not one we decode (SVG, PDF, PSD; HEIC without pillow-heif)."""
 
     def __init__(self, format_name: str) -> None:
         self.format_name = format_name
@@ -80,13 +89,33 @@ _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVI
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
+@functools.cache
+def heif_supported() -> bool:
+    """Register pillow-heif's HEIF opener with PIL, once; False where pillow-heif is missing.
+
+    Called on the first HEIF-branded file only, so a process that never sees one never
+    imports pillow-heif (nor libheif).
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _ftyp_brand(data: bytes) -> bytes | None:
+    return data[8:12] if data[4:8] == b"ftyp" else None
+
+
 def sniff_other_format(data: bytes) -> str | None:
-    """The name of a known non-allowed format `data` looks like, or None."""
+    """The name of a known format `data` looks like (asked when PIL did not identify it)."""
     for magic, offset, name in _OTHER_FORMATS:
         if data[offset : offset + len(magic)] == magic:
             return name
-    if data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS:
-        return _FTYP_BRANDS[data[8:12]]
+    brand = _ftyp_brand(data)
+    if brand in _FTYP_BRANDS:
+        return _FTYP_BRANDS[brand]
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     # An HTML page with an inline <svg> is still an HTML page.
     if head.startswith(b"<") and _looks_like_text_markup(data) != "HTML":
@@ -108,12 +137,29 @@ def _reject_unidentified(data: bytes) -> ImageRejected:
     if not data:
         return NotAnImage("not an image: empty file")
     other = sniff_other_format(data)
+    if other in ("AVIF", "HEIC", "HEIF") and _decodable_brand(_ftyp_brand(data)):
+        # A brand we decode whose boxes PIL could not parse.
+        return CorruptImage(f"corrupt image: unreadable {other} file")
     if other:
         return UnsupportedFormat(other)
     markup = _looks_like_text_markup(data)
     if markup:
         return NotAnImage(f"not an image: looks like {markup}")
     return NotAnImage("not an image")
+
+
+def _formats_for(data: bytes) -> tuple[str, ...]:
+    """The formats PIL may try on `data`: HEIF only for HEIF brands, registered on first use."""
+    if _ftyp_brand(data) in (*_HEIF_BRANDS, *_GENERIC_BRANDS) and heif_supported():
+        return ALLOWED_FORMATS
+    return _WITHOUT_HEIF
+
+
+def _decodable_brand(brand: bytes | None) -> bool:
+    """Whether a file with this ftyp brand has a decoder: AVIF always, HEIF with pillow-heif."""
+    if brand in (b"avif", b"avis"):
+        return True
+    return brand in (*_HEIF_BRANDS, *_GENERIC_BRANDS) and heif_supported()
 
 
 def _too_large(pixels: int | None, max_pixels: int) -> ImageTooLarge:
@@ -136,7 +182,7 @@ def open_image(
         with warnings.catch_warnings():
             # PIL warns between its limit and twice it; we apply our own limit just below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            im = Image.open(io.BytesIO(data), formats=_formats_for(data))
     except Image.DecompressionBombError as exc:
         match = _BOMB_PIXELS.search(str(exc))
         raise _too_large(int(match.group(1)) if match else None, max_pixels) from None
