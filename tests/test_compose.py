@@ -191,14 +191,110 @@ def test_volumes_are_named_and_declared():
 
 def test_dockerfile_has_cpu_and_cuda_flavours_the_compose_file_uses():
     stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE, re.MULTILINE))
-    assert {"base-cpu", "base-cuda", "app"} <= stages
-    assert re.search(r"^FROM base-\$\{FLAVOR\} AS app", DOCKERFILE, re.MULTILINE)
+    assert {"requirements", "wheel", "base-cpu", "base-cuda", "dashboard", "worker"} <= stages
+    assert re.search(r"^FROM base-\$\{FLAVOR\} AS worker", DOCKERFILE, re.MULTILINE)
     for name in OURS:
         build = SERVICES[name]["build"]
         assert build["target"] in stages
-        assert f"base-{build['args']['FLAVOR']}" in stages
+        if "args" in build:
+            assert f"base-{build['args']['FLAVOR']}" in stages
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "var" in ignored and ".git" in ignored
+    assert not {"LICENSE", "README.md", "pyproject.toml", "migrations"} & set(ignored)
+
+
+def test_dashboard_image_without_torch_and_worker_image_with_it_from_one_wheel():
+    web_side = {"migrate", "dashboard", "beat", "flower"}
+    for name in OURS:
+        target = SERVICES[name]["build"]["target"]
+        assert target == ("dashboard" if name in web_side else "worker"), name
+    assert {name for name in OURS if name.startswith("worker")} == {"worker-gpu0", "worker-train"}
+    # Built once in the `wheel` stage; each image installs that wheel without its dependencies,
+    # after its own list of them.
+    assert len(re.findall(r"pip wheel --no-deps", DOCKERFILE)) == 1
+    for target in ("dashboard", "worker"):
+        stage = dockerfile_stage(target)
+        assert "from=wheel" in stage and "pip install --no-deps /wheels/captioner-" in stage
+        assert "pip install -r /tmp/requirements.txt" in stage
+
+
+def dockerfile_stage(name: str) -> str:
+    start = re.search(rf"^FROM\s+\S+\s+AS\s+{re.escape(name)}$", DOCKERFILE, re.MULTILINE)
+    assert start, name
+    rest = DOCKERFILE[start.end() :]
+    end = re.search(r"^FROM\s", rest, re.MULTILINE)
+    return rest[: end.start()] if end else rest
+
+
+def model_packages() -> set[str]:
+    (found,) = re.findall(r'^ARG MODEL_PACKAGES="([^"]+)"', DOCKERFILE, re.MULTILINE)
+    return set(found.split())
+
+
+def test_dockerfile_requirement_lists(tmp_path):
+    """The Dockerfile's own script, run on pyproject.toml: the dashboard's list is every
+    dependency but the model stack, plus `deploy`; the worker's is every dependency."""
+    import subprocess
+    import sys
+    import tomllib
+
+    (script,) = re.findall(
+        r"^RUN python - <<'EOF'\n(.*?)^EOF$", DOCKERFILE, re.MULTILINE | re.DOTALL
+    )
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    env = {"MODEL_PACKAGES": " ".join(sorted(model_packages())), "PATH": "/usr/bin:/bin"}
+    subprocess.run(
+        [sys.executable, "-"], input=script, text=True, cwd=tmp_path, env=env, check=True
+    )
+    web = (tmp_path / "web.txt").read_text().split()
+    worker = (tmp_path / "worker.txt").read_text().split()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deploy = project["optional-dependencies"]["deploy"]
+
+    def name(req: str) -> str:
+        return re.split(r"[\[=<>!~;]", req, maxsplit=1)[0].lower()
+
+    assert "torch" in model_packages() and "torch" in {name(r) for r in worker}
+    assert not {name(r) for r in web} & model_packages()
+    assert set(deploy) <= set(web) and set(project["dependencies"]) <= set(worker)
+    assert {name(r) for r in project["dependencies"]} - model_packages() <= {name(r) for r in web}
+
+
+def test_dashboard_image_commands_run_without_the_model_stack(tmp_path):
+    """What the dashboard image runs (the app, migrations, the CLI, beat's and Flower's Celery app)
+    with every package the dashboard image leaves out made unimportable."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+BLOCKED = {sorted(model_packages())!r}
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not in the dashboard image")
+
+sys.meta_path.insert(0, Block())
+from captioner.cli import cli
+cli.main(["db", "upgrade"], standalone_mode=False)
+admin = ["ops@example.com", "--role", "admin", "--password", "a long passphrase 1"]
+cli.main(["user", "create", *admin], standalone_mode=False)
+from dashboard import create_app
+create_app()
+from workers.entry import app
+app.loader.import_default_modules()
+print("ok")
+"""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CAPTIONER_DATA_DIR": str(tmp_path),
+        "CAPTIONER_DATABASE_URL": f"sqlite:///{tmp_path / 'web.db'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_readme_configuration_table_is_generated_from_settings():
