@@ -221,8 +221,9 @@ class Image(Base):
         Index("ix_images_job_id_id", "job_id", "id"),
         # The sweeper looks for running images with an expired lease...
         Index("ix_images_status_lease_until", "status", "lease_until"),
-        # ...and for images queued for too long.
+        # ...and for images queued for too long, or queued after too many attempts.
         Index("ix_images_status_queued_at", "status", "queued_at"),
+        Index("ix_images_status_attempts", "status", "attempts"),
         # The review queue, "unreviewed, least confident first", walked by keyset: over every
         # job, and within one job. Partial: only the images waiting for review are in them.
         Index(
