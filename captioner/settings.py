@@ -17,6 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # PIL's own default decompression-bomb threshold (1024 * 1024 * 1024 // 4 // 3); we keep it
 # as ours so an operator sees one number, and we enforce it ourselves before decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The session key a fresh checkout runs with. Only `captioner run` (which replaces it with a key
+# kept in its data dir) serves with it unchanged; every other server refuses to start.
+DEFAULT_SECRET_KEY = "dev-insecure-change-me"
 
 
 class Settings(BaseSettings):
@@ -97,8 +100,10 @@ class Settings(BaseSettings):
         description="An image queued longer than this is re-published by the sweeper.",
     )
     secret_key: SecretStr = Field(
-        default=SecretStr("dev-insecure-change-me"),
-        description="Flask session signing key. Set it in any shared deployment.",
+        default=SecretStr(DEFAULT_SECRET_KEY),
+        description="Flask session signing key: a long random string. `captioner serve` and "
+        "gunicorn refuse to start with the built-in default; `captioner run` generates one into "
+        "its data directory (`secret_key`, mode 0600) and reuses it.",
     )
     device: str = Field(
         default="auto",
@@ -239,6 +244,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Total time limit of one webhook delivery request (connect, send and reply).",
     )
+    interactive_max_images: int = Field(
+        default=16,
+        ge=1,
+        description="Most images an `interactive` submission may hold (it jumps the bulk queue); "
+        "a larger one, or a prefix (its size is unknown when submitted), is refused with 422.",
+    )
     submit_rate_limit: str = Field(
         default="60/minute",
         description="Rate limit per user on submission endpoints (flask-limiter syntax).",
@@ -250,6 +261,13 @@ class Settings(BaseSettings):
         default="memory://",
         description="Where rate-limit counters live: `memory://` (one process) or a "
         "`redis://` URL shared by all web processes.",
+    )
+
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that reads `/metrics` and the details of `/health` from "
+        "another machine; unset means only loopback callers (without `X-Forwarded-For`) may. "
+        "Anonymous `/health` answers only ok or unavailable.",
     )
 
     # --- running it: the embedded stack (`captioner run`), logs (issue 8) ---
@@ -369,12 +387,23 @@ class Settings(BaseSettings):
         "the next one can start.",
     )
 
+    @property
+    def uses_default_secret_key(self) -> bool:
+        """True while `secret_key` is the built-in default (no server but `captioner run` may
+        start with it)."""
+        return self.secret_key.get_secret_value() == DEFAULT_SECRET_KEY
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value):
+        return None if value in ("", None) else value
 
     @field_validator("storage_url")
     @classmethod

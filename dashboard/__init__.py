@@ -85,9 +85,19 @@ class Captioner:
         return self._store
 
 
+class InsecureSecretKey(RuntimeError):
+    """The dashboard would sign sessions with the built-in default key: refused at start."""
+
+
 def create_app(settings: Settings | None = None, *, publisher: Any = None) -> APIFlask:
-    """Build the dashboard for `settings` (default: the process settings)."""
+    """Build the dashboard for `settings` (default: the process settings). `InsecureSecretKey`
+    when the session key is the built-in default (`captioner run` passes its own)."""
     settings = settings or get_settings()
+    if settings.uses_default_secret_key:
+        raise InsecureSecretKey(
+            "refusing to start: CAPTIONER_SECRET_KEY is the built-in default; set it to a long "
+            "random string (python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
     app = _new_app()
     _configure(app, settings)
     _add_extensions(app, settings, publisher)

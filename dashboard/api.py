@@ -151,11 +151,21 @@ class JobDetailOut(JobOut):
 
 class DecodingFields(Schema):
     name = String(load_default="untitled", validate=Length(1, 200))
-    priority = Integer(load_default=0, validate=Range(-100, 100))
+    priority = Integer(
+        load_default=0,
+        validate=Range(-100, 100),
+        metadata={"description": "Above 0 needs the admin role (403)"},
+    )
     num_beams = Integer(load_default=3, validate=Range(1, 16))
     n_best = Integer(load_default=3, validate=Range(1, 10))
     recaption = Boolean(load_default=False)
-    interactive = Boolean(load_default=False)
+    interactive = Boolean(
+        load_default=False,
+        metadata={
+            "description": "The low-latency queue: at most `CAPTIONER_INTERACTIVE_MAX_IMAGES` "
+            "images, never a prefix (422)"
+        },
+    )
 
 
 class JobCreateIn(DecodingFields):
@@ -394,6 +404,17 @@ def _job_or_404(job_id: int) -> Job:
         abort(404, f"no job {job_id}")
 
 
+def _own_job_or_404(job_id: int) -> Job:
+    """The job to cancel or retry: 404 when the caller cannot see it, 403 when they see it but
+    are neither its owner nor an admin."""
+    try:
+        return services.get_own_job(db(), _user(), job_id)
+    except services.NotFound:
+        abort(404, f"no job {job_id}")
+    except services.Forbidden as exc:
+        abort(403, str(exc))
+
+
 def _image_or_404(image_id: int) -> Image:
     try:
         return services.get_image(db(), _user(), image_id)
@@ -422,7 +443,7 @@ def _opts(data: dict) -> services.JobOptions:
 @bp.output(JobOut, status_code=202)
 @bp.doc(
     summary="Submit object keys, a storage prefix or http(s) URLs",
-    responses=E401 | E413 | E422 | E429,
+    responses=E401 | E403 | E413 | E422 | E429,
     **AUTH,
 )
 def create_job(data):
@@ -447,7 +468,9 @@ def create_job(data):
 @bp.input(UploadIn, location="form_and_files", arg_name="data")
 @bp.output(JobOut, status_code=202)
 @bp.doc(
-    summary="Upload image files and/or one zip archive", responses=E401 | E413 | E422 | E429, **AUTH
+    summary="Upload image files and/or one zip archive",
+    responses=E401 | E403 | E413 | E422 | E429,
+    **AUTH,
 )
 def upload_job(data):
     """Every file (and zip member) is checked before anything is stored: one refused file
@@ -455,9 +478,10 @@ def upload_job(data):
     settings = current_app.extensions["captioner"].settings
     try:
         upload = check_uploads(data.get("files") or [], data.get("archive"), settings)
+        job = services.submit_files(db(), _user(), _opts(data), upload.files, upload.source)
     except SubmissionRejected as exc:
+        db().rollback()
         abort(exc.status_code, exc.reason)
-    job = services.submit_files(db(), _user(), _opts(data), upload.files, upload.source)
     return job_dict(job)
 
 
@@ -527,12 +551,12 @@ def job_images(job_id, query):
 @api_auth()
 @bp.output(JobOut)
 @bp.doc(
-    summary="Cancel a job: its queued images are not captioned",
-    responses=E401 | E404 | E409,
+    summary="Cancel a job: its queued images are not captioned (its owner or an admin)",
+    responses=E401 | E403 | E404 | E409,
     **AUTH,
 )
 def cancel_job(job_id):
-    job = _job_or_404(job_id)
+    job = _own_job_or_404(job_id)
     try:
         services.cancel_job(db(), job)
     except services.Conflict as exc:
@@ -543,9 +567,13 @@ def cancel_job(job_id):
 @bp.post("/jobs/<int:job_id>/retry")
 @api_auth()
 @bp.output(IdsOut)
-@bp.doc(summary="Queue a job's failed images again", responses=E401 | E404, **AUTH)
+@bp.doc(
+    summary="Queue a job's failed images again (its owner or an admin)",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
 def retry_job(job_id):
-    job = _job_or_404(job_id)
+    job = _own_job_or_404(job_id)
     return {"count": services.retry_failed(db(), job)}
 
 

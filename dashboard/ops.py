@@ -25,12 +25,18 @@ Workers export their own per-process series (batch and model time, failures as t
 `CAPTIONER_METRICS_PORT`; see `workers/metrics.py`.
 
 `/health` checks the database (`SELECT 1`), Redis (PING) and object storage (a listing of one
-small prefix), each with a short time limit, and answers 200 when all pass and 503 otherwise,
-with one entry per check.
+small prefix), each with a short time limit, and answers 200 when all pass and 503 otherwise.
+An anonymous caller from another machine gets only `{"status": "ok"}` or `{"status":
+"unavailable"}`; the entry per check (with backend errors and the storage location) and
+`/metrics` are for a trusted caller: one with `Authorization: Bearer <CAPTIONER_METRICS_TOKEN>`,
+or one on loopback whose request no proxy forwarded (no `X-Forwarded-For`), such as a
+container's own health check.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import math
 import threading
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -391,8 +397,31 @@ def init_app(app) -> None:
     app.register_blueprint(bp)
 
 
+def trusted_caller() -> bool:
+    """The metrics token as a Bearer token, or a loopback caller no proxy forwarded."""
+    token = current_app.extensions["captioner"].settings.metrics_token
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    if token is not None and scheme.lower() == "bearer" and sent.strip():
+        return hmac.compare_digest(sent.strip().encode(), token.get_secret_value().encode())
+    return _loopback(request.remote_addr) and "X-Forwarded-For" not in request.headers
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        return False
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
+    if not trusted_caller():
+        return Response(
+            "metrics need the metrics token or a loopback caller\n",
+            status=401,
+            mimetype="text/plain",
+            headers={"WWW-Authenticate": 'Bearer realm="captioner-metrics"'},
+        )
     registry = current_app.extensions["captioner_metrics_registry"]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
@@ -456,4 +485,7 @@ CHECKS = {"database": check_database, "redis": check_redis, "storage": check_sto
 def health():
     checks = {name: _check(fn) for name, fn in CHECKS.items()}
     ok = all(c["ok"] for c in checks.values())
-    return {"status": "ok" if ok else "failing", "checks": checks}, 200 if ok else 503
+    code = 200 if ok else 503
+    if not trusted_caller():
+        return {"status": "ok" if ok else "unavailable"}, code
+    return {"status": "ok" if ok else "failing", "checks": checks}, code

@@ -41,6 +41,16 @@ class Conflict(ValueError):
     pass
 
 
+class Forbidden(PermissionError):
+    """The user may see this, but not do that to it (403)."""
+
+
+class OptionRefused(SubmissionRejected):
+    """A job option the user's role does not allow (403)."""
+
+    status_code = 403
+
+
 def _ext():
     return current_app.extensions["captioner"]
 
@@ -78,6 +88,20 @@ def get_job(session, user: User, job_id: int) -> Job:
     return job
 
 
+def may_act_on(user: User, job: Job) -> bool:
+    """Whether the user may cancel or retry the job: its owner or an admin."""
+    return user.role == UserRole.ADMIN or job.owner_id == user.id
+
+
+def get_own_job(session, user: User, job_id: int) -> Job:
+    """The job if the user may act on it (cancel, retry): its owner or an admin. NotFound when
+    they cannot see it, Forbidden when they see it (a reviewer) but do not own it."""
+    job = get_job(session, user, job_id)
+    if not may_act_on(user, job):
+        raise Forbidden("only the job's owner or an admin may cancel or retry it")
+    return job
+
+
 def get_image(session, user: User, image_id: int) -> Image:
     image = session.get(Image, image_id)
     if image is None:
@@ -107,6 +131,27 @@ class JobOptions:
         }
 
 
+def check_options(user: User, opts: JobOptions, n_images: int | None) -> None:
+    """Refuse what the user may not ask for: a priority above 0 without the admin role (403),
+    `interactive` for more than `interactive_max_images` images, or for a submission whose size
+    is not known yet (`n_images` None: a prefix) (422)."""
+    if opts.priority > 0 and user.role != UserRole.ADMIN:
+        raise OptionRefused("a priority above 0 needs the admin role")
+    if not opts.interactive:
+        return
+    most = _ext().settings.interactive_max_images
+    if n_images is None:
+        raise SubmissionRejected(
+            f"interactive is for submissions of at most {most} images; a prefix's size is not "
+            "known when it is submitted: submit it without interactive"
+        )
+    if n_images > most:
+        raise SubmissionRejected(
+            f"interactive is for submissions of at most {most} images, not {n_images}: "
+            "submit it without interactive"
+        )
+
+
 def _new_job(session, user: User, opts: JobOptions, source: str, extra: dict | None = None) -> Job:
     options = opts.as_dict() | (extra or {})
     return jobs.create_job(
@@ -116,6 +161,7 @@ def _new_job(session, user: User, opts: JobOptions, source: str, extra: dict | N
 
 def submit_files(session, user: User, opts: JobOptions, files, source: str) -> Job:
     """Files already checked (`captioner.intake.uploads.check_uploads`): store, queue, publish."""
+    check_options(user, opts, len(files))
     job = _new_job(session, user, opts, source)
     ids = store_files(session, _ext().store, job.id, files)
     to_publish = submit.ids_to_publish(session, job, ids)
@@ -132,6 +178,7 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
 
 def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
     keys = check_keys(keys)
+    check_options(user, opts, len(keys))
     job = _new_job(session, user, opts, source=f"keys ({len(keys)})")
     ids = jobs.submit_images(session, job.id, keys)
     session.commit()
@@ -141,6 +188,7 @@ def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
 
 
 def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
+    check_options(user, opts, None)
     key_prefix = prefix_within_store(prefix, _ext().settings.storage_url)
     job = _new_job(session, user, opts, source=prefix, extra={"prefix": key_prefix})
     session.commit()
@@ -153,6 +201,7 @@ def submit_urls(session, user: User, opts: JobOptions, urls: list[str]) -> Job:
     checked = [check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
     if not checked:
         raise SubmissionRejected("no URLs given")
+    check_options(user, opts, len(checked))
     job = _new_job(session, user, opts, source=f"urls ({len(checked)})", extra={"urls": checked})
     session.commit()
     _ext().publisher.task(tasks.TASK_FETCH_URLS, job.id)

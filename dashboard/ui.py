@@ -109,6 +109,17 @@ def _job_or_404(job_id: int) -> Job:
         abort(404)
 
 
+def _own_job_or_404(job_id: int) -> Job:
+    """The job to cancel or retry: 404 when the user cannot see it, 403 when they see it but
+    are neither its owner nor an admin."""
+    try:
+        return services.get_own_job(db(), current_user(), job_id)
+    except services.NotFound:
+        abort(404)
+    except services.Forbidden:
+        abort(403)
+
+
 @bp.get("/jobs/<int:job_id>")
 @login_required()
 def job_detail(job_id: int):
@@ -123,6 +134,7 @@ def job_detail(job_id: int):
     return render_template(
         "job.html",
         job=job_dict(job),
+        may_act=services.may_act_on(current_user(), job),
         images=page.images,
         total=page.total,
         next_after=page.next_after,
@@ -133,7 +145,7 @@ def job_detail(job_id: int):
 @bp.post("/jobs/<int:job_id>/cancel")
 @login_required()
 def cancel(job_id: int):
-    job = _job_or_404(job_id)
+    job = _own_job_or_404(job_id)
     try:
         services.cancel_job(db(), job)
         flash(f"Job {job.id} cancelled.", "ok")
@@ -145,7 +157,7 @@ def cancel(job_id: int):
 @bp.post("/jobs/<int:job_id>/retry")
 @login_required()
 def retry(job_id: int):
-    job = _job_or_404(job_id)
+    job = _own_job_or_404(job_id)
     n = services.retry_failed(db(), job)
     flash(f"{n} failed images queued again.", "ok")
     return redirect(url_for("ui.job_detail", job_id=job_id), 303)

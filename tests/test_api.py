@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -54,7 +55,10 @@ def test_web_process_never_imports_torch():
         "import sys\nfrom dashboard import create_app\ncreate_app()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = os.environ | {"CAPTIONER_SECRET_KEY": "test-secret"}  # the default is refused
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
@@ -819,3 +823,59 @@ def test_webhook_registration_uses_the_webhook_allow_list(app, client, users, mo
     )
     monkeypatch.setattr(ext, "settings", hooks_only)
     assert client.post("/api/v1/webhooks", json=hook, headers=alice).status_code == 201
+
+
+def test_only_the_owner_and_admins_cancel_or_retry_a_job(app, client, users):
+    job_id = upload(client, users["alice"], files=[("a.png", png())]).json["id"]
+    reviewer = users["reviewer"].headers
+    # A reviewer sees the job but does not own it: 403, and nothing changes.
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=reviewer).status_code == 403
+    assert client.post(f"/api/v1/jobs/{job_id}/retry", headers=reviewer).status_code == 403
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=reviewer).json["status"] == "queued"
+    # Another submitter cannot see it: 404.
+    assert (
+        client.post(f"/api/v1/jobs/{job_id}/cancel", headers=users["bob"].headers).status_code
+        == 404
+    )
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=users["admin"].headers)
+    assert r.status_code == 200 and r.json["status"] == "cancelled"
+    r = client.post(f"/api/v1/jobs/{job_id}/retry", headers=users["alice"].headers)
+    assert r.status_code == 200 and r.json["count"] == 1
+
+
+def test_interactive_is_only_for_small_submissions(app, client, users, publisher):
+    alice = users["alice"].headers
+    limit = app.extensions["captioner"].settings.interactive_max_images
+    keys = [f"photos/{i}.jpg" for i in range(limit + 1)]
+    r = client.post("/api/v1/jobs", json={"keys": keys, "interactive": True}, headers=alice)
+    assert r.status_code == 422 and "interactive" in r.json["message"]
+    r = client.post("/api/v1/jobs", json={"prefix": "photos/", "interactive": True}, headers=alice)
+    assert r.status_code == 422 and "interactive" in r.json["message"]
+    files = [(f"{i}.png", png((i, 0, 0))) for i in range(limit + 1)]
+    r = upload(client, users["alice"], files=files, interactive="true")
+    assert r.status_code == 422 and "interactive" in r.json["message"]
+    assert count(app, Job) == 0 and stored_objects(app) == [] and publisher.sent == []
+    # Small interactive jobs, and large bulk ones, are accepted.
+    r = client.post("/api/v1/jobs", json={"keys": keys[:limit], "interactive": True}, headers=alice)
+    assert r.status_code == 202 and publisher.sent[-1][2] is True
+    r = client.post("/api/v1/jobs", json={"keys": keys}, headers=alice)
+    assert r.status_code == 202 and publisher.sent[-1][2] is False
+
+
+def test_priority_above_zero_needs_the_admin_role(app, client, users):
+    for who in ("alice", "reviewer"):
+        r = client.post(
+            "/api/v1/jobs", json={"keys": ["a.jpg"], "priority": 5}, headers=users[who].headers
+        )
+        assert r.status_code == 403 and "priority" in r.json["message"], who
+        r = upload(client, users[who], files=[("a.png", png())], priority="5")
+        assert r.status_code == 403, who
+    assert count(app, Job) == 0
+    r = client.post(
+        "/api/v1/jobs", json={"keys": ["a.jpg"], "priority": -5}, headers=users["alice"].headers
+    )
+    assert r.status_code == 202 and r.json["priority"] == -5
+    r = client.post(
+        "/api/v1/jobs", json={"keys": ["a.jpg"], "priority": 5}, headers=users["admin"].headers
+    )
+    assert r.status_code == 202 and r.json["priority"] == 5

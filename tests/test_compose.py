@@ -290,6 +290,7 @@ print("ok")
         "PATH": "/usr/bin:/bin",
         "CAPTIONER_DATA_DIR": str(tmp_path),
         "CAPTIONER_DATABASE_URL": f"sqlite:///{tmp_path / 'web.db'}",
+        "CAPTIONER_SECRET_KEY": "compose-requires-one",  # the built-in default is refused
     }
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
@@ -310,3 +311,14 @@ def test_readme_configuration_table_is_generated_from_settings():
     for name in Settings.model_fields:  # every setting has a row and a description
         assert f"| `CAPTIONER_{name.upper()}` |" in readme
         assert Settings.model_fields[name].description, name
+
+
+def test_dashboard_health_check_calls_health_on_loopback_and_secrets_are_required():
+    check = " ".join(SERVICES["dashboard"]["healthcheck"]["test"])
+    # /health details and /metrics are for loopback callers or the metrics token: the
+    # container's own check is a loopback caller without a proxy header.
+    assert "http://127.0.0.1:" in check and "/health" in check and "X-Forwarded-For" not in check
+    env = COMPOSE["x-captioner-env"]
+    assert env["CAPTIONER_SECRET_KEY"].startswith("${CAPTIONER_SECRET_KEY:?")
+    assert substitute(env["CAPTIONER_METRICS_TOKEN"]) == ""
+    assert Settings(metrics_token=substitute(env["CAPTIONER_METRICS_TOKEN"])).metrics_token is None

@@ -13,6 +13,7 @@ import pytest
 import redis
 from dashboard_helpers import fake_caption, make_user, png
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from captioner.logging import JsonFormatter, TextFormatter, log_context, make_handler
 from captioner.state import images, jobs
@@ -323,3 +324,73 @@ def test_text_log_lines_name_the_job():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
     record.job_id = 5
     assert TextFormatter().format(record).endswith("hello [job=5]")
+
+
+REMOTE = {"REMOTE_ADDR": "203.0.113.7"}
+
+
+def test_anonymous_health_from_elsewhere_says_only_ok(ops_app):
+    client = ops_app.test_client()
+    r = client.get("/health", environ_base=REMOTE)
+    assert r.status_code == 200 and r.json == {"status": "ok"}
+    # Behind a proxy the loopback address is the proxy's: a forwarded request is not local.
+    r = client.get("/health", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert r.json == {"status": "ok"}
+    # The loopback caller (the container's own health check) gets the details.
+    assert set(client.get("/health").json["checks"]) == {"database", "redis", "storage"}
+
+
+def test_anonymous_health_hides_errors_and_storage_location(dashboard_settings, publisher):
+    from dashboard import create_app
+
+    settings = dashboard_settings.model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{closed_port()}/0",
+            "metrics_token": SecretStr("m-token"),
+        }
+    )
+    app = create_app(settings, publisher=publisher)
+    try:
+        client = app.test_client()
+        r = client.get("/health", environ_base=REMOTE)
+        assert r.status_code == 503 and r.json == {"status": "unavailable"}
+        body = r.get_data(as_text=True)
+        assert "Connection" not in body and "objects" not in body and "redis" not in body
+        # With the metrics token, the details (and the raw error) are there.
+        auth = {"Authorization": "Bearer m-token"}
+        r = client.get("/health", environ_base=REMOTE, headers=auth)
+        assert r.status_code == 503 and r.json["status"] == "failing"
+        assert "Connection" in r.json["checks"]["redis"]["error"]
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_metrics_need_the_token_or_a_loopback_caller(dashboard_settings, publisher, ops_redis):
+    from dashboard import create_app
+
+    settings = dashboard_settings.model_copy(
+        update={"redis_url": ops_redis[0], "metrics_token": SecretStr("m-token")}
+    )
+    app = create_app(settings, publisher=publisher)
+    try:
+        client = app.test_client()
+        r = client.get("/metrics", environ_base=REMOTE)
+        assert r.status_code == 401 and b"captioner_" not in r.data
+        r = client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert r.status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert client.get("/metrics", environ_base=REMOTE, headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer m-token"}
+        r = client.get("/metrics", environ_base=REMOTE, headers=right)
+        assert r.status_code == 200 and b"captioner_images" in r.data
+        assert client.get("/metrics").status_code == 200  # loopback
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_without_a_metrics_token_only_loopback_reads_metrics(ops_app):
+    client = ops_app.test_client()
+    assert client.get("/metrics", environ_base=REMOTE).status_code == 401
+    r = client.get("/metrics", environ_base=REMOTE, headers={"Authorization": "Bearer "})
+    assert r.status_code == 401
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200

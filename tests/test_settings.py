@@ -85,3 +85,30 @@ def test_url_and_webhook_allow_lists_are_separate(monkeypatch):
     assert Settings().webhook_allow_hosts == [] and Settings().url_allow_hosts == [
         "images.internal"
     ]
+
+
+def test_the_default_secret_key_is_known_and_only_it_counts_as_default(monkeypatch):
+    from captioner.settings import DEFAULT_SECRET_KEY
+
+    assert Settings().uses_default_secret_key
+    assert Settings().secret_key.get_secret_value() == DEFAULT_SECRET_KEY
+    monkeypatch.setenv("CAPTIONER_SECRET_KEY", "test-secret")
+    assert not Settings().uses_default_secret_key
+
+
+def test_interactive_limit_and_metrics_token_settings(monkeypatch):
+    s = Settings()
+    assert s.interactive_max_images == 16 and s.metrics_token is None
+    monkeypatch.setenv("CAPTIONER_INTERACTIVE_MAX_IMAGES", "4")
+    monkeypatch.setenv("CAPTIONER_METRICS_TOKEN", "scrape-me")
+    s = Settings()
+    assert s.interactive_max_images == 4
+    assert s.metrics_token.get_secret_value() == "scrape-me"
+    monkeypatch.setenv("CAPTIONER_INTERACTIVE_MAX_IMAGES", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_an_empty_metrics_token_means_none(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_METRICS_TOKEN", "")
+    assert Settings().metrics_token is None

@@ -251,3 +251,49 @@ def test_a_port_in_use_is_refused_with_one_line_naming_port_and_setting(tmp_path
     assert len(lines) == 1, lines
     assert f"port {busy}" in lines[0] and setting in lines[0]
     assert not (tmp_path / "d" / "models").exists()  # refused before doing anything
+
+
+def test_serve_refuses_the_default_secret_key_with_one_line_naming_the_setting(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_SECRET_KEY"}
+    env["CAPTIONER_DATA_DIR"] = str(tmp_path / "d")
+    out = subprocess.run(
+        [sys.executable, "-m", "captioner.cli", "serve", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode != 0
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "CAPTIONER_SECRET_KEY" in lines[0], lines
+    assert not listening(port)
+
+
+def test_the_app_factory_gunicorn_loads_refuses_the_default_secret_key(monkeypatch):
+    from captioner.settings import DEFAULT_SECRET_KEY, Settings
+    from dashboard import InsecureSecretKey, create_app
+
+    monkeypatch.setenv("CAPTIONER_SECRET_KEY", DEFAULT_SECRET_KEY)
+    with pytest.raises(InsecureSecretKey, match="CAPTIONER_SECRET_KEY"):
+        create_app()
+    with pytest.raises(InsecureSecretKey):
+        create_app(Settings())
+
+
+def test_run_generates_a_private_secret_key_once_and_reuses_it(tmp_path, monkeypatch):
+    from captioner.cli.stack import session_key
+    from captioner.settings import DEFAULT_SECRET_KEY
+
+    monkeypatch.delenv("CAPTIONER_SECRET_KEY", raising=False)
+    key = session_key(tmp_path / "d")
+    path = tmp_path / "d" / "secret_key"
+    assert len(key) >= 32 and key != DEFAULT_SECRET_KEY
+    assert path.read_text() == key and (path.stat().st_mode & 0o777) == 0o600
+    assert session_key(tmp_path / "d") == key
+    # The built-in default in the environment counts as unset; a real key is passed on as is.
+    monkeypatch.setenv("CAPTIONER_SECRET_KEY", DEFAULT_SECRET_KEY)
+    assert session_key(tmp_path / "d") == key
+    monkeypatch.setenv("CAPTIONER_SECRET_KEY", "an operator's own key")
+    assert session_key(tmp_path / "d") == "an operator's own key"

@@ -167,3 +167,45 @@ def test_api_docs_are_served_locally(client):
     assert client.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/api/openapi.json").json
     assert "/api/v1/jobs" in spec["paths"] and "/api/v1/review/queue" in spec["paths"]
+
+
+def test_cancel_and_retry_forms_are_for_the_owner_and_admins(app, client, accounts):
+    r = client.post(
+        "/api/v1/jobs/upload",
+        data={"files": [(io.BytesIO(png()), "a.png")]},
+        headers=accounts["alice"].headers,
+        content_type="multipart/form-data",
+    )
+    job_id = r.json["id"]
+    login(client, "rev@example.com")
+    page = client.get(f"/jobs/{job_id}").data.decode()
+    assert "Cancel job" not in page and "Retry failed images" not in page
+    token = csrf(client)
+    assert client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}).status_code == 403
+    assert client.post(f"/jobs/{job_id}/retry", data={"csrf_token": token}).status_code == 403
+    headers = accounts["alice"].headers
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=headers).json["status"] == "queued"
+    client.post("/logout", data={"csrf_token": token})
+    login(client, "alice@example.com")
+    assert "Cancel job" in client.get(f"/jobs/{job_id}").data.decode()
+    r = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": csrf(client)})
+    assert r.status_code == 303
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=headers).json["status"] == "cancelled"
+
+
+def test_priority_above_zero_from_the_form_needs_the_admin_role(app, client, accounts):
+    login(client, "alice@example.com")
+    assert 'name="priority"' in client.get("/jobs").data.decode()
+    data = {"csrf_token": csrf(client), "keys": "a.jpg", "priority": "5"}
+    r = client.post("/jobs/new", data=data, follow_redirects=True)
+    assert b"priority" in r.data and b"Refused" in r.data
+    assert client.get("/api/v1/jobs", headers=accounts["alice"].headers).json["total"] == 0
+    data["priority"] = "-3"
+    assert client.post("/jobs/new", data=data).status_code == 303
+    client.post("/logout", data={"csrf_token": csrf(client)})
+    login(client, "admin@example.com")
+    data = {"csrf_token": csrf(client), "keys": "a.jpg", "priority": "5"}
+    r = client.post("/jobs/new", data=data)
+    assert r.status_code == 303
+    [job, _] = client.get("/api/v1/jobs", headers=accounts["admin"].headers).json["items"]
+    assert job["priority"] == 5

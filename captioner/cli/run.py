@@ -88,11 +88,17 @@ def serve(host, port):
 
     from captioner.logging import configure_logging
     from captioner.settings import get_settings
-    from dashboard import create_app
+    from dashboard import InsecureSecretKey, create_app
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        raise click.ClickException(f"invalid setting: {exc}") from None
     configure_logging(settings)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except InsecureSecretKey as exc:
+        raise click.ClickException(str(exc)) from None
     run_simple(
         host or settings.dashboard_host,
         port or settings.dashboard_port,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from captioner.settings import Settings
+from captioner.settings import DEFAULT_SECRET_KEY, Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -308,10 +308,9 @@ def child_env(settings: Settings, **overrides: str) -> dict[str, str]:
 
 def stack_env(plan: StackPlan) -> dict[str, str]:
     """The children's environment: the private Redis, and a session key kept in the data dir
-    unless CAPTIONER_SECRET_KEY is set."""
+    unless CAPTIONER_SECRET_KEY is set to something other than the built-in default."""
     env = child_env(plan.settings, CAPTIONER_REDIS_URL=plan.ports.redis_url)
-    if not os.environ.get("CAPTIONER_SECRET_KEY"):
-        env["CAPTIONER_SECRET_KEY"] = secret_key(plan.data_dir)
+    env["CAPTIONER_SECRET_KEY"] = session_key(plan.data_dir)
     return env
 
 
@@ -474,8 +473,18 @@ def migrate_database(database_url: str) -> StackDatabase:
     return StackDatabase(database_url, _safe_url(database_url))
 
 
+def session_key(data_dir: Path) -> str:
+    """The session key the stack's dashboard signs with: CAPTIONER_SECRET_KEY when it is set
+    to anything but the built-in default, else the random key kept in the data dir."""
+    given = os.environ.get("CAPTIONER_SECRET_KEY", "")
+    if given and given != DEFAULT_SECRET_KEY:
+        return given
+    return secret_key(data_dir)
+
+
 def secret_key(data_dir: Path) -> str:
-    """A random session key kept in the data dir, so logins survive a restart."""
+    """A random session key generated once into the data dir (mode 0600) and reused, so logins
+    survive a restart."""
     path = data_dir / "secret_key"
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
@@ -487,6 +496,7 @@ def secret_key(data_dir: Path) -> str:
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that already existed keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as f:
         f.write(text)
 
