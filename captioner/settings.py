@@ -129,10 +129,16 @@ class Settings(BaseSettings):
         description="Caption length cap in workers; empty means the model's own.",
     )
     caption_num_beams: int = Field(
-        default=1, ge=1, description="Beam width in workers (1 = greedy)."
+        default=3,
+        ge=1,
+        le=8,
+        description="Beam width in workers for jobs that do not choose one (1 = greedy).",
     )
     caption_n_best: int = Field(
-        default=3, ge=1, description="Candidates kept per image in workers."
+        default=3,
+        ge=1,
+        le=8,
+        description="Candidates kept per image for jobs that do not choose (at most the beams).",
     )
     gpu_decode: bool = Field(
         default=True,

@@ -265,6 +265,60 @@ def test_model_caption_never_overwrites_a_review(stack, env):
         assert redone.text != "stale text, not reviewed"  # unreviewed: the model may rewrite it
 
 
+def _set_job_options(stack, job_id, options):
+    from captioner.state.models import Job
+
+    with session_scope(stack.sessions) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(options=options))
+
+
+def _candidate_counts(stack, ids):
+    with stack.sessions() as s:
+        return sorted(
+            len(c.candidates) for c in s.scalars(select(Caption).where(Caption.image_id.in_(ids)))
+        )
+
+
+def test_a_batch_decodes_with_its_jobs_beams_and_n_best(stack, env):
+    job_id, ids = stack.submit_pngs(3, name="beams", publish=False)
+    _set_job_options(stack, job_id, {"num_beams": 3, "n_best": 3})
+    assert _run_batch_in_process(job_id, ids)["captioned"] == 3
+    assert _candidate_counts(stack, ids) == [3, 3, 3]
+    with stack.sessions() as s:
+        for c in s.scalars(select(Caption).where(Caption.image_id.in_(ids))):
+            assert c.text == c.candidates[0]["text"]
+            scores = [cand["score"] for cand in c.candidates]
+            assert scores == sorted(scores, reverse=True)
+
+    greedy_job, greedy_ids = stack.submit_pngs(2, name="greedy", publish=False)
+    _set_job_options(stack, greedy_job, {"num_beams": 1, "n_best": 1})
+    _run_batch_in_process(greedy_job, greedy_ids)
+    assert _candidate_counts(stack, greedy_ids) == [1, 1]
+
+
+def test_a_job_without_options_gets_three_alternatives(stack, env):
+    job_id, ids = stack.submit_pngs(2, name="bulk-default", publish=False)
+    _run_batch_in_process(job_id, ids)
+    assert _candidate_counts(stack, ids) == [3, 3]
+
+
+def test_decode_options_are_bounded():
+    from captioner.settings import Settings
+    from workers.model_runtime import MAX_NUM_BEAMS, ModelRuntime
+
+    runtime = ModelRuntime(Settings())
+    huge = runtime.decode_options({"num_beams": 500, "n_best": 900})
+    assert (huge.num_beams, huge.n_best) == (MAX_NUM_BEAMS, MAX_NUM_BEAMS)
+    narrow = runtime.decode_options({"num_beams": 2, "n_best": 5})
+    assert (narrow.num_beams, narrow.n_best) == (2, 2)
+    junk = runtime.decode_options({"num_beams": "x", "n_best": 0})
+    assert (junk.num_beams, junk.n_best) == (3, 1)
+    default = runtime.decode_options({})
+    assert (default.num_beams, default.n_best) == (3, 3)
+    pinned = ModelRuntime(Settings(caption_num_beams=1)).decode_options(None)
+    assert (pinned.num_beams, pinned.n_best) == (1, 1)
+
+
 # --- 3. Redis wiped while a job is half done --------------------------------------------------
 
 

@@ -53,7 +53,7 @@ from sqlalchemy.exc import OperationalError
 from captioner.settings import Settings, get_settings
 from captioner.state import images, jobs, outbox
 from captioner.state.db import session_scope
-from captioner.state.models import Image
+from captioner.state.models import Image, Job
 from captioner.tasks import TASK_CAPTION_BATCH
 from workers import metrics
 from workers.deliveries import publish_committed_deliveries
@@ -112,6 +112,7 @@ class Claimed:
     image_ids: list[int]
     keys: dict[int, str]
     attempts: dict[int, int]
+    job_options: dict[str, Any] = field(default_factory=dict)  # decoding options of the job
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,9 @@ def _claim(res: WorkerResources, batch: Batch) -> Claimed:
             rows = s.execute(
                 select(Image.id, Image.storage_key, Image.attempts).where(Image.id.in_(claimed))
             ).all()
+            job_options = (
+                s.scalar(select(Job.options).where(Job.id == batch.job_id)) if rows else {}
+            )
     except OperationalError as exc:
         raise TransientError(
             f"database unavailable while claiming: {exc}", batch.image_ids
@@ -226,6 +230,7 @@ def _claim(res: WorkerResources, batch: Batch) -> Claimed:
         image_ids=claimed,
         keys={image_id: key for image_id, key, _ in rows},
         attempts={image_id: n for image_id, _, n in rows},
+        job_options=dict(job_options or {}),
     )
 
 
@@ -270,7 +275,7 @@ def _run_on_device(
         items = [prepared[i].pixels for i in good]
         tensors = batch_pixels(items, split_preprocess(captioner.preprocess))
         pixels = device_batch(tensors, captioner.device)
-        hyps = captioner.caption_tensors(pixels, res.runtime.decode_options())
+        hyps = captioner.caption_tensors(pixels, res.runtime.decode_options(claimed.job_options))
     except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory
         return ModelRun(prepared=prepared, error=exc)
     metrics.MODEL_SECONDS.observe(time.perf_counter() - started)

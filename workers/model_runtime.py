@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -294,12 +294,31 @@ class ModelRuntime:
         )
         return LoadedModel(version_id, name, str(path), captioner)
 
-    def decode_options(self) -> Any:
+    def decode_options(self, job_options: Mapping[str, Any] | None = None) -> Any:
+        """How to decode one batch: the job's `num_beams` / `n_best` (a batch belongs to one
+        job), else the settings' (`CAPTIONER_CAPTION_NUM_BEAMS` / `_N_BEST`, 3 and 3 unless
+        set); both capped at `MAX_NUM_BEAMS`, and never more alternatives than beams."""
         from core_model.inference import DecodeOptions
 
         s = self.settings
+        options = job_options or {}
+        beams = _option(options.get("num_beams"), s.caption_num_beams)
+        n_best = _option(options.get("n_best"), s.caption_n_best)
         return DecodeOptions(
-            num_beams=s.caption_num_beams,
-            n_best=min(s.caption_n_best, s.caption_num_beams),
+            num_beams=beams,
+            n_best=min(n_best, beams),
             max_new_tokens=s.caption_max_new_tokens,
         )
+
+
+MAX_NUM_BEAMS = 8  # beams and alternatives per image, whatever a job asks for
+
+
+def _option(value: Any, default: int) -> int:
+    """A job's beam or n-best option as an int in [1, MAX_NUM_BEAMS]; `default` when the job
+    has none or it is not a number."""
+    try:
+        n = int(value) if value is not None else int(default)
+    except (TypeError, ValueError):
+        n = int(default)
+    return max(1, min(n, MAX_NUM_BEAMS))
