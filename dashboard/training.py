@@ -29,7 +29,7 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from sqlalchemy import func, select
 
 from captioner import tasks
-from captioner.learning import gate, registry, runs
+from captioner.learning import gate, registry, runs, snapshot
 from captioner.state.models import (
     ModelStatus,
     ModelVersion,
@@ -66,6 +66,9 @@ class VersionOut(Schema):
 class VersionListOut(Schema):
     items = List(Nested(VersionOut))
     active_id = Integer(allow_none=True)
+    serving_id = Integer(allow_none=True)
+    serving_source = String()
+    can_roll_back = Boolean()
 
 
 class RunOut(Schema):
@@ -216,9 +219,17 @@ def _rollback() -> ModelVersion:
 @api_bp.output(VersionListOut)
 @api_bp.doc(summary="Model versions, newest first, with metrics and status", responses=E401, **AUTH)
 def list_models():
-    versions = registry.list_versions(db())
+    session = db()
+    versions = registry.list_versions(session)
     active = next((v.id for v in versions if v.status == ModelStatus.ACTIVE), None)
-    return {"items": [version_dict(v) for v in versions], "active_id": active}
+    serving = registry.serving(session, current_app.extensions["captioner"].settings)
+    return {
+        "items": [version_dict(v) for v in versions],
+        "active_id": active,
+        "serving_id": serving.version.id if serving.version is not None else None,
+        "serving_source": serving.source,
+        "can_roll_back": serving.rollback_to is not None,
+    }
 
 
 @api_bp.post("/models/<int:version_id>/promote")
@@ -395,9 +406,14 @@ def run_page(run_id: int):
         abort(404)
     data = run_dict(run, detail=True)
     versions = {v.id: v for v in (run.base_model_version, run.candidate_model_version) if v}
+    accounting = data["params"].get("reviews") or {}
     return render_template(
         "training_run.html",
         run=data,
+        reviews=accounting,
+        left_out=snapshot.left_out_lines(accounting),
+        # A rejected run's error is the gate's reason: shown once, as the verdict.
+        error=None if data["error"] == data["gate"].get("reason") else data["error"],
         chart=loss_chart(data["metrics"].get("loss_curve") or []),
         rows=metric_rows(data["metrics"]),
         versions=versions,
@@ -420,9 +436,18 @@ def retrain_now_form():
 @ui_bp.get("/models")
 @login_required()
 def models_page():
-    versions = [version_dict(v) for v in registry.list_versions(db())]
-    metric = current_app.extensions["captioner"].settings.gate_metric
-    return render_template("models.html", versions=versions, metric=metric)
+    session = db()
+    settings = current_app.extensions["captioner"].settings
+    versions = [version_dict(v) for v in registry.list_versions(session)]
+    serving = registry.serving(session, settings)
+    return render_template(
+        "models.html",
+        versions=versions,
+        metric=settings.gate_metric,
+        serving=serving,
+        serving_id=serving.version.id if serving.version is not None else None,
+        sources=registry.ServingSource,
+    )
 
 
 @ui_bp.post("/models/<int:version_id>/promote")

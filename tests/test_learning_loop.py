@@ -293,9 +293,48 @@ def test_cap_reviewer_share_pure():
         snapshot.Example(i, i, "k", "t", Split.TRAIN, 7, ReviewDecision.CORRECTED) for i in range(5)
     ]
     capped = snapshot.cap_reviewer_share(one, 0.5)
-    # A lone reviewer can never be at most half.
-    assert capped.kept == [] and capped.dropped == {"7": 5}
+    # A sole reviewer is not capped: the share applies once two or more reviewers contributed.
+    assert capped.kept == one and capped.dropped == {}
     assert snapshot.cap_reviewer_share(one, 1.0).kept == one
+    # Reviews without a reviewer are nobody's: they do not make a second reviewer.
+    anonymous = [
+        snapshot.Example(i, i, "k", "t", Split.TRAIN, None, ReviewDecision.CORRECTED)
+        for i in range(5, 7)
+    ]
+    assert snapshot.cap_reviewer_share(one + anonymous, 0.5).kept == one + anonymous
+    second = [snapshot.Example(9, 9, "k", "t", Split.TRAIN, 8, ReviewDecision.CORRECTED)]
+    capped = snapshot.cap_reviewer_share(one + second, 0.5)
+    # With a second reviewer, 7 may keep c with c <= 0.5 * (c + 1) -> 1, its newest.
+    assert [e.review_id for e in capped.kept] == [4, 9] and capped.dropped == {"7": 4}
+
+
+def test_a_runs_params_account_for_every_review(sqlite_loop):
+    loop = sqlite_loop
+    loop.settings.max_reviewer_share = 0.5
+    loop.settings.retrain_max_examples = 10
+    heavy, other, bad = (loop.user(f"{n}@example.com") for n in ("heavy", "other", "bad"))
+    ids = loop.images(range(20))
+    loop.review(ids[:12], ["h"] * 12, heavy)
+    loop.review(ids[12:16], ["o"] * 4, other)
+    loop.review(ids[16:20], ["b"] * 4, bad)
+    with session_scope(loop.sessions) as s:
+        s.get(User, bad).training_excluded_at = utcnow()
+    run = loop.get(TrainingRun, loop.start())
+    counts = run.params["reviews"]
+    # 16 kept reviews, the newest 10 taken (6 heavy, 4 other); heavy capped at 4 (4 <= 0.5 * 8).
+    assert counts["considered"] == 20 and counts["held_out"] == 0
+    assert counts["used_for_training"] == len(run.train_review_ids) == 8
+    assert counts["left_out"] == {
+        "excluded_reviewer": 4,
+        "reviewer_cap": 2,
+        "over_max_training_examples": 6,
+        "over_max_held_out": 0,
+    }
+    assert counts["considered"] == (
+        counts["used_for_training"] + counts["held_out"] + sum(counts["left_out"].values())
+    )
+    lines = snapshot.left_out_lines(counts)
+    assert len(lines) == 3 and lines[0].startswith("4 reviews: written by a reviewer")
 
 
 def test_held_out_images_are_fixed_grow_and_never_train(sqlite_loop):
@@ -458,6 +497,20 @@ def test_a_better_candidate_is_promoted_unless_the_anchor_set_regresses(
     assert loop.active() == (second.candidate_model_version_id, f"finetune-{second.id}")
     assert loop.get(ModelVersion, v1).status == ModelStatus.RETIRED
     assert second.metrics["loss_curve"] == [[1, 4.0], [2, 2.0], [3, 1.33333]]
+
+
+def test_gate_verdict_is_one_plain_sentence():
+    h = {"active": {"exact_match": 0.9464}, "candidate": {"exact_match": 0.9375}}
+    assert gate.gate("exact_match", h, {}, margin=0.01, tolerance=0.0).reason == (
+        "the new model got 93.8% of held-out captions exactly right, the current one 94.6%: "
+        "kept the current one"
+    )
+    better = {"active": {"cider": 0.5}, "candidate": {"cider": 0.75}}
+    decision = gate.gate("cider", better, {}, margin=0.01, tolerance=0.0)
+    assert decision.promote and decision.reason == (
+        "the new model scored CIDEr 0.750 on held-out captions, the current one 0.500: "
+        "promoted the new model"
+    )
 
 
 def test_gate_rules():
@@ -688,6 +741,7 @@ def test_pages_show_runs_loss_chart_and_versions_with_csrf_forms(seeded_app, cli
             },
             log="line one\n<script>x</script>\n",
             params={"trigger": "manual"},
+            error="held-out exact_match went down",
         )
         s.add(run)
         s.flush()
@@ -698,6 +752,7 @@ def test_pages_show_runs_loss_chart_and_versions_with_csrf_forms(seeded_app, cli
     assert "Retrain now" not in page  # admin only
     detail = client.get(f"/training/{run_id}").get_data(as_text=True)
     assert '<svg id="loss-chart"' in detail and "<polyline" in detail
+    assert detail.count("held-out exact_match went down") == 1  # the verdict, shown once
     assert "0.5000" in detail and "0.2500" in detail and "-0.2500" in detail
     assert "&lt;script&gt;" in detail and "<script>x" not in detail
     assert client.get("/training/99999").status_code == 404
@@ -710,15 +765,52 @@ def test_pages_show_runs_loss_chart_and_versions_with_csrf_forms(seeded_app, cli
     client.post("/logout", data={"csrf_token": csrf(client)})
     login(client, "admin@example.com")
     models = client.get("/models").get_data(as_text=True)
-    assert "Promote" in models and "Roll back" in models
+    # v1 is active with no parent and nothing was active before it: nothing to roll back to.
+    assert "Promote" in models and "Roll back" not in models
     assert client.post(f"/models/{ids['v2']}/promote").status_code == 400  # no CSRF token
     r = client.post(f"/models/{ids['v2']}/promote", data={"csrf_token": csrf(client)})
     assert r.status_code == 303
+    models = client.get("/models").get_data(as_text=True)
+    assert "Roll back to v1" in models
     with ext.sessionmaker() as s:
         assert registry.active_version(s).id == ids["v2"]
     client.post("/models/rollback", data={"csrf_token": csrf(client)})
     with ext.sessionmaker() as s:
         assert registry.active_version(s).id == ids["v1"]
+
+
+def test_a_sole_reviewers_reviews_all_train_and_the_run_page_accounts_for_them(
+    seeded_app, client, publisher
+):
+    """A team of one: 50 reviews by the only reviewer, the default reviewer share cap, and
+    "retrain now" starts a run that trains on them."""
+    from tests.dashboard_helpers import csrf, login
+
+    app, ids, users = seeded_app
+    ext = app.extensions["captioner"]
+    ext.settings.max_reviewer_share = 0.5
+    ext.settings.holdout_share = 0.2
+    with session_scope(ext.sessionmaker) as s:
+        job = jobs.create_job(s, "solo")
+        image_ids = jobs.submit_images(s, job.id, [f"solo/{i}.png" for i in range(50)])
+        for i in image_ids:
+            reviews.add_review(
+                s, image_id=i, decision="corrected", text="a cat", reviewer_id=users["admin"].id
+            )
+    login(client, "admin@example.com")
+    r = client.post("/training/retrain", data={"csrf_token": csrf(client)})
+    assert r.status_code == 303 and "/training/" in r.headers["Location"], r.get_data(as_text=True)
+    with ext.sessionmaker() as s:
+        run = s.scalars(select(TrainingRun)).one()
+        counts = run.params["reviews"]
+        train, held = len(run.train_review_ids), len(run.holdout_review_ids)
+    assert publisher.tasks == [(tasks.TASK_MAYBE_RETRAIN, ())]
+    assert train > 0 and train + held == 50 and held == counts["held_out"]
+    assert counts["considered"] == 50 and counts["used_for_training"] == train
+    assert sum(counts["left_out"].values()) == 0 and run.params["dropped_by_reviewer_cap"] == {}
+    page = client.get(r.headers["Location"]).get_data(as_text=True)
+    assert f"50 considered: {train} used for training, {held} held out" in page
+    assert "none left out" in page and "no reviewed training examples" not in page
 
 
 def test_web_process_does_not_import_torch():

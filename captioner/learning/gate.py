@@ -103,6 +103,25 @@ def evaluate(
     return Evaluation(holdout, anchor)
 
 
+_METRIC_NAMES = {"bleu_4": "BLEU-4", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+
+
+def _result(metric: str, value: float, which: str) -> str:
+    """How a model did on one set, in words: "got 93.8% of held-out captions exactly right"."""
+    if metric == "exact_match":
+        return f"got {value:.1%} of {which} captions exactly right"
+    return f"scored {_METRIC_NAMES.get(metric, metric)} {value:.3f} on {which} captions"
+
+
+def _amount(metric: str, value: float) -> str:
+    """A score or a margin as the sentence shows it: points of a percentage, or the score."""
+    return f"{value:.1%}" if metric == "exact_match" else f"{value:.3f}"
+
+
+def _verdict(promote: bool) -> str:
+    return "promoted the new model" if promote else "kept the current one"
+
+
 def gate(
     metric: str,
     holdout: dict[str, Scores],
@@ -111,33 +130,35 @@ def gate(
     tolerance: float,
 ) -> GateDecision:
     """Promote only if the candidate beats the active version on the held-out set by `margin`
-    and is no more than `tolerance` worse on the anchor set."""
+    and is no more than `tolerance` worse on the anchor set. The reason is one plain sentence:
+    "the new model got 93.8% of held-out captions exactly right, the current one 94.6%: kept
+    the current one"."""
     if not holdout.get("candidate"):
-        return GateDecision(False, "no held-out examples to compare on")
+        return GateDecision(
+            False, "no held-out captions to compare the models on: kept the current one"
+        )
     h_c, h_a = holdout["candidate"][metric], holdout["active"][metric]
     gain = h_c - h_a
+    said = (
+        f"the new model {_result(metric, h_c, 'held-out')}, the current one {_amount(metric, h_a)}"
+    )
     if not (gain > 0 and gain >= margin):
-        return GateDecision(
-            False,
-            f"held-out {metric} {h_c:.4f} vs active {h_a:.4f}: gain {gain:+.4f} is below the "
-            f"promote margin {margin:.4f}",
-        )
+        short = f" (a gain of at least {_amount(metric, margin)} is needed)" if gain > 0 else ""
+        return GateDecision(False, f"{said}{short}: {_verdict(False)}")
     if anchor.get("candidate"):
         a_c, a_a = anchor["candidate"][metric], anchor["active"][metric]
+        on_anchor = f"it {_result(metric, a_c, 'the anchor')}"
         if a_c < a_a - tolerance:
             return GateDecision(
                 False,
-                f"anchor {metric} {a_c:.4f} vs active {a_a:.4f}: dropped {a_a - a_c:.4f}, more "
-                f"than the tolerance {tolerance:.4f}",
+                f"{said}, but {on_anchor} against {_amount(metric, a_a)} for the current one "
+                f"(more than {_amount(metric, tolerance)} worse): {_verdict(False)}",
             )
-        anchor_note = f"; anchor {a_c:.4f} vs {a_a:.4f} (tolerance {tolerance:.4f})"
-    else:
-        anchor_note = "; no anchor set"
-    return GateDecision(
-        True,
-        f"held-out {metric} {h_c:.4f} vs active {h_a:.4f} (gain {gain:+.4f} >= {margin:.4f})"
-        + anchor_note,
-    )
+        return GateDecision(
+            True,
+            f"{said}, and {on_anchor} (the current one {_amount(metric, a_a)}): {_verdict(True)}",
+        )
+    return GateDecision(True, f"{said}: {_verdict(True)}")
 
 
 def decide(evaluation: Evaluation, settings: Settings) -> GateDecision:

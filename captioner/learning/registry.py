@@ -270,6 +270,15 @@ def rollback(session: Session) -> ModelVersion:
     return _activate(session, target.id, rolled_back_from=current.id)
 
 
+def settings_checkpoint_name(checkpoint: Path) -> str | None:
+    """The version name the settings checkpoint is registered under (by its weights digest,
+    as `workers.model_runtime.register_checkpoint` names it); None without a checkpoint there."""
+    if not (checkpoint / "config.json").is_file():
+        return None
+    meta = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    return f"checkpoint-{str(meta.get('weights_sha256', ''))[:16]}"
+
+
 def baseline_version(session: Session, settings: Settings) -> ModelVersion | None:
     """The version a new run fine-tunes from: the active one; without one, the checkpoint
     workers fall back to (`Settings.model_checkpoint`), registered in place as a candidate."""
@@ -277,12 +286,51 @@ def baseline_version(session: Session, settings: Settings) -> ModelVersion | Non
     if active is not None:
         return active
     checkpoint = Path(settings.model_checkpoint or "")
-    if not (checkpoint / "config.json").is_file():
+    name = settings_checkpoint_name(checkpoint)
+    if name is None:
         return None
-    meta = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    # The same name workers.model_runtime.register_checkpoint gives it.
-    name = f"checkpoint-{str(meta.get('weights_sha256', ''))[:16]}"
     row = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
     if row is None:
         row = register(session, checkpoint, name=name, store=None)
     return row
+
+
+class ServingSource:
+    """Where the model workers caption with comes from (`Serving.source`)."""
+
+    ACTIVE = "active"  # the active registry version
+    PINNED = "pinned"  # Settings.active_model names a version
+    SETTINGS_CHECKPOINT = "settings_checkpoint"  # no active version: Settings.model_checkpoint
+    NONE = "none"  # nothing to caption with
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What workers caption with now, as the Models page shows it: the version (None when the
+    settings checkpoint was not registered yet), where it comes from, the checkpoint path for
+    a settings checkpoint, and the version a rollback would re-activate (None: nothing to roll
+    back to)."""
+
+    version: ModelVersion | None
+    source: str
+    checkpoint: str | None = None
+    rollback_to: ModelVersion | None = None
+
+
+def serving(session: Session, settings: Settings) -> Serving:
+    """What workers caption with now (read only: nothing is registered here)."""
+    active = active_version(session)
+    rollback_to = rollback_target(session, active) if active is not None else None
+    if settings.active_model:
+        pinned = session.scalars(
+            select(ModelVersion).where(ModelVersion.name == settings.active_model)
+        ).first()
+        return Serving(pinned, ServingSource.PINNED, rollback_to=rollback_to)
+    if active is not None:
+        return Serving(active, ServingSource.ACTIVE, rollback_to=rollback_to)
+    checkpoint = Path(settings.model_checkpoint or "")
+    name = settings_checkpoint_name(checkpoint)
+    if name is None:
+        return Serving(None, ServingSource.NONE)
+    row = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
+    return Serving(row, ServingSource.SETTINGS_CHECKPOINT, checkpoint=str(checkpoint))

@@ -146,6 +146,7 @@ def _queued_run(
             "dropped_by_reviewer_cap": snapshot.dropped_by_cap,
             "max_reviewer_share": settings.max_reviewer_share,
             "excluded_reviewers": snapshot.excluded_reviewers,
+            "reviews": snapshot.accounting,
         },
         metrics={},
         log="",

@@ -6,8 +6,11 @@ The snapshot is taken when a run starts and recorded on it (review ids, high-wat
 - the held-out set: every newly reviewed image goes, by a hash of its id, to the held-out set
   with probability `holdout_share` (`Image.split = holdout`) and stays there; held-out images are
   evaluated on, never trained on, so the set is fixed and grows with every run;
-- no reviewer supplies more than `max_reviewer_share` of the reviewed training examples (their
-  oldest reviews beyond the cap are dropped, and the run's params say how many).
+- once two or more reviewers contributed, no reviewer supplies more than `max_reviewer_share`
+  of the reviewed training examples (their oldest reviews beyond the cap are dropped, and the
+  run's params say how many); a sole reviewer's reviews all train;
+- the run's params record the accounting (`Snapshot.accounting`): reviews considered, used for
+  training, held out, and how many were left out for each reason.
 
 When the run executes, `run_examples` reads the recorded reviews back, and `dataset_records`
 loads the replay and anchor data sets that complete them.
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from captioner.state.models import Image, Review, ReviewDecision, Split, User
@@ -57,6 +60,16 @@ class Snapshot:
     max_review_id: int
     dropped_by_cap: dict[str, int] = field(default_factory=dict)  # reviewer id -> dropped
     excluded_reviewers: list[int] = field(default_factory=list)
+    accounting: dict[str, Any] = field(default_factory=dict)  # see `accounting`
+
+
+# Why a current review that approves or corrects a caption is in neither set.
+LEFT_OUT_REASONS = {
+    "excluded_reviewer": "written by a reviewer an admin left out of training",
+    "reviewer_cap": "over one reviewer's share of the training examples (max reviewer share)",
+    "over_max_training_examples": "older than the newest training examples a run takes",
+    "over_max_held_out": "beyond the largest held-out set a run evaluates on",
+}
 
 
 @dataclass(frozen=True)
@@ -97,13 +110,16 @@ def assign_holdout(session: Session, share: float, after_review_id: int) -> list
     return chosen
 
 
-def current_examples(session: Session, up_to_review_id: int | None = None) -> list[Example]:
-    """Every image's current review that approves or corrects a caption, excluded reviewers
-    left out, oldest review first."""
+def current_examples(
+    session: Session, up_to_review_id: int | None = None, *, include_excluded: bool = False
+) -> list[Example]:
+    """Every image's current review that approves or corrects a caption, oldest review first;
+    reviews by excluded reviewers are left out unless `include_excluded`."""
     newest = select(Review.image_id, func.max(Review.id).label("review_id"))
     if up_to_review_id is not None:
         newest = newest.where(Review.id <= up_to_review_id)
     current = newest.group_by(Review.image_id).subquery("current_reviews")
+    kept_reviewers = or_(Review.reviewer_id.is_(None), User.training_excluded_at.is_(None))
     query = (
         select(
             Review.id,
@@ -120,7 +136,7 @@ def current_examples(session: Session, up_to_review_id: int | None = None) -> li
         .where(
             Review.decision.in_([ReviewDecision.APPROVED, ReviewDecision.CORRECTED]),
             Review.text.is_not(None),
-            or_(Review.reviewer_id.is_(None), User.training_excluded_at.is_(None)),
+            true() if include_excluded else kept_reviewers,
         )
         .order_by(Review.id)
     )
@@ -139,14 +155,21 @@ def reviewer_cap(counts: Counter[int | None], share: float) -> int:
     return 0
 
 
+def contributing_reviewers(examples: Sequence[Example]) -> int:
+    """How many people wrote the examples (reviews without a reviewer are nobody's)."""
+    return len({e.reviewer_id for e in examples if e.reviewer_id is not None})
+
+
 def cap_reviewer_share(examples: Sequence[Example], share: float) -> Capped:
-    """Keep at most `share` of the kept examples from any one reviewer (their newest ones).
+    """Keep at most `share` of the kept examples from any one reviewer (their newest ones),
+    once two or more reviewers contributed: a sole reviewer's examples are all kept.
 
     With the cap c of `reviewer_cap`, after capping every reviewer holds at most `share` of
-    what is kept. Reviews without a reviewer count as one more "reviewer".
+    what is kept. Once the cap applies, reviews without a reviewer count as one more
+    "reviewer".
     """
     counts = Counter(e.reviewer_id for e in examples)
-    if share >= 1.0 or not counts:
+    if share >= 1.0 or contributing_reviewers(examples) < 2:
         return Capped(list(examples), {})
     cap = reviewer_cap(counts, share)
     by_reviewer: dict[int | None, list[Example]] = {}
@@ -164,16 +187,45 @@ def cap_reviewer_share(examples: Sequence[Example], share: float) -> Capped:
 def take_snapshot(session: Session, settings: Settings, after_review_id: int) -> Snapshot:
     """Assign new held-out images, then split the current reviews into train and held-out."""
     assign_holdout(session, settings.holdout_share, after_review_id)
-    examples = current_examples(session)
-    train = [e for e in examples if e.split == Split.TRAIN]
-    train = train[-settings.retrain_max_examples :]  # the newest
-    capped = cap_reviewer_share(train, settings.max_reviewer_share)
-    holdout = sorted((e for e in examples if e.split == Split.HOLDOUT), key=lambda e: e.image_id)[
-        : settings.holdout_max_images
-    ]
     excluded = list(session.scalars(select(User.id).where(User.training_excluded_at.is_not(None))))
+    considered = current_examples(session, include_excluded=True)
+    left_out = set(excluded)
+    examples = [e for e in considered if e.reviewer_id not in left_out]
+    train_all = [e for e in examples if e.split == Split.TRAIN]
+    train = train_all[-settings.retrain_max_examples :]  # the newest
+    capped = cap_reviewer_share(train, settings.max_reviewer_share)
+    holdout_all = sorted(
+        (e for e in examples if e.split == Split.HOLDOUT), key=lambda e: e.image_id
+    )
+    holdout = holdout_all[: settings.holdout_max_images]
     max_review_id = session.scalar(select(func.max(Review.id))) or 0
-    return Snapshot(capped.kept, holdout, int(max_review_id), capped.dropped, excluded)
+    counts = {
+        "considered": len(considered),
+        "used_for_training": len(capped.kept),
+        "held_out": len(holdout),
+        "reviewers": contributing_reviewers(train),
+        "reviewer_cap_applied": contributing_reviewers(train) >= 2
+        and settings.max_reviewer_share < 1.0,
+        "left_out": {
+            "excluded_reviewer": len(considered) - len(examples),
+            "reviewer_cap": sum(capped.dropped.values()),
+            "over_max_training_examples": len(train_all) - len(train),
+            "over_max_held_out": len(holdout_all) - len(holdout),
+        },
+    }
+    return Snapshot(
+        capped.kept, holdout, int(max_review_id), capped.dropped, excluded, accounting=counts
+    )
+
+
+def left_out_lines(accounting: dict[str, Any]) -> list[str]:
+    """Why reviews were left out of a run, one line per reason that left any out."""
+    left = accounting.get("left_out") or {}
+    return [
+        f"{n} {'review' if n == 1 else 'reviews'}: {LEFT_OUT_REASONS.get(key, key)}"
+        for key, n in left.items()
+        if n
+    ]
 
 
 # --- reading a run's snapshot back -----------------------------------------------------------
