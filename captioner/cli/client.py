@@ -31,22 +31,75 @@ def _token(explicit: str | None) -> str:
 
 
 class Client:
+    """The dashboard API over HTTP; every failure becomes one readable line (a ClickException):
+    the status and message, a validation error's reasons, or a server it cannot reach."""
+
     def __init__(self, server: str, token: str) -> None:
         import requests
 
-        self.base = server.rstrip("/") + "/api/v1"
+        self.server = server.rstrip("/")
+        self.base = self.server + "/api/v1"
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
 
     def call(self, method: str, path: str, **kwargs):
-        response = self.http.request(method, self.base + path, timeout=600, **kwargs)
+        import requests
+
+        try:
+            response = self.http.request(method, self.base + path, timeout=600, **kwargs)
+        except requests.ConnectionError:
+            raise click.ClickException(f"cannot reach the server at {self.server}") from None
+        except requests.Timeout:
+            raise click.ClickException(f"the server at {self.server} did not answer") from None
+        except requests.RequestException as exc:
+            raise click.ClickException(f"request to {self.server} failed: {exc}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json().get("message", response.text)
-            except ValueError:
-                message = response.text
-            raise click.ClickException(f"{response.status_code}: {message}")
+            raise click.ClickException(error_line(response))
         return response
+
+
+def _reasons(detail, where: str = "") -> list[str]:
+    """A validation error's reasons ("field: message"), flattened from its nested detail."""
+    if isinstance(detail, dict):
+        out: list[str] = []
+        for key, value in detail.items():
+            # The first level names where the input was read (json, query, form_and_files).
+            inner = key if where or key not in _LOCATIONS else ""
+            out += _reasons(value, f"{where}.{inner}".strip(".") if inner else where)
+        return out
+    if isinstance(detail, list | tuple):
+        return [r for item in detail for r in _reasons(item, where)]
+    text = str(detail).strip()
+    return [f"{where}: {text}" if where else text] if text else []
+
+
+_LOCATIONS = {"json", "query", "form", "files", "form_and_files", "headers", "cookies", "path"}
+
+
+def error_line(response) -> str:
+    """One line for an error response: "422: Validation error: num_beams: Must be ..."."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        text = " ".join((response.text or response.reason or "").split())[:300]
+        return f"{response.status_code}: {text}"
+    message = str(body.get("message") or response.reason or "error")
+    reasons = _reasons(body.get("detail") or {})
+    return f"{response.status_code}: {message}" + (f": {'; '.join(reasons)}" if reasons else "")
+
+
+def refused_lines(job: dict) -> list[str]:
+    """One line per item the server refused while accepting the rest (`refused` in a job)."""
+    out = []
+    for item in job.get("refused") or []:
+        if isinstance(item, dict):
+            name = item.get("name") or item.get("file") or item.get("url") or "?"
+            out.append(f"refused: {name}: {item.get('reason') or item.get('message') or ''}")
+        else:
+            out.append(f"refused: {item}")
+    return out
 
 
 def zip_folder(folder: Path) -> bytes:
@@ -76,7 +129,8 @@ def zip_folder(folder: Path) -> bytes:
 @click.option("--recaption", is_flag=True, help="Caption again even images already captioned.")
 @click.option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
 def submit(source, server, token, name, priority, num_beams, n_best, recaption, wait):
-    """Submit SOURCE: a folder, a .zip, s3://bucket/prefix or a .txt of URLs (one per line)."""
+    """Submit SOURCE: a folder, a .zip, one image file, s3://bucket/prefix or a .txt of URLs
+    (one per line)."""
     client = Client(server, _token(token))
     options = {
         "name": name or source[-200:],
@@ -85,26 +139,11 @@ def submit(source, server, token, name, priority, num_beams, n_best, recaption, 
         "n_best": n_best,
         "recaption": recaption,
     }
-    path = Path(source)
-    if source.startswith("s3://"):
-        job = client.call("POST", "/jobs", json=options | {"prefix": source}).json()
-    elif path.is_dir() or path.suffix.lower() == ".zip":
-        data = zip_folder(path) if path.is_dir() else path.read_bytes()
-        form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
-        files = {
-            "archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")
-        }
-        job = client.call("POST", "/jobs/upload", data=form, files=files).json()
-    elif path.is_file():
-        urls = [
-            line.strip()
-            for line in path.read_text().splitlines()
-            if line.strip() and not line.startswith("#")
-        ]
-        job = client.call("POST", "/jobs", json=options | {"urls": urls}).json()
-    else:
-        raise click.ClickException(f"{source}: not a folder, zip, URL list or s3:// prefix")
+    job = _submit(client, source, options)
     click.echo(f"job {job['id']} submitted")
+    refused = refused_lines(job)
+    for line in refused:
+        click.echo(line, err=True)
     if wait:
         job = _wait(client, job["id"])
         p = job["progress"]
@@ -113,6 +152,43 @@ def submit(source, server, token, name, priority, num_beams, n_best, recaption, 
         )
         if job["status"] != "finished" or p["failed"]:
             sys.exit(1)
+    if refused:
+        sys.exit(1)
+
+
+def _form(options: dict) -> dict[str, str]:
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
+
+
+def _submit(client: Client, source: str, options: dict) -> dict:
+    """Send SOURCE as the kind of submission it is; returns the job."""
+    path = Path(source)
+    if source.startswith("s3://"):
+        return client.call("POST", "/jobs", json=options | {"prefix": source}).json()
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
+        data = zip_folder(path) if path.is_dir() else path.read_bytes()
+        files = {
+            "archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")
+        }
+        return client.call("POST", "/jobs/upload", data=_form(options), files=files).json()
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        files = [("files", (path.name, path.read_bytes(), "application/octet-stream"))]
+        return client.call("POST", "/jobs/upload", data=_form(options), files=files).json()
+    if path.is_file():
+        return client.call("POST", "/jobs", json=options | {"urls": _url_list(path)}).json()
+    raise click.ClickException(f"{source}: not a folder, zip, image, URL list or s3:// prefix")
+
+
+def _url_list(path: Path) -> list[str]:
+    """The URLs of a text file, one per line (# comments and blank lines left out)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(
+            f"{path}: not a folder, zip, image ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+            "or text list of URLs"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _wait(client: Client, job_id: int, poll_seconds: float = 1.0) -> dict:
