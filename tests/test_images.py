@@ -171,3 +171,19 @@ assert "HEIF" in Image.OPEN
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_large_jpeg_is_drafted_no_smaller_than_the_target_rotation_included():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees: 1000x2400 stored, 2400x1000 shown
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 2400), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    data = buf.getvalue()
+    assert decode_image(data).size == (2400, 1000)
+    drafted = decode_image(data, target_size=(224, 224))
+    assert drafted.size == (600, 250) and drafted.mode == "RGB"  # 1/4: both sides >= 224
+    assert decode_image(data, target_size=(400, 400)).size == (1200, 500)  # 1/2
+    assert decode_image(data, target_size=(600, 600)).size == (2400, 1000)  # under 2x: full
+    png = io.BytesIO()
+    Image.new("RGB", (1000, 2400)).save(png, "PNG")
+    assert decode_image(png.getvalue(), target_size=(224, 224)).size == (1000, 2400)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -83,3 +84,69 @@ def test_exif_rotation_applied(pre):
     x = pre(reload(im, "JPEG", quality=95, exif=exif.tobytes()))
     assert pixel(x, 20, 80) == pytest.approx([1.0, -1.0, -1.0], abs=0.05)  # red on top
     assert pixel(x, 140, 80) == pytest.approx([-1.0, -1.0, 1.0], abs=0.05)  # blue below
+
+
+# --- a large JPEG decoded at a reduced scale (Pillow's draft) before the resize --------------
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A photo-like picture: smooth gradients, a few shapes with soft edges, grain."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack(
+        [x / w * 200 + 30, y / h * 180 + 40, (np.sin(x / w * 9) + np.cos(y / h * 7)) * 50 + 120],
+        axis=-1,
+    )
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h, rng.uniform(0.05, 0.2) * w
+        inside = np.clip((r - np.hypot(x - cx, y - cy)) / (0.01 * w), 0, 1)[..., None]
+        arr = arr * (1 - inside) + rng.uniform(0, 255, 3) * inside
+    arr += rng.normal(0, 3, arr.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def encoded(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def caption_input(data: bytes, pre, *, draft: bool) -> np.ndarray:
+    """The 8-bit pixels the worker gives the model for `data`, with or without the draft."""
+    from captioner.settings import Settings
+    from workers.pixels import decode_on_cpu, split_preprocess
+
+    split = split_preprocess(pre)
+    if not draft:
+        split = dataclasses.replace(split, input_size=None)
+    prepared = decode_on_cpu(data, Settings(), split)
+    assert prepared.reason is None, prepared.reason
+    return prepared.pixels.astype(np.int16)
+
+
+def test_a_large_jpeg_is_drafted_and_its_caption_input_stays_close(pre):
+    from captioner.intake.decode import decode_image
+
+    data = encoded(photo(1600, 1200), "JPEG", quality=90)
+    # 1/4 scale: the largest of 1/2, 1/4, 1/8 that keeps both sides at or above 160.
+    assert decode_image(data, target_size=pre.input_size).size == (400, 300)
+    assert decode_image(data).size == (1600, 1200)
+    drafted, full = caption_input(data, pre, draft=True), caption_input(data, pre, draft=False)
+    assert drafted.shape == full.shape == (160, 160, 3)
+    assert np.abs(drafted - full).mean() < 2  # out of 255
+    assert not np.array_equal(drafted, full)  # the draft did change the decoding
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(encoded(photo(300, 250), "JPEG", quality=90), id="jpeg-under-2x"),
+        pytest.param(encoded(photo(1600, 300), "JPEG", quality=90), id="jpeg-one-side-under-2x"),
+        pytest.param(encoded(photo(1200, 900), "PNG"), id="large-png"),
+        pytest.param(encoded(photo(1200, 900), "WEBP", quality=90), id="large-webp"),
+    ],
+)
+def test_small_jpegs_and_other_formats_decode_bit_for_bit_as_before(pre, data):
+    assert np.array_equal(
+        caption_input(data, pre, draft=True), caption_input(data, pre, draft=False)
+    )

@@ -82,10 +82,14 @@ def _device_decodable(data: bytes, settings: Settings):
 
 def decode_on_cpu(data: bytes, settings: Settings, preprocess) -> Prepared:
     """Decode `data` safely (within the size limits) and preprocess it for the model (with a
-    `SplitPreprocess`, its per-image step: `batch_pixels` finishes the batch)."""
+    `SplitPreprocess`, its per-image step: `batch_pixels` finishes the batch). A JPEG much
+    larger than the model's input is decoded at a reduced scale (`decode_image`'s draft)."""
     try:
         image = decode_image(
-            data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+            data,
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+            target_size=getattr(preprocess, "input_size", None),
         )
     except ImageRejected as exc:
         return Prepared(reason=exc.reason, reason_kind=type(exc).__name__)
@@ -131,6 +135,7 @@ class SplitPreprocess:
     per_image: Callable[[Any], Any]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_size: tuple[int, int] | None = None  # (height, width) the model takes
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,7 +164,12 @@ def split_preprocess(preprocess) -> SplitPreprocess | Callable[[Any], Any]:
 
     mean = tuple(float(m) for m in normalize.mean)
     std = tuple(float(v) for v in normalize.std)
-    return SplitPreprocess(per_image=per_image, mean=mean, std=std)
+    return SplitPreprocess(
+        per_image=per_image,
+        mean=mean,
+        std=std,
+        input_size=getattr(preprocess, "input_size", None),
+    )
 
 
 def batch_pixels(items: list, split: SplitPreprocess | Any) -> list:
