@@ -21,6 +21,14 @@ recomputes at most every `SUMMARY_SECONDS`, each part over a bounded, indexed ra
 | `captioner_model_versions{status}` | gauge | model versions by status |
 | `captioner_metrics_source_up{source}` | gauge | 1 if the database / Redis answered this scrape |
 
+| `captioner_http_request_duration_seconds{method,endpoint,status}` | histogram | dashboard request latency; `endpoint` is Flask's endpoint name, never the path |
+
+The HTTP histogram is the one series kept by the web process itself (before/after request
+hooks). Under gunicorn each process counts its own requests: with `PROMETHEUS_MULTIPROC_DIR`
+set (an empty directory, emptied before the server starts) the processes write to files there
+and every scrape sums them (prometheus_client's multiprocess mode); without it a scrape sees
+only the process that answered it.
+
 Workers export their own per-process series (batch and model time, failures as they happen) on
 `CAPTIONER_METRICS_PORT`; see `workers/metrics.py`.
 
@@ -35,10 +43,12 @@ container's own health check.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,8 +56,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
-from prometheus_client import CollectorRegistry, generate_latest
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
@@ -394,7 +404,66 @@ def init_app(app) -> None:
     registry.register(collector)
     app.extensions["captioner_metrics_registry"] = registry
     app.extensions["captioner_metrics_collector"] = collector
+    _time_requests(app, registry)
     app.register_blueprint(bp)
+
+
+# --- HTTP request latency -------------------------------------------------------------------
+
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_HTTP_NAME = "captioner_http_request_duration_seconds"
+_HTTP_DOC = "Dashboard request latency in seconds, by method, Flask endpoint and status."
+_HTTP_LABELS = ("method", "endpoint", "status")
+
+
+def _multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+@functools.cache
+def _shared_http_histogram() -> Histogram:
+    """Multiprocess mode: one histogram per process, its values in the shared directory's
+    files (two objects of one name in a process would overwrite each other's counts)."""
+    return Histogram(_HTTP_NAME, _HTTP_DOC, _HTTP_LABELS, buckets=HTTP_BUCKETS, registry=None)
+
+
+def _http_histogram(registry: CollectorRegistry) -> Histogram:
+    """The request histogram, exposed through `registry`: this app's own in one process, or
+    the sum of every process's files under `PROMETHEUS_MULTIPROC_DIR`."""
+    path = _multiprocess_dir()
+    if path is None:
+        return Histogram(
+            _HTTP_NAME, _HTTP_DOC, _HTTP_LABELS, buckets=HTTP_BUCKETS, registry=registry
+        )
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    MultiProcessCollector(registry, path=path)
+    return _shared_http_histogram()
+
+
+def _time_requests(app: Flask, registry: CollectorRegistry) -> None:
+    """Time every request: the clock starts in the first before-request hook (ahead of any
+    hook that answers early, such as a login redirect) and stops when the response is made.
+    Labels stay bounded: the endpoint name (`unmatched` for a 404 no route answered), one of
+    the usual methods or `other`, the status code."""
+    histogram = _http_histogram(registry)
+
+    def start() -> None:
+        g.captioner_request_started = time.perf_counter()
+
+    def observe(response: Response) -> Response:
+        started = g.pop("captioner_request_started", None)
+        if started is not None:
+            method = request.method if request.method in HTTP_METHODS else "other"
+            endpoint = request.endpoint or "unmatched"
+            histogram.labels(method, endpoint, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
+        return response
+
+    app.before_request_funcs.setdefault(None, []).insert(0, start)
+    app.after_request(observe)
 
 
 def trusted_caller() -> bool:

@@ -322,3 +322,87 @@ def test_dashboard_health_check_calls_health_on_loopback_and_secrets_are_require
     assert env["CAPTIONER_SECRET_KEY"].startswith("${CAPTIONER_SECRET_KEY:?")
     assert substitute(env["CAPTIONER_METRICS_TOKEN"]) == ""
     assert Settings(metrics_token=substitute(env["CAPTIONER_METRICS_TOKEN"])).metrics_token is None
+
+
+DEFAULT_SERVICES = {
+    "redis",
+    "postgres",
+    "minio",
+    "createbuckets",
+    "migrate",
+    "dashboard",
+    "worker-gpu0",
+    "worker-train",
+    "beat",
+    "flower",
+}
+MONITORING = {"prometheus", "grafana"}
+
+
+def test_monitoring_is_an_optional_profile_and_the_default_set_is_unchanged():
+    """`docker compose config` / `up` without a profile starts what it did before; Prometheus
+    and Grafana only with `--profile monitoring`, and nothing of the default set needs them."""
+    by_profile: dict[tuple, set[str]] = {}
+    for name, svc in SERVICES.items():
+        by_profile.setdefault(tuple(svc.get("profiles", ())), set()).add(name)
+    assert by_profile == {(): DEFAULT_SERVICES, ("monitoring",): MONITORING}
+    for name in DEFAULT_SERVICES:
+        assert not set(SERVICES[name].get("depends_on", {})) & MONITORING, name
+        assert not SERVICES[name].get("configs") and not SERVICES[name].get("secrets"), name
+    assert SERVICES["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    for name in MONITORING:  # published on loopback only, like the MinIO console
+        assert all(str(p).startswith("127.0.0.1:") for p in SERVICES[name]["ports"]), name
+
+
+def mounted(service: str) -> dict[str, Path]:
+    """Target path in the container -> the repository file compose mounts there."""
+    return {
+        c["target"]: ROOT / COMPOSE["configs"][c["source"]]["file"]
+        for c in SERVICES[service]["configs"]
+    }
+
+
+def test_prometheus_scrapes_the_dashboard_metrics_with_the_metrics_token():
+    files = mounted("prometheus")
+    config = yaml.safe_load(files["/etc/prometheus/prometheus.yml"].read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in SERVICES["prometheus"]["command"]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "captioner-dashboard"]
+    assert job["metrics_path"] == "/metrics"
+    port = command_of(SERVICES["dashboard"])[1].rsplit(":", 1)[1]  # --bind=0.0.0.0:8000
+    assert job["static_configs"][0]["targets"] == [f"dashboard:{port}"]
+    # The bearer token is the file compose makes from the CAPTIONER_METRICS_TOKEN setting.
+    (secret,) = SERVICES["prometheus"]["secrets"]
+    assert COMPOSE["secrets"][secret] == {"environment": "CAPTIONER_METRICS_TOKEN"}
+    assert "CAPTIONER_METRICS_TOKEN" in SETTINGS_ENV
+    assert job["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": f"/run/secrets/{secret}",
+    }
+    workers = {t for j in config["scrape_configs"] for t in j["static_configs"][0]["targets"]}
+    for name, flag in (("worker-gpu0", "gpu0"), ("worker-train", "train")):
+        port = next(a for a in command_of(SERVICES[name]) if a.startswith("--metrics-port="))
+        assert f"{name}:{port.split('=')[1]}" in workers, flag
+
+
+def test_grafana_is_provisioned_with_the_prometheus_source_and_the_dashboard():
+    import json
+
+    files = mounted("grafana")
+    assert all(path.is_file() for path in files.values()), files
+    sources = yaml.safe_load(
+        files["/etc/grafana/provisioning/datasources/prometheus.yml"].read_text()
+    )
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load(
+        files["/etc/grafana/provisioning/dashboards/captioner.yml"].read_text()
+    )
+    (provider,) = providers["providers"]
+    dashboards = [t for t in files if t.startswith(provider["options"]["path"] + "/")]
+    assert [files[t].relative_to(ROOT).as_posix() for t in dashboards] == [
+        "deploy/grafana/captioner.json"
+    ]
+    dashboard = json.loads(files[dashboards[0]].read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    uids |= {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]}

@@ -394,3 +394,143 @@ def test_without_a_metrics_token_only_loopback_reads_metrics(ops_app):
     r = client.get("/metrics", environ_base=REMOTE, headers={"Authorization": "Bearer "})
     assert r.status_code == 401
     assert client.get("/metrics", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+
+
+# --- HTTP request latency ---------------------------------------------------------------------
+
+HTTP = "captioner_http_request_duration_seconds"
+
+
+def request_counts(body: str) -> dict[tuple[str, str, str], float]:
+    """(method, endpoint, status) -> requests counted by the latency histogram."""
+    return {
+        (s.labels["method"], s.labels["endpoint"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name == f"{HTTP}_count"
+    }
+
+
+def test_request_latency_histogram_counts_requests_by_endpoint(ops_app):
+    client = ops_app.test_client()
+    admin = make_user(ops_app, "admin@example.com", "admin")
+    for _ in range(2):
+        assert client.get("/health").status_code == 200
+    for job_id in (987_001, 987_002):  # two paths, one route
+        assert client.get(f"/api/v1/jobs/{job_id}", headers=admin.headers).status_code == 404
+    assert client.get("/no/such/page").status_code == 404
+    odd_method = client.open("/health", method="BREW").status_code
+    assert odd_method >= 400
+
+    body = client.get("/metrics").get_data(as_text=True)
+    got = request_counts(body)
+    job_endpoint = ops_app.url_map.bind("localhost").match("/api/v1/jobs/1")[0]
+    assert got[("GET", "ops.health", "200")] == 2
+    assert got[("GET", job_endpoint, "404")] == 2
+    assert got[("GET", "unmatched", "404")] == 1
+    assert got[("other", "unmatched", str(odd_method))] == 1
+    assert "987_001" not in body and "/api/v1/jobs" not in body and "/no/such" not in body
+    # Every observation lands in the +Inf bucket and the sum is a duration.
+    buckets = samples(body)
+    inf = (("endpoint", "ops.health"), ("le", "+Inf"), ("method", "GET"), ("status", "200"))
+    assert buckets[(f"{HTTP}_bucket", inf)] == 2
+    health_sum = (("endpoint", "ops.health"), ("method", "GET"), ("status", "200"))
+    assert 0 < buckets[(f"{HTTP}_sum", health_sum)] < 60
+    # The scrape itself is counted once it is answered.
+    assert (
+        request_counts(client.get("/metrics").get_data(as_text=True))[("GET", "ops.metrics", "200")]
+        == 1
+    )
+
+
+SCRAPE_AFTER_REQUESTS = """
+import sys
+from dashboard import create_app
+client = create_app().test_client()
+for _ in range(int(sys.argv[1])):
+    assert client.get("/static/favicon.svg").status_code == 200
+if sys.argv[2] == "scrape":
+    sys.stdout.write(client.get("/metrics").get_data(as_text=True))
+"""
+
+
+def test_with_a_multiprocess_directory_every_process_counts_into_one_histogram(
+    dashboard_settings, tmp_path
+):
+    """Two processes (as under gunicorn): the second one's scrape sums both."""
+    import os
+    import subprocess
+    import sys
+
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(shared),
+        "CAPTIONER_DATA_DIR": str(dashboard_settings.data_dir),
+        "CAPTIONER_DATABASE_URL": dashboard_settings.database_url,
+        "CAPTIONER_STORAGE_URL": dashboard_settings.storage_url,
+        "CAPTIONER_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
+        "CAPTIONER_SECRET_KEY": "multiprocess-test",
+    }
+
+    def run(n: int, then: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", SCRAPE_AFTER_REQUESTS, str(n), then],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run(3, "exit")
+    got = request_counts(run(2, "scrape"))
+    assert got[("GET", "static", "200")] == 5
+    assert any(shared.iterdir())
+
+
+def test_grafana_dashboard_queries_only_series_the_metrics_endpoint_exposes(ops_app):
+    """deploy/grafana/captioner.json parses, and every metric its PromQL names is one a scrape
+    of /metrics returns (family or sample name), for each series the dashboard must show."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy/grafana/captioner.json").read_text()
+    )
+    client = ops_app.test_client()
+    assert client.get("/health").status_code == 200
+    body = client.get("/metrics").get_data(as_text=True)
+    exposed = set()
+    for family in text_string_to_metric_families(body):
+        exposed.add(family.name)
+        exposed.update(s.name for s in family.samples)
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    exprs = [t["expr"] for p in panels(dashboard["panels"]) for t in p.get("targets", [])]
+    assert exprs
+    named = set()
+    for expr in exprs:
+        names = set(re.findall(r"\b(captioner_[a-z0-9_]+)", expr))
+        assert names, f"no captioner series in {expr!r}"
+        assert names <= exposed, f"{expr!r}: not exposed: {sorted(names - exposed)}"
+        named |= names
+    for series in (
+        "captioner_queue_depth",
+        "captioner_images",
+        "captioner_images_finished_total",
+        "captioner_caption_latency_seconds_bucket",
+        "captioner_images_failed",
+        "captioner_reviews_total",
+        f"{HTTP}_count",
+        f"{HTTP}_bucket",
+        "captioner_training_runs",
+    ):
+        assert series in named, series
+    assert {"uid", "title", "schemaVersion"} <= set(dashboard)
