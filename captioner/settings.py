@@ -268,6 +268,26 @@ class Settings(BaseSettings):
         description="Where rate-limit counters live: `memory://` (one process) or a "
         "`redis://` URL shared by all web processes.",
     )
+    session_lifetime_hours: float = Field(
+        default=12.0,
+        gt=0,
+        description="A dashboard login lasts this long (hours from logging in, however active); "
+        "logout, a password change and an admin's disable end every session of that user at once.",
+    )
+    public_url: str = Field(
+        default="",
+        description="The address users reach the dashboard at, e.g. `https://captions.example.com`. "
+        "When it is https, session cookies are `Secure` and responses carry HSTS; empty means "
+        "plain http (cookies sent without `Secure`).",
+    )
+    trusted_proxy_hops: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Reverse proxies (load balancers) in front of the dashboard whose "
+        "`X-Forwarded-For` / `X-Forwarded-Proto` are trusted, so rate limits key on the real "
+        "client address; 0 trusts none (the headers are ignored).",
+    )
 
     metrics_token: SecretStr | None = Field(
         default=None,
@@ -394,6 +414,11 @@ class Settings(BaseSettings):
     )
 
     @property
+    def public_url_is_https(self) -> bool:
+        """True when users reach the dashboard over https (`public_url`): Secure cookies, HSTS."""
+        return self.public_url.lower().startswith("https://")
+
+    @property
     def uses_default_secret_key(self) -> bool:
         """True while `secret_key` is the built-in default (no server but `captioner run` may
         start with it)."""
@@ -410,6 +435,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, value):
         return None if value in ("", None) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise ValueError(f"public_url must start with http:// or https://, not {value!r}")
+        return value.rstrip("/")
 
     @field_validator("storage_url")
     @classmethod

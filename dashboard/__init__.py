@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
 from flask import Response, g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from captioner.settings import Settings, get_settings
@@ -127,12 +129,17 @@ def _new_app() -> APIFlask:
 
 
 def _configure(app: APIFlask, settings: Settings) -> None:
-    """Flask config: session key and cookies, upload cap, Swagger UI assets served locally."""
+    """Flask config: session key and cookies, upload cap, Swagger UI assets served locally;
+    behind `trusted_proxy_hops` proxies, the client address and scheme they forward."""
     app.config.update(
         SECRET_KEY=settings.secret_key.get_secret_value(),
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.public_url_is_https,
+        # A cookie's signature expires with the session lifetime too (`dashboard.auth` checks
+        # the login time itself).
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_lifetime_hours),
         SYNC_LOCAL_SPEC=False,
         SWAGGER_UI_CSS="/api/docs/assets/swagger-ui.css",
         SWAGGER_UI_BUNDLE_JS="/api/docs/assets/swagger-ui-bundle.js",
@@ -145,6 +152,9 @@ def _configure(app: APIFlask, settings: Settings) -> None:
     # `<int:...>` in every route is a database id: numbers past the INTEGER range every backend
     # shares don't match (404) instead of overflowing the database driver (500).
     app.url_map.converters["int"] = IdConverter
+    if settings.trusted_proxy_hops:
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
 
 
 def _add_extensions(app: APIFlask, settings: Settings, publisher: Any) -> None:

@@ -18,7 +18,14 @@ from marshmallow import ValidationError, validates_schema
 from sqlalchemy import func, select
 
 from captioner import export, webhooks
-from captioner.accounts import create_user, find_user, set_password
+from captioner.accounts import (
+    change_password,
+    create_user,
+    disable_user,
+    enable_user,
+    find_user,
+    revoke_tokens,
+)
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
@@ -39,8 +46,10 @@ from dashboard.auth import (
     api_auth,
     current_user,
     db,
+    keep_this_session,
     limiter,
     submit_limit,
+    token_in_use,
 )
 
 bp = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Captioner")
@@ -276,6 +285,11 @@ class UserOut(Schema):
     name = String()
     role = String()
     created_at = DateTime()
+    disabled_at = DateTime(allow_none=True)
+
+
+class RevokedOut(Schema):
+    revoked = Integer()
 
 
 class UserListOut(Schema):
@@ -829,6 +843,7 @@ def user_dict(user: User) -> dict:
         "name": user.name,
         "role": user.role.value,
         "created_at": user.created_at,
+        "disabled_at": user.disabled_at,
     }
 
 
@@ -866,21 +881,82 @@ def create_user_view(data):
 @bp.input(UserPatchIn, arg_name="data")
 @bp.output(UserOut)
 @bp.doc(
-    summary="Change a user's name, role or password (admin)", responses=E401 | E403 | E404, **AUTH
+    summary="Change a user's name, role or password (admin)",
+    description="A new password ends every login session of the user and revokes their API "
+    "tokens, except the session or token making the change.",
+    responses=E401 | E403 | E404,
+    **AUTH,
 )
 def update_user(user_id, data):
-    user = db().get(User, user_id)
-    if user is None:
-        abort(404, f"no user {user_id}")
+    user = _user_or_404(user_id)
     if "name" in data:
         user.name = data["name"]
     if "role" in data:
         user.role = UserRole(data["role"])
         user.is_admin = user.role == UserRole.ADMIN
     if "password" in data:
-        set_password(user, data["password"])
+        change_password(db(), user, data["password"], keep_token_id=token_in_use(user))
+    db().commit()
+    if "password" in data:
+        keep_this_session(user)
+    return user_dict(user)
+
+
+def _user_or_404(user_id: int) -> User:
+    user = db().get(User, user_id)
+    if user is None:
+        abort(404, f"no user {user_id}")
+    return user
+
+
+@bp.post("/users/<int:user_id>/disable")
+@api_auth("admin")
+@bp.output(UserOut)
+@bp.doc(
+    summary="Disable a user (admin): no login, no tokens",
+    description="Ends every login session of the user and revokes all their API tokens; login "
+    "and tokens are refused like a wrong password until the user is enabled. 422 for yourself.",
+    responses=E401 | E403 | E404 | E422,
+    **AUTH,
+)
+def disable_user_view(user_id):
+    user = _user_or_404(user_id)
+    if user.id == _user().id:
+        abort(422, "you cannot disable your own account")
+    disable_user(db(), user)
     db().commit()
     return user_dict(user)
+
+
+@bp.post("/users/<int:user_id>/enable")
+@api_auth("admin")
+@bp.output(UserOut)
+@bp.doc(
+    summary="Enable a disabled user (admin); their old tokens stay revoked",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
+def enable_user_view(user_id):
+    user = _user_or_404(user_id)
+    enable_user(user)
+    db().commit()
+    return user_dict(user)
+
+
+@bp.post("/users/<int:user_id>/tokens/revoke")
+@api_auth("admin")
+@bp.output(RevokedOut)
+@bp.doc(
+    summary="Revoke all of a user's API tokens (admin)",
+    description="Login sessions go on. Revoking your own keeps the token making the request.",
+    responses=E401 | E403 | E404,
+    **AUTH,
+)
+def revoke_user_tokens(user_id):
+    user = _user_or_404(user_id)
+    revoked = revoke_tokens(db(), user, keep_token_id=token_in_use(user))
+    db().commit()
+    return {"revoked": revoked}
 
 
 def webhook_dict(hook: Webhook, with_secret: bool = False) -> dict:

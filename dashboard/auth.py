@@ -1,6 +1,11 @@
 """Who is asking: password login (sessions), personal API tokens, roles, CSRF, rate limits.
 
 - Users and their passwords are created, hashed and checked by `captioner.accounts`.
+- A login session is Flask's signed cookie holding the user id, the user's session epoch at
+  login and the login time, nothing derived from the password. It counts only while the epoch
+  is the user's current one (logout, a password change and an admin's disable move it on, so
+  every copy of the cookie ends), the user is not disabled, and the login is younger than
+  `session_lifetime_hours`.
 - API requests authenticate with `Authorization: Bearer <token>` (only the token's SHA-256 is
   stored) or, for the dashboard's own JavaScript, with the login session plus an
   `X-CSRF-Token` header. A bad or revoked token is 401 even when a session exists.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -35,7 +41,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from sqlalchemy import select
 
-from captioner.accounts import check_password, find_user
+from captioner.accounts import end_sessions, find_user, may_log_in
 from captioner.state.models import ApiToken, User, UserRole, utcnow
 
 bp = Blueprint("auth", __name__)
@@ -43,7 +49,10 @@ bp = Blueprint("auth", __name__)
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 CSRF_HEADER = "X-CSRF-Token"
 
-limiter = Limiter(key_func=lambda: _rate_key(), default_limits=[])
+limiter = Limiter(key_func=lambda: rate_key(), default_limits=[])
+# The session keys of a login; anything else in the cookie (csrf, flashes) outlives it.
+LOGIN_KEYS = ("user_id", "epoch", "login_at")
+HSTS = "max-age=31536000"
 
 
 def init_app(app, settings) -> None:
@@ -52,9 +61,18 @@ def init_app(app, settings) -> None:
     limiter.init_app(app)
     app.before_request(_check_csrf)
     app.context_processor(lambda: {"current_user": current_user(), "csrf_token": csrf_token})
+    if settings.public_url_is_https:
+        app.after_request(_strict_transport_security)
 
 
-def _rate_key() -> str:
+def _strict_transport_security(response):
+    response.headers.setdefault("Strict-Transport-Security", HSTS)
+    return response
+
+
+def rate_key() -> str:
+    """The rate-limit bucket of this request: the user, else the client address (the real one
+    behind `trusted_proxy_hops` proxies)."""
     user = current_user()
     return f"user:{user.id}" if user is not None else f"ip:{get_remote_address()}"
 
@@ -89,11 +107,26 @@ def _user_from_token(header: str) -> User:
     if scheme.lower() != "bearer" or not raw.strip():
         raise BadToken("use Authorization: Bearer <token>")
     row = db().scalar(select(ApiToken).where(ApiToken.token_sha256 == ApiToken.hash(raw.strip())))
-    if row is None or row.revoked_at is not None:
+    if row is None or row.revoked_at is not None or row.user.disabled_at is not None:
         raise BadToken("invalid or revoked token")
     row.last_used_at = utcnow()
     db().commit()
+    g.token_id = row.id
     return row.user
+
+
+def _user_from_session() -> User | None:
+    """The user of a login session that still counts: current epoch, enabled, not too old."""
+    user_id, epoch, login_at = (session.get(key) for key in LOGIN_KEYS)
+    if user_id is None or not isinstance(login_at, int):
+        return None
+    lifetime = current_app.extensions["captioner"].settings.session_lifetime_hours * 3600
+    if not 0 <= time.time() - login_at <= lifetime:
+        return None
+    user = db().get(User, user_id)
+    if user is None or user.disabled_at is not None or epoch != user.session_epoch:
+        return None
+    return user
 
 
 def current_user() -> User | None:
@@ -111,15 +144,32 @@ def current_user() -> User | None:
         except BadToken as exc:
             g.token_error = str(exc)
     elif session.get("user_id") is not None:
-        user = db().get(User, session["user_id"])
-        if user is not None and session.get("pw") != _password_marker(user):
-            user = None  # password changed since login: the session is void
+        user = _user_from_session()
     g.user = user
     return user
 
 
-def _password_marker(user: User) -> str:
-    return (user.password_hash or "")[-12:]
+def token_in_use(user: User) -> int | None:
+    """The id of the API token this request authenticates `user` with; None for a session or
+    another user (a password change keeps the token that makes it)."""
+    acting = current_user()
+    return g.get("token_id") if acting is not None and acting.id == user.id else None
+
+
+def keep_this_session(user: User) -> None:
+    """After this request ended `user`'s sessions (their own password change), keep the one
+    making the request: it moves to the new epoch (call after the commit)."""
+    acting = current_user()
+    if acting is not None and acting.id == user.id and not g.get("via_token"):
+        session["epoch"] = user.session_epoch
+
+
+def _start_session(user: User) -> None:
+    session.clear()
+    session["user_id"] = user.id
+    session["epoch"] = user.session_epoch
+    session["login_at"] = int(time.time())
+    csrf_token()
 
 
 def has_role(user: User | None, *roles: str) -> bool:
@@ -212,11 +262,8 @@ def login():
         email = request.form.get("email", "")
         password = request.form.get("password", "")
         user = find_user(db(), email)
-        if check_password(user, password):
-            session.clear()
-            session["user_id"] = user.id
-            session["pw"] = _password_marker(user)
-            csrf_token()
+        if may_log_in(user, password):
+            _start_session(user)
             return redirect(_safe_next(request.args.get("next")))
         flash("Wrong email or password.", "error")
         return render_template("login.html", email=email), 401
@@ -225,5 +272,10 @@ def login():
 
 @bp.post("/logout")
 def logout():
+    """Log out everywhere: every session of this user ends, not only this browser's cookie."""
+    user = _user_from_session()
+    if user is not None:
+        end_sessions(user)
+        db().commit()
     session.clear()
     return redirect(url_for("auth.login"))

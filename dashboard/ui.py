@@ -9,7 +9,14 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from sqlalchemy import select
 
 from captioner import export, webhooks
-from captioner.accounts import create_user, find_user, set_password
+from captioner.accounts import (
+    change_password,
+    create_user,
+    disable_user,
+    enable_user,
+    find_user,
+    revoke_tokens,
+)
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
 from captioner.state.models import (
@@ -26,6 +33,7 @@ from dashboard.api import job_dict
 from dashboard.auth import (
     current_user,
     db,
+    keep_this_session,
     limiter,
     login_required,
     submit_limit,
@@ -306,15 +314,56 @@ def admin_users():
 @login_required("admin")
 def admin_update_user(user_id: int):
     session = db()
-    user = session.get(User, user_id)
-    if user is None:
-        abort(404)
+    user = _user_or_404(user_id)
     role = request.form.get("role")
     if role in [r.value for r in UserRole]:
         user.role = UserRole(role)
         user.is_admin = user.role == UserRole.ADMIN
-    if len(request.form.get("password", "")) >= 8:
-        set_password(user, request.form["password"])
+    new_password = len(request.form.get("password", "")) >= 8
+    if new_password:  # ends the user's sessions and revokes their tokens
+        change_password(session, user, request.form["password"])
     session.commit()
+    if new_password:
+        keep_this_session(user)
     flash(f"User {user.email} updated.", "ok")
+    return redirect(url_for("ui.admin_users"), 303)
+
+
+def _user_or_404(user_id: int) -> User:
+    user = db().get(User, user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.post("/admin/users/<int:user_id>/disable")
+@login_required("admin")
+def admin_disable_user(user_id: int):
+    user = _user_or_404(user_id)
+    if user.id == current_user().id:
+        flash("You cannot disable your own account.", "error")
+    else:
+        disable_user(db(), user)
+        db().commit()
+        flash(f"User {user.email} disabled: logged out, tokens revoked.", "ok")
+    return redirect(url_for("ui.admin_users"), 303)
+
+
+@bp.post("/admin/users/<int:user_id>/enable")
+@login_required("admin")
+def admin_enable_user(user_id: int):
+    user = _user_or_404(user_id)
+    enable_user(user)
+    db().commit()
+    flash(f"User {user.email} enabled (old tokens stay revoked).", "ok")
+    return redirect(url_for("ui.admin_users"), 303)
+
+
+@bp.post("/admin/users/<int:user_id>/tokens/revoke")
+@login_required("admin")
+def admin_revoke_user_tokens(user_id: int):
+    user = _user_or_404(user_id)
+    revoked = revoke_tokens(db(), user)
+    db().commit()
+    flash(f"Revoked {revoked} token{'s' if revoked != 1 else ''} of {user.email}.", "ok")
     return redirect(url_for("ui.admin_users"), 303)

@@ -879,3 +879,258 @@ def test_priority_above_zero_needs_the_admin_role(app, client, users):
         "/api/v1/jobs", json={"keys": ["a.jpg"], "priority": 5}, headers=users["admin"].headers
     )
     assert r.status_code == 202 and r.json["priority"] == 5
+
+
+# --- sessions that end when they should (issue 16) -------------------------------------------
+
+
+def _me(client, headers=None) -> int:
+    return client.get("/api/v1/me", headers=headers or {}).status_code
+
+
+def _copy_session(app, client):
+    """A second client holding a copy of `client`'s session cookie (a stolen cookie)."""
+    other = app.test_client()
+    other.set_cookie("session", client.get_cookie("session").value)
+    return other
+
+
+def _session_payload(app, client) -> dict:
+    serializer = app.session_interface.get_signing_serializer(app)
+    return serializer.loads(client.get_cookie("session").value)
+
+
+def test_a_copied_cookie_stops_working_after_logout(app, client, users):
+    assert login(client, "alice@example.com").status_code == 302
+    thief = _copy_session(app, client)
+    assert _me(client) == 200 and _me(thief) == 200
+    with client.session_transaction() as s:
+        token = s["csrf"]
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert _me(thief) == 401 and _me(client) == 401
+    # Her token is not a session: logging out leaves it working; logging in again works.
+    assert _me(client, users["alice"].headers) == 200
+    assert login(client, "alice@example.com").status_code == 302 and _me(client) == 200
+    assert _me(thief) == 401
+
+
+def test_a_password_change_ends_sessions_and_revokes_tokens(app, client, users):
+    assert login(client, "alice@example.com").status_code == 302
+    r = client.patch(
+        f"/api/v1/users/{users['alice'].id}",
+        json={"password": "a brand new password"},
+        headers=users["admin"].headers,
+    )
+    assert r.status_code == 200
+    assert _me(client) == 401
+    r = client.get("/api/v1/me", headers=users["alice"].headers)
+    assert r.status_code == 401 and r.json["message"] == "invalid or revoked token"
+    assert login(client, "alice@example.com").status_code == 401
+    assert login(client, "alice@example.com", "a brand new password").status_code == 302
+    assert _me(client) == 200
+    # The admin who made the change keeps the token they made it with; bob is untouched.
+    assert _me(client, users["admin"].headers) == 200 and _me(client, users["bob"].headers) == 200
+
+
+def test_changing_your_own_password_keeps_this_session_and_token_only(app, client, users):
+    admin = users["admin"]
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        from captioner.state.models import ApiToken
+
+        spare_raw, spare = ApiToken.issue(admin.id, "spare")
+        session.add(spare)
+    assert login(client, "admin@example.com").status_code == 302
+    elsewhere = app.test_client()
+    assert login(elsewhere, "admin@example.com").status_code == 302
+    with client.session_transaction() as s:
+        token = s["csrf"]
+    r = client.patch(
+        f"/api/v1/users/{admin.id}",
+        json={"password": "a brand new password"},
+        headers={"X-CSRF-Token": token},
+    )
+    assert r.status_code == 200
+    assert _me(client) == 200 and _me(elsewhere) == 401
+    assert _me(client, {"Authorization": f"Bearer {spare_raw}"}) == 401
+    assert _me(client, admin.headers) == 401  # it was not the one making the change
+    # Through a token: that token is kept, the session ends.
+    r = client.post("/api/v1/tokens", json={"name": "t"}, headers={"X-CSRF-Token": token})
+    kept = {"Authorization": f"Bearer {r.json['token']}"}
+    r = client.patch(
+        f"/api/v1/users/{admin.id}", json={"password": "yet another one"}, headers=kept
+    )
+    assert r.status_code == 200 and _me(client, kept) == 200 and _me(client) == 401
+
+
+def test_disable_ends_sessions_and_tokens_and_enable_restores_login_only(app, client, users):
+    admin, alice = users["admin"].headers, users["alice"]
+    browser = app.test_client()
+    assert login(browser, "alice@example.com").status_code == 302
+    assert (
+        client.post(f"/api/v1/users/{alice.id}/disable", headers=alice.headers).status_code == 403
+    )
+    r = client.post(f"/api/v1/users/{alice.id}/disable", headers=admin)
+    assert r.status_code == 200 and r.json["disabled_at"] is not None
+    assert _me(browser) == 401
+    r = client.get("/api/v1/me", headers=alice.headers)
+    assert r.status_code == 401 and r.json["message"] == "invalid or revoked token"
+    # Refused exactly like a wrong password: the page does not tell that the account exists.
+    right, wrong = login(browser, "alice@example.com"), login(browser, "alice@example.com", "nope")
+    assert right.status_code == wrong.status_code == 401 and right.data == wrong.data
+    assert client.get("/api/v1/users", headers=admin).json["items"][2]["disabled_at"] is not None
+    r = client.post(f"/api/v1/users/{alice.id}/enable", headers=admin)
+    assert r.status_code == 200 and r.json["disabled_at"] is None
+    assert login(browser, "alice@example.com").status_code == 302 and _me(browser) == 200
+    assert _me(client, alice.headers) == 401  # enabling does not bring the old tokens back
+    assert client.post("/api/v1/users/999999/disable", headers=admin).status_code == 404
+    assert client.post("/api/v1/users/999999/enable", headers=admin).status_code == 404
+
+
+def test_an_admin_cannot_disable_themselves(client, users):
+    admin = users["admin"]
+    r = client.post(f"/api/v1/users/{admin.id}/disable", headers=admin.headers)
+    assert r.status_code == 422 and _me(client, admin.headers) == 200
+
+
+def test_admin_revokes_all_of_a_users_tokens(app, client, users):
+    alice = users["alice"]
+    second = client.post("/api/v1/tokens", json={"name": "2"}, headers=alice.headers).json["token"]
+    assert login(client, "alice@example.com").status_code == 302
+    r = client.post(f"/api/v1/users/{alice.id}/tokens/revoke", headers=alice.headers)
+    assert r.status_code == 403
+    r = client.post(f"/api/v1/users/{alice.id}/tokens/revoke", headers=users["admin"].headers)
+    assert r.status_code == 200 and r.json == {"revoked": 2}
+    assert _me(client, alice.headers) == 401
+    assert _me(client, {"Authorization": f"Bearer {second}"}) == 401
+    assert _me(client) == 200  # revoking tokens is not logging out
+    assert _me(client, users["bob"].headers) == 200
+    r = client.post("/api/v1/users/999999/tokens/revoke", headers=users["admin"].headers)
+    assert r.status_code == 404
+
+
+def test_a_session_older_than_the_lifetime_is_refused(app, client, users):
+    assert app.extensions["captioner"].settings.session_lifetime_hours == 12
+    assert login(client, "alice@example.com").status_code == 302
+    with client.session_transaction() as s:
+        s["login_at"] -= 11 * 3600
+    assert _me(client) == 200
+    with client.session_transaction() as s:
+        s["login_at"] -= 2 * 3600
+    assert _me(client) == 401
+    assert client.get("/jobs").status_code == 302
+
+
+def test_the_cookie_holds_no_password_hash_material(app, client, users):
+    from captioner.state.models import User
+
+    assert login(client, "alice@example.com").status_code == 302
+    payload = _session_payload(app, client)
+    assert set(payload) == {"user_id", "epoch", "login_at", "csrf"}
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        password_hash = session.get(User, users["alice"].id).password_hash
+    text = json.dumps(payload)
+    assert password_hash[-12:] not in text and password_hash.split("$")[-1][:8] not in text
+
+
+def _app_with(dashboard_settings, publisher, **update):
+    from dashboard import create_app
+
+    app = create_app(dashboard_settings.model_copy(update=update), publisher=publisher)
+    app.config["TESTING"] = True
+    return app
+
+
+def test_an_https_public_url_makes_cookies_secure_and_sends_hsts(
+    app, client, users, dashboard_settings, publisher
+):
+    r = login(client, "alice@example.com")
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    assert "Strict-Transport-Security" not in r.headers
+    secure = _app_with(dashboard_settings, publisher, public_url="https://captions.example.com")
+    try:
+        browser = secure.test_client()
+        r = login(browser, "alice@example.com")
+        assert r.status_code == 302
+        cookie = r.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "max-age=" in r.headers["Strict-Transport-Security"]
+        assert "max-age=" in browser.get("/login").headers["Strict-Transport-Security"]
+    finally:
+        secure.extensions["captioner"].engine.dispose()
+
+
+def _whoami_app(dashboard_settings, publisher, hops: int):
+    from flask import request
+
+    from dashboard import auth
+
+    app = _app_with(dashboard_settings, publisher, trusted_proxy_hops=hops)
+    app.add_url_rule(
+        "/whoami", "whoami", lambda: {"addr": request.remote_addr, "key": auth.rate_key()}
+    )
+    return app
+
+
+@pytest.mark.parametrize(("hops", "seen"), [(0, "127.0.0.1"), (1, "203.0.113.9")])
+def test_trusted_proxy_hops_decide_the_client_address(dashboard_settings, publisher, hops, seen):
+    app = _whoami_app(dashboard_settings, publisher, hops)
+    try:
+        r = app.test_client().get(
+            "/whoami",
+            headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.9"},
+            environ_base={"REMOTE_ADDR": "127.0.0.1"},
+        )
+        assert r.json == {"addr": seen, "key": f"ip:{seen}"}
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_behind_a_proxy_each_client_has_its_own_login_bucket(dashboard_settings, publisher):
+    app = _app_with(
+        dashboard_settings, publisher, trusted_proxy_hops=1, login_rate_limit="2/minute"
+    )
+    try:
+        make_user(app, "alice@example.com", "submitter")
+        client = app.test_client()
+
+        def attempt(addr: str) -> int:
+            client.get("/login")
+            with client.session_transaction() as s:
+                token = s["csrf"]
+            data = {"email": "alice@example.com", "password": "wrong", "csrf_token": token}
+            return client.post("/login", data=data, headers={"X-Forwarded-For": addr}).status_code
+
+        assert [attempt("198.51.100.1") for _ in range(3)] == [401, 401, 429]
+        assert attempt("198.51.100.2") == 401
+    finally:
+        app.extensions["captioner"].engine.dispose()
+
+
+def test_ending_sessions_and_revoking_tokens_in_sql(session):
+    """On SQLite and PostgreSQL: the epoch moves on in SQL; revoking skips the token kept."""
+    from captioner import accounts
+    from captioner.state.models import ApiToken
+
+    user = accounts.create_user(session, "carol@example.com", PASSWORD)
+    other = accounts.create_user(session, "dave@example.com", PASSWORD)
+    tokens = [ApiToken.issue(u.id, "t")[1] for u in (user, user, user, other)]
+    session.add_all(tokens)
+    session.commit()
+
+    def revoked() -> list[bool]:
+        return list(session.scalars(select(ApiToken.revoked_at.is_not(None)).order_by(ApiToken.id)))
+
+    assert user.session_epoch == 0 and accounts.may_log_in(user, PASSWORD)
+    assert accounts.change_password(session, user, "new password!", keep_token_id=tokens[0].id) == 2
+    session.commit()
+    assert user.session_epoch == 1 and not accounts.may_log_in(user, PASSWORD)
+    assert revoked() == [False, True, True, False]
+    accounts.disable_user(session, user)
+    session.commit()
+    assert user.session_epoch == 2 and user.disabled_at is not None
+    assert not accounts.may_log_in(user, "new password!") and revoked() == [True, True, True, False]
+    accounts.enable_user(user)
+    session.commit()
+    assert accounts.may_log_in(user, "new password!") and revoked() == [True, True, True, False]
+    assert other.session_epoch == 0

@@ -112,3 +112,31 @@ def test_interactive_limit_and_metrics_token_settings(monkeypatch):
 def test_an_empty_metrics_token_means_none(monkeypatch):
     monkeypatch.setenv("CAPTIONER_METRICS_TOKEN", "")
     assert Settings().metrics_token is None
+
+
+def test_session_lifetime_public_url_and_proxy_hops(monkeypatch):
+    s = Settings()
+    assert (s.session_lifetime_hours, s.public_url, s.trusted_proxy_hops) == (12.0, "", 0)
+    assert not s.public_url_is_https
+    monkeypatch.setenv("CAPTIONER_SESSION_LIFETIME_HOURS", "0.5")
+    monkeypatch.setenv("CAPTIONER_PUBLIC_URL", "HTTPS://captions.example.com/")
+    monkeypatch.setenv("CAPTIONER_TRUSTED_PROXY_HOPS", "2")
+    s = Settings()
+    assert s.session_lifetime_hours == 0.5 and s.trusted_proxy_hops == 2
+    assert s.public_url == "HTTPS://captions.example.com" and s.public_url_is_https
+    monkeypatch.setenv("CAPTIONER_PUBLIC_URL", "http://captions.internal")
+    assert not Settings().public_url_is_https
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CAPTIONER_SESSION_LIFETIME_HOURS", "0"),
+        ("CAPTIONER_PUBLIC_URL", "captions.example.com"),
+        ("CAPTIONER_TRUSTED_PROXY_HOPS", "-1"),
+    ],
+)
+def test_invalid_session_settings_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("CAPTIONER_").lower()):
+        Settings()

@@ -209,3 +209,80 @@ def test_priority_above_zero_from_the_form_needs_the_admin_role(app, client, acc
     assert r.status_code == 303
     [job, _] = client.get("/api/v1/jobs", headers=accounts["admin"].headers).json["items"]
     assert job["priority"] == 5
+
+
+# --- sessions that end when they should (issue 16) -------------------------------------------
+
+
+def test_logout_ends_a_copied_cookie_too(app, client, accounts):
+    login(client, "alice@example.com")
+    page = client.get("/account").data.decode()
+    assert "Log out everywhere" in page and "at most 12.0 hours" in page
+    thief = app.test_client()
+    thief.set_cookie("session", client.get_cookie("session").value)
+    assert thief.get("/jobs").status_code == 200
+    client.post("/logout", data={"csrf_token": csrf(client)})
+    r = thief.get("/jobs")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+def _user_row(page: str, email: str) -> str:
+    return page.split(f"<td>{email}</td>")[1].split("</tr>")[0]
+
+
+def test_users_page_disables_enables_and_revokes_tokens(app, client, accounts):
+    alice = accounts["alice"]
+    browser = app.test_client()
+    login(browser, "alice@example.com")
+    login(client, "admin@example.com")
+    row = _user_row(client.get("/admin/users").data.decode(), "alice@example.com")
+    assert ">Disable</button>" in row and ">Revoke tokens</button>" in row and "Enable" not in row
+    r = client.post(
+        f"/admin/users/{alice.id}/tokens/revoke",
+        data={"csrf_token": csrf(client)},
+        follow_redirects=True,
+    )
+    assert b"Revoked 1 token" in r.data
+    assert client.get("/api/v1/me", headers=alice.headers).status_code == 401
+    assert browser.get("/jobs").status_code == 200  # tokens only: her session goes on
+    r = client.post(
+        f"/admin/users/{alice.id}/disable", data={"csrf_token": csrf(client)}, follow_redirects=True
+    )
+    assert r.status_code == 200 and ">Enable</button>" in _user_row(
+        r.data.decode(), "alice@example.com"
+    )
+    assert browser.get("/jobs").status_code == 302
+    assert login(browser, "alice@example.com").status_code == 401
+    client.post(f"/admin/users/{alice.id}/enable", data={"csrf_token": csrf(client)})
+    assert login(browser, "alice@example.com").status_code == 302
+    assert browser.get("/jobs").status_code == 200
+    # Reviewers may not; an admin may not disable themselves.
+    login(browser, "rev@example.com")
+    r = browser.post(f"/admin/users/{alice.id}/disable", data={"csrf_token": csrf(browser)})
+    assert r.status_code == 403
+    r = client.post(
+        f"/admin/users/{accounts['admin'].id}/disable",
+        data={"csrf_token": csrf(client)},
+        follow_redirects=True,
+    )
+    assert b"You cannot disable your own account" in r.data
+    assert client.get("/admin/users").status_code == 200
+
+
+def test_a_password_set_on_the_users_page_ends_that_users_sessions_and_tokens(
+    app, client, accounts
+):
+    alice = accounts["alice"]
+    browser = app.test_client()
+    login(browser, "alice@example.com")
+    login(client, "admin@example.com")
+    client.post(
+        f"/admin/users/{alice.id}",
+        data={"csrf_token": csrf(client), "role": "submitter", "password": "another password"},
+    )
+    assert browser.get("/jobs").status_code == 302
+    assert client.get("/api/v1/me", headers=alice.headers).status_code == 401
+    assert login(browser, "alice@example.com", "another password").status_code == 302
+    # The admin's own session and token are untouched.
+    assert client.get("/admin/users").status_code == 200
+    assert client.get("/api/v1/me", headers=accounts["admin"].headers).status_code == 200

@@ -144,6 +144,11 @@ class User(Base):
     # Set by an admin: this reviewer's reviews are left out of future training runs (and of the
     # held-out evaluation set); NULL means they count.
     training_excluded_at: Mapped[datetime | None]
+    # Login sessions carry the epoch they began in; bumping it (logout, a password change, a
+    # disable) ends every session of this user at once, wherever its cookie was copied.
+    session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Set by an admin: the user can neither log in nor use a token; NULL means enabled.
+    disabled_at: Mapped[datetime | None]
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
 
