@@ -557,7 +557,7 @@ def ensure_admin(database_url: str, data_dir: Path) -> Admin:
 def admin_account(session: Session, saved: SavedAdmin) -> Admin:
     """The saved admin credentials when they still log in, else the admin account (created if
     missing) with a new password and a new API token. The caller commits."""
-    from captioner.accounts import check_password, create_user, find_user, set_password
+    from captioner.accounts import change_password, check_password, create_user, find_user
     from captioner.state.models import ApiToken, UserRole
 
     user = find_user(session, saved.email)
@@ -567,7 +567,7 @@ def admin_account(session: Session, saved: SavedAdmin) -> Admin:
     if user is None:
         user = create_user(session, saved.email, password, role=UserRole.ADMIN, name="Admin")
     else:
-        set_password(user, password)
+        change_password(session, user, password)  # its old tokens end with the old password
     raw, row = ApiToken.issue(user.id, "captioner run")
     session.add(row)
     session.flush()
