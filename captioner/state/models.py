@@ -144,6 +144,9 @@ class User(Base):
     # Set by an admin: this reviewer's reviews are left out of future training runs (and of the
     # held-out evaluation set); NULL means they count.
     training_excluded_at: Mapped[datetime | None]
+    # Key prefixes in the object store this user may submit by key or prefix, granted by an
+    # admin (beside CAPTIONER_SOURCE_PREFIXES, which every submitter may read).
+    source_prefixes: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     # Login sessions carry the epoch they began in; bumping it (logout, a password change, a
     # disable) ends every session of this user at once, wherever its cookie was copied.
     session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -207,6 +210,8 @@ class Job(Base):
     captioned_count: Mapped[int] = mapped_column(default=0)
     failed_count: Mapped[int] = mapped_column(default=0)
     unreviewed_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Why the job ended early (a background step that failed for good), for people.
+    failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -425,6 +430,9 @@ class Webhook(Base):
     url: Mapped[str] = mapped_column(Text)
     # The HMAC-SHA256 key for the X-Captioner-Signature header (needed in plain to sign).
     secret: Mapped[str] = mapped_column(String(200))
+    # After a rotation the previous secret still signs deliveries until it expires.
+    previous_secret: Mapped[str | None] = mapped_column(String(200))
+    previous_secret_expires_at: Mapped[datetime | None]
     events: Mapped[list[str]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
