@@ -1,8 +1,12 @@
 // The review page: a queue (least confident first) driven from the keyboard.
-// j/k next/previous, a approve, r reject, e edit, Ctrl+Enter save, Esc stop editing,
-// u undo, 1-9 copy a candidate into the editor.
+// j/k next/previous, a approve, r reject, e edit (the caption text selected), Enter or
+// Ctrl+Enter save, Esc stop editing, u or Backspace undo the last decision of this session,
+// 1-9 put the n-th alternative into the editor, + / - / 0 zoom in, out, back to fit.
+// One decision per item: while a decision (or an undo) is in flight every other decision key
+// is ignored, so a second `a` before the next item is shown sends nothing.
 // The queue is loaded a page at a time (PAGE items, by cursor): the next page is fetched when
-// the reviewer comes within PREFETCH items of the end of what is loaded.
+// the reviewer comes within PREFETCH items of the end of what is loaded. Past the last item
+// comes the end screen, where a decision key has nothing to act on.
 "use strict";
 (function () {
   const C = window.Captioner;
@@ -10,9 +14,15 @@
   const section = $("review");
   if (!section) return;
   const PAGE = 50, PREFETCH = 10;
+  const TINY = 128, MIN_ZOOM = 1, MAX_ZOOM = 16, ZOOM_STEP = 1.25;
   // total: items loaded plus those the server still has after them; cursor: where the next
-  // page starts (null when everything is loaded); loading: the page fetch in flight.
-  const state = { items: [], index: 0, editing: false, total: 0, exact: true, cursor: null, loading: null };
+  // page starts (null when everything is loaded); loading: the page fetch in flight; busy: a
+  // decision or undo in flight; decided: ids of the items decided in this page's session, in
+  // order (what u takes back); index === items.length is the end screen.
+  const state = {
+    items: [], index: 0, editing: false, total: 0, exact: true, cursor: null, loading: null,
+    busy: false, decided: [],
+  };
   const seen = new Set();
 
   function queueUrl(after) {
@@ -30,11 +40,13 @@
     return (new URLSearchParams(window.location.search).get("status") || "unreviewed") === "unreviewed";
   }
 
+  function isReviewed(item) { return !!item.review && item.review.decision !== "undone"; }
+
   // How many loaded items the server's total still counts: in the unreviewed queue, those not
   // reviewed since they were loaded; in the others, all of them.
   function stillCounted() {
     if (!unreviewedQueue()) return state.items.length;
-    return state.items.filter((item) => !item.review || item.review.decision === "undone").length;
+    return state.items.filter((item) => !isReviewed(item)).length;
   }
 
   function addPage(data) {
@@ -61,11 +73,64 @@
     }
   }
 
-  // Move to the next item, loading the next page first when this is the last one loaded.
-  async function advance() {
+  // Move to the next item, loading the next page first when this is the last one loaded;
+  // `pastEnd` (after a decision on the last item) moves on to the end screen.
+  async function advance(pastEnd) {
     if (state.index >= state.items.length - 1 && state.cursor) await loadMore();
-    if (state.index < state.items.length - 1) state.index++;
+    if (state.index < state.items.length - 1 || (pastEnd && state.index < state.items.length)) state.index++;
   }
+
+  // --- the image: fit to its stage, zoom and pan ------------------------------------------
+  const stage = $("review-stage"), img = $("review-image");
+  const view = { zoom: 1, x: 0, y: 0, drag: null };
+
+  function placeImage() {
+    if (!img.naturalWidth || !stage.clientWidth) return;
+    const fit = Math.min(stage.clientWidth / img.naturalWidth, stage.clientHeight / img.naturalHeight);
+    img.style.width = `${Math.round(img.naturalWidth * fit)}px`;
+    img.style.height = `${Math.round(img.naturalHeight * fit)}px`;
+    img.classList.toggle("pixelated", Math.max(img.naturalWidth, img.naturalHeight) <= TINY);
+    img.style.transform = `translate(-50%, -50%) translate(${view.x}px, ${view.y}px) scale(${view.zoom})`;
+    stage.dataset.zoom = String(Math.round(view.zoom * 100) / 100);
+  }
+
+  function resetView() { view.zoom = 1; view.x = 0; view.y = 0; placeImage(); }
+
+  // Zoom by `factor` keeping the point (px, py), relative to the stage's centre, still.
+  function zoomBy(factor, px = 0, py = 0) {
+    const zoom = Math.min(MAX_ZOOM, Math.max(MIN_ZOOM, view.zoom * factor));
+    const k = zoom / view.zoom;
+    view.x = px - (px - view.x) * k; view.y = py - (py - view.y) * k; view.zoom = zoom;
+    if (zoom === MIN_ZOOM) { view.x = 0; view.y = 0; }
+    placeImage();
+  }
+
+  img.addEventListener("load", placeImage);
+  window.addEventListener("resize", placeImage);
+  stage.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const box = stage.getBoundingClientRect();
+    zoomBy(event.deltaY < 0 ? ZOOM_STEP : 1 / ZOOM_STEP,
+      event.clientX - box.left - box.width / 2, event.clientY - box.top - box.height / 2);
+  }, { passive: false });
+  stage.addEventListener("pointerdown", (event) => {
+    if (event.button !== 0) return;
+    view.drag = { id: event.pointerId, x: event.clientX - view.x, y: event.clientY - view.y };
+    stage.setPointerCapture(event.pointerId);
+    stage.classList.add("dragging");
+    event.preventDefault();
+  });
+  stage.addEventListener("pointermove", (event) => {
+    if (!view.drag || view.drag.id !== event.pointerId) return;
+    view.x = event.clientX - view.drag.x; view.y = event.clientY - view.drag.y;
+    placeImage();
+  });
+  const endDrag = () => { view.drag = null; stage.classList.remove("dragging"); };
+  stage.addEventListener("pointerup", endDrag);
+  stage.addEventListener("pointercancel", endDrag);
+  stage.addEventListener("dblclick", resetView);
+
+  // --- the caption: diff, history ------------------------------------------------------------
 
   // Word-level diff (longest common subsequence) of the model's text and the reviewer's.
   function diffWords(before, after) {
@@ -124,15 +189,38 @@
     box.textContent = position() + rest;
   }
 
+  // The end screen: past the last item, or an empty queue. A decision key has nothing to act on.
+  function renderDone() {
+    const left = state.items.filter((item) => !isReviewed(item)).length;
+    const decisions = state.decided.length;
+    let summary = "Nothing to review with these filters.";
+    if (state.items.length) {
+      summary = `${decisions.toLocaleString("en")} decision${decisions === 1 ? "" : "s"} in this session. ` +
+        (left ? `${left.toLocaleString("en")} item${left === 1 ? "" : "s"} above still without a decision: press k to go back.`
+          : "Nothing left in this queue.");
+    }
+    $("review-done-summary").textContent = summary;
+    $("review-undo-last").hidden = !decisions;
+    $("review-position").textContent = state.items.length
+      ? `end of the queue (${state.total.toLocaleString("en")}${state.exact ? "" : "+"} items)` : "";
+  }
+
+  let shownId = null;
   function render() {
     const item = current();
-    $("review-empty").hidden = !!item;
+    $("review-done").hidden = !!item;
     section.hidden = !item;
-    if (!item) { $("review-position").textContent = ""; return; }
+    section.dataset.imageId = item ? item.id : "";
+    if (!item) { shownId = null; stopEditing(); renderDone(); return; }
     $("review-position").textContent = position();
     prefetch();
-    $("review-image").src = item.content_url;
-    $("review-image").alt = item.original_name;
+    if (shownId !== item.id) {
+      shownId = item.id;
+      view.zoom = 1; view.x = 0; view.y = 0;
+      img.removeAttribute("style");
+      img.src = item.content_url;
+    }
+    img.alt = item.original_name;
     $("review-name").textContent = `${item.original_name} (image ${item.id}, job ${item.job_id})`;
     const caption = item.caption || { text: "", score: null, candidates: [] };
     $("review-score").textContent = caption.score === null ? "n/a" : caption.score.toFixed(3);
@@ -141,64 +229,112 @@
     cands.replaceChildren();
     caption.candidates.forEach((c, k) => {
       const li = C.el("li", `${c.text}` + (c.score === null || c.score === undefined ? "" : ` (${Number(c.score).toFixed(3)})`));
-      li.title = `press ${k + 1} to copy into the editor`;
+      li.title = k < 9 ? `press ${k + 1} to put it into the editor` : "click to put it into the editor";
+      li.addEventListener("click", () => startEditing(c.text));
       cands.append(li);
     });
-    const review = item.review && item.review.decision !== "undone" ? item.review : null;
+    const review = isReviewed(item) ? item.review : null;
     $("review-current").textContent = review ? review.decision + (review.text ? `: ${review.text}` : "") : "not reviewed";
-    section.dataset.imageId = item.id;
     section.dataset.decision = review ? review.decision : "";
     stopEditing();
     renderDiff(caption.text, review ? review.text : null);
     loadHistory(item).catch(() => {});
   }
 
+  // --- editing: one line, never a newline --------------------------------------------------
+
+  function oneLine(text) { return text.replace(/[\r\n]+/g, " "); }
+
   function startEditing(text) {
-    const item = current(); if (!item) return;
+    const item = current(); if (!item || state.busy) return;
     const editor = $("review-editor");
     const review = item.review && item.review.text ? item.review.text : null;
-    editor.value = text !== undefined ? text : (review || (item.caption ? item.caption.text : ""));
+    editor.value = oneLine(text !== undefined ? text : (review || (item.caption ? item.caption.text : "")));
     editor.hidden = false; state.editing = true;
     editor.focus();
+    editor.select();
     renderDiff(item.caption ? item.caption.text : "", editor.value);
   }
 
   function stopEditing() { const editor = $("review-editor"); editor.hidden = true; state.editing = false; editor.blur(); }
+
+  const editor = $("review-editor");
+  editor.addEventListener("paste", (event) => {
+    const text = event.clipboardData ? event.clipboardData.getData("text/plain") : "";
+    event.preventDefault();
+    editor.setRangeText(oneLine(text), editor.selectionStart, editor.selectionEnd, "end");
+    editor.dispatchEvent(new Event("input"));
+  });
+  editor.addEventListener("input", () => {
+    // Whatever got in (a drop, an input method): newlines become spaces, the caret stays put.
+    if (/[\r\n]/.test(editor.value)) {
+      const at = editor.selectionStart;
+      editor.value = oneLine(editor.value);
+      editor.setSelectionRange(Math.min(at, editor.value.length), Math.min(at, editor.value.length));
+    }
+    const item = current(); renderDiff(item && item.caption ? item.caption.text : "", editor.value);
+  });
+
+  // --- decisions ---------------------------------------------------------------------------
 
   async function refreshItem(item) {
     const fresh = await C.api("GET", `/api/v1/images/${item.id}`);
     state.items[state.items.indexOf(item)] = fresh;
   }
 
-  async function decide(decision, text) {
-    const item = current(); if (!item) return;
-    const body = { decision };
-    if (text !== undefined) body.text = text;
-    if (item.caption) body.caption_id = item.caption.id;
-    try {
-      await C.api("POST", `/api/v1/images/${item.id}/reviews`, body);
-      await refreshItem(item);
-      await advance();
-      render();
-      $("review-position").textContent += ` · saved ${decision}`;
-    } catch (e) { $("review-position").textContent = "Error: " + e.message; }
+  // Run one decision or undo at a time: a call while another is in flight does nothing.
+  async function exclusive(work) {
+    if (state.busy) return;
+    state.busy = true; section.dataset.busy = "1";
+    try { await work(); } catch (e) { $("review-position").textContent = "Error: " + e.message; }
+    finally { state.busy = false; delete section.dataset.busy; }
   }
 
-  async function undo() {
-    const item = current(); if (!item) return;
-    try {
-      await C.api("POST", `/api/v1/images/${item.id}/reviews/undo`);
+  function decide(decision, text) {
+    return exclusive(async () => {
+      const item = current(); if (!item) return;
+      const body = { decision };
+      if (text !== undefined) body.text = text;
+      if (item.caption) body.caption_id = item.caption.id;
+      await C.api("POST", `/api/v1/images/${item.id}/reviews`, body);
+      state.decided.push(item.id);
       await refreshItem(item);
+      await advance(true);
+      render();
+      if (current()) $("review-position").textContent += ` · saved ${decision}`;
+    });
+  }
+
+  // Take back the last decision of this session, on the item it was made on, wherever the
+  // reviewer is now: go back to that item, then undo there.
+  function undo() {
+    return exclusive(async () => {
+      const id = state.decided.pop();
+      if (id === undefined) {
+        if (current()) $("review-position").textContent = position() + " · nothing to undo in this session";
+        return;
+      }
+      const index = state.items.findIndex((item) => item.id === id);
+      await C.api("POST", `/api/v1/images/${id}/reviews/undo`);
+      state.index = index;
+      await refreshItem(state.items[index]);
       render();
       $("review-position").textContent += " · undone";
-    } catch (e) { $("review-position").textContent = "Error: " + e.message; }
+    });
   }
 
   function save() {
-    const text = $("review-editor").value.trim();
+    const text = oneLine($("review-editor").value).trim();
     if (!text) return;
     const item = current();
     decide(item && item.caption && text === item.caption.text ? "approved" : "corrected", text);
+  }
+
+  function pickCandidate(n) {
+    const item = current();
+    const cand = item && item.caption ? item.caption.candidates[n - 1] : null;
+    if (cand) startEditing(cand.text);
+    return !!cand;
   }
 
   const actions = {
@@ -206,35 +342,44 @@
     save: () => (state.editing ? save() : startEditing()), undo,
   };
   for (const button of section.querySelectorAll("button[data-action]")) button.addEventListener("click", () => actions[button.dataset.action]());
-  $("review-editor").addEventListener("input", () => { const item = current(); renderDiff(item && item.caption ? item.caption.text : "", $("review-editor").value); });
+  $("review-undo-last").addEventListener("click", undo);
+
+  function editorKey(event) {
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();  // never a newline; Shift+Enter does nothing
+      if (!event.shiftKey) save();
+      return true;
+    }
+    if (event.key === "Escape") { event.preventDefault(); stopEditing(); return true; }
+    return false;
+  }
+
+  const viewKeys = { "+": () => zoomBy(ZOOM_STEP), "=": () => zoomBy(ZOOM_STEP), "-": () => zoomBy(1 / ZOOM_STEP), "0": resetView };
+
+  // j/k: also one at a time, so that a page load for j and a decision never both move on.
+  function move(step) {
+    return exclusive(async () => {
+      const before = state.index;
+      if (step < 0) { if (state.index > 0) state.index--; } else await advance(false);
+      if (state.index !== before) render();
+    });
+  }
+
+  // Keys that decide act once per press: a key held down (repeat) decides nothing.
+  const keys = {
+    j: () => move(1), k: () => move(-1), e: () => startEditing(),
+    a: (event) => event.repeat || actions.approve(), r: (event) => event.repeat || actions.reject(),
+    u: (event) => event.repeat || undo(), Backspace: (event) => event.repeat || undo(),
+  };
 
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && state.editing) { event.preventDefault(); save(); return; }
-    if (event.key === "Escape" && state.editing) { event.preventDefault(); stopEditing(); return; }
+    if (state.editing && editorKey(event)) return;
     const target = event.target;
     if (state.editing || (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT"))) return;
     if (event.ctrlKey || event.metaKey || event.altKey) return;
-    const item = current();
-    switch (event.key) {
-      case "j": {
-        const before = state.index;
-        advance().then(() => { if (state.index !== before) render(); })
-          .catch((e) => { $("review-position").textContent = "Error: " + e.message; });
-        break;
-      }
-      case "k": if (state.index > 0) { state.index--; render(); } break;
-      case "a": actions.approve(); break;
-      case "r": actions.reject(); break;
-      case "e": event.preventDefault(); startEditing(); break;
-      case "u": undo(); break;
-      default:
-        if (/^[1-9]$/.test(event.key) && item && item.caption) {
-          const cand = item.caption.candidates[Number(event.key) - 1];
-          if (cand) { event.preventDefault(); startEditing(cand.text); }
-        }
-        return;
-    }
-    event.preventDefault();
+    const handler = keys[event.key] || viewKeys[event.key];
+    if (handler) { event.preventDefault(); handler(event); return; }
+    if (/^[1-9]$/.test(event.key) && !state.busy && pickCandidate(Number(event.key))) event.preventDefault();
   });
 
   C.api("GET", queueUrl(null)).then((data) => { addPage(data); section.dataset.ready = "1"; render(); })
