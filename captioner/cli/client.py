@@ -1,23 +1,38 @@
-"""`captioner submit`, `captioner export` (HTTP clients of the dashboard API) and
-`captioner user create` (direct to the database, for the first admin).
+"""`captioner submit`, `captioner export` (through `captioner.client`, the dashboard API over
+HTTP) and `captioner user create` (direct to the database, for the first admin).
 
-The token comes from `--token`, `CAPTIONER_TOKEN`, or `~/.config/captioner/token`.
+The token comes from `--token`, `CAPTIONER_TOKEN`, or `~/.config/captioner/token`. A
+`CaptionerError` of the client becomes one readable line and exit status 1 in one place,
+`readable_errors`.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import sys
-import time
-import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
+from captioner.client import (
+    CaptionerClient,
+    CaptionerError,
+    Job,
+    SubmitOptions,
+    zip_folder,
+)
 from captioner.intake.uploads import IMAGE_SUFFIXES
+from captioner.state.models import JobStatus
+
+__all__ = ["Client", "export", "refused_lines", "submit", "user", "zip_folder"]
 
 TOKEN_FILE = Path("~/.config/captioner/token")
+
+# Uploads of large folders take long: the CLI waits for an answer up to this many seconds.
+CLI_TIMEOUT = 600
 
 
 def _token(explicit: str | None) -> str:
@@ -30,64 +45,33 @@ def _token(explicit: str | None) -> str:
     return token
 
 
-class Client:
-    """The dashboard API over HTTP; every failure becomes one readable line (a ClickException):
-    the status and message, a validation error's reasons, or a server it cannot reach."""
+@contextlib.contextmanager
+def readable_errors() -> Iterator[None]:
+    """A `CaptionerError` inside becomes a ClickException: one line ("Error: 422: ..."), exit 1."""
+    try:
+        yield
+    except CaptionerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class ClientCommand(click.Command):
+    """A command that calls the API: its client errors are one readable line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with readable_errors():
+            return super().invoke(ctx)
+
+
+class Client(CaptionerClient):
+    """The client the embedded stack uses (`captioner run` submits its sample collection and
+    follows it): `call` is `request` with its errors as one readable line."""
 
     def __init__(self, server: str, token: str) -> None:
-        import requests
+        super().__init__(server, token, timeout=CLI_TIMEOUT)
 
-        self.server = server.rstrip("/")
-        self.base = self.server + "/api/v1"
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {token}"
-
-    def call(self, method: str, path: str, **kwargs):
-        import requests
-
-        try:
-            response = self.http.request(method, self.base + path, timeout=600, **kwargs)
-        except requests.ConnectionError:
-            raise click.ClickException(f"cannot reach the server at {self.server}") from None
-        except requests.Timeout:
-            raise click.ClickException(f"the server at {self.server} did not answer") from None
-        except requests.RequestException as exc:
-            raise click.ClickException(f"request to {self.server} failed: {exc}") from None
-        if response.status_code >= 400:
-            raise click.ClickException(error_line(response))
-        return response
-
-
-def _reasons(detail, where: str = "") -> list[str]:
-    """A validation error's reasons ("field: message"), flattened from its nested detail."""
-    if isinstance(detail, dict):
-        out: list[str] = []
-        for key, value in detail.items():
-            # The first level names where the input was read (json, query, form_and_files).
-            inner = key if where or key not in _LOCATIONS else ""
-            out += _reasons(value, f"{where}.{inner}".strip(".") if inner else where)
-        return out
-    if isinstance(detail, list | tuple):
-        return [r for item in detail for r in _reasons(item, where)]
-    text = str(detail).strip()
-    return [f"{where}: {text}" if where else text] if text else []
-
-
-_LOCATIONS = {"json", "query", "form", "files", "form_and_files", "headers", "cookies", "path"}
-
-
-def error_line(response) -> str:
-    """One line for an error response: "422: Validation error: num_beams: Must be ..."."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        text = " ".join((response.text or response.reason or "").split())[:300]
-        return f"{response.status_code}: {text}"
-    message = str(body.get("message") or response.reason or "error")
-    reasons = _reasons(body.get("detail") or {})
-    return f"{response.status_code}: {message}" + (f": {'; '.join(reasons)}" if reasons else "")
+    def call(self, method: str, path: str, **kwargs: Any):
+        with readable_errors():
+            return self.request(method, path, **kwargs)
 
 
 def refused_lines(job: dict) -> list[str]:
@@ -102,19 +86,7 @@ def refused_lines(job: dict) -> list[str]:
     return out
 
 
-def zip_folder(folder: Path) -> bytes:
-    """A stored (uncompressed) zip of the images under `folder`, paths relative to it; symlinks
-    and files that are not images by their suffix are left out. What `submit` uploads for a
-    folder, and how the embedded stack submits its sample collection."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink() and path.suffix.lower() in IMAGE_SUFFIXES:
-                archive.write(path, path.relative_to(folder).as_posix())
-    return buf.getvalue()
-
-
-@click.command("submit")
+@click.command("submit", cls=ClientCommand)
 @click.argument("source")
 @click.option(
     "--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True
@@ -131,51 +103,37 @@ def zip_folder(folder: Path) -> bytes:
 def submit(source, server, token, name, priority, num_beams, n_best, recaption, wait):
     """Submit SOURCE: a folder, a .zip, one image file, s3://bucket/prefix or a .txt of URLs
     (one per line)."""
-    client = Client(server, _token(token))
-    options = {
-        "name": name or source[-200:],
-        "priority": priority,
-        "num_beams": num_beams,
-        "n_best": n_best,
-        "recaption": recaption,
-    }
+    client = CaptionerClient(server, _token(token), timeout=CLI_TIMEOUT)
+    options = SubmitOptions(
+        name=name or source[-200:],
+        priority=priority,
+        num_beams=num_beams,
+        n_best=n_best,
+        recaption=recaption,
+    )
     job = _submit(client, source, options)
-    click.echo(f"job {job['id']} submitted")
-    refused = refused_lines(job)
-    for line in refused:
-        click.echo(line, err=True)
+    click.echo(f"job {job.id} submitted")
     if wait:
-        job = _wait(client, job["id"])
-        p = job["progress"]
-        click.echo(
-            f"job {job['id']} {job['status']}: {p['captioned']} captioned, {p['failed']} failed"
-        )
-        if job["status"] != "finished" or p["failed"]:
+        job = _wait(client, job.id)
+        p = job.progress
+        click.echo(f"job {job.id} {job.status}: {p.captioned} captioned, {p.failed} failed")
+        if job.status != JobStatus.FINISHED or p.failed:
             sys.exit(1)
-    if refused:
-        sys.exit(1)
 
 
-def _form(options: dict) -> dict[str, str]:
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
-
-
-def _submit(client: Client, source: str, options: dict) -> dict:
+def _submit(client: CaptionerClient, source: str, options: SubmitOptions) -> Job:
     """Send SOURCE as the kind of submission it is; returns the job."""
     path = Path(source)
     if source.startswith("s3://"):
-        return client.call("POST", "/jobs", json=options | {"prefix": source}).json()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
-        data = zip_folder(path) if path.is_dir() else path.read_bytes()
-        files = {
-            "archive": (path.name + (".zip" if path.is_dir() else ""), data, "application/zip")
-        }
-        return client.call("POST", "/jobs/upload", data=_form(options), files=files).json()
+        return client.submit_prefix(source, options)
+    if path.is_dir():
+        return client.submit_folder(path, options)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return client.submit_zip(path, options)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        files = [("files", (path.name, path.read_bytes(), "application/octet-stream"))]
-        return client.call("POST", "/jobs/upload", data=_form(options), files=files).json()
+        return client.submit_files([path], options)
     if path.is_file():
-        return client.call("POST", "/jobs", json=options | {"urls": _url_list(path)}).json()
+        return client.submit_urls(_url_list(path), options)
     raise click.ClickException(f"{source}: not a folder, zip, image, URL list or s3:// prefix")
 
 
@@ -191,23 +149,22 @@ def _url_list(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _wait(client: Client, job_id: int, poll_seconds: float = 1.0) -> dict:
+def _wait(client: CaptionerClient, job_id: int, poll_seconds: float = 1.0) -> Job:
+    """The job once it ended, with a progress bar on stderr meanwhile."""
     from tqdm import tqdm
 
     with tqdm(desc=f"job {job_id}", unit="img", file=sys.stderr, disable=None) as bar:
-        while True:
-            job = client.call("GET", f"/jobs/{job_id}").json()
-            p = job["progress"]
-            bar.total = p["total"]
-            bar.n = p["done"]
-            bar.set_postfix(failed=p["failed"])
+
+        def show(job: Job) -> None:
+            bar.total = job.progress.total
+            bar.n = job.progress.done
+            bar.set_postfix(failed=job.progress.failed)
             bar.refresh()
-            if job["status"] in ("finished", "cancelled"):
-                return job
-            time.sleep(poll_seconds)
+
+        return client.wait(job_id, poll=poll_seconds, progress=show)
 
 
-@click.command("export")
+@click.command("export", cls=ClientCommand)
 @click.argument("job", required=False, type=int)
 @click.option(
     "--format",
@@ -232,16 +189,8 @@ def _wait(client: Client, job_id: int, poll_seconds: float = 1.0) -> dict:
 @click.option("--token", default=None)
 def export(job, fmt, which, out, server, token):
     """Export captions of JOB (or of every job you can see)."""
-    client = Client(server, _token(token))
-    params = {"format": fmt, "which": which} | ({"job_id": job} if job else {})
-    response = client.call("GET", "/export", params=params, stream=True)
-    target = out.open("wb") if out else sys.stdout.buffer
-    try:
-        for chunk in response.iter_content(64 * 1024):
-            target.write(chunk)
-    finally:
-        if out:
-            target.close()
+    client = CaptionerClient(server, _token(token), timeout=CLI_TIMEOUT)
+    client.export(fmt, job_id=job or None, which=which, to=out or sys.stdout.buffer)
 
 
 @click.group("user")
