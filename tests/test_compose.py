@@ -143,7 +143,7 @@ def test_every_dependency_is_healthy_or_a_one_shot_that_succeeded():
 
 
 def test_application_services_wait_for_the_migration_and_the_bucket():
-    for name in ("dashboard", "worker-gpu0", "worker-train", "beat"):
+    for name in ("dashboard", "worker-gpu0", "worker-train", "worker-maintenance", "beat"):
         depends = SERVICES[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["createbuckets"]["condition"] == "service_completed_successfully"
@@ -178,6 +178,54 @@ def test_deployment_has_the_parts_the_design_names():
     assert "flower" in flower and any(a.startswith("--basic-auth=") for a in flower)
 
 
+def worker_pools() -> dict[str, tuple[frozenset[str], str, int]]:
+    """{service: (queues, pool, concurrency)} of every `captioner worker` service, as
+    `captioner worker` would choose them from its command."""
+    from captioner.cli.worker import choose_pool, queue_set
+    from captioner.cli.worker import worker as worker_command
+
+    pools = {}
+    for name in OURS:
+        argv = command_of(SERVICES[name])
+        if argv[:2] != ["captioner", "worker"]:
+            continue
+        params = worker_command.make_context("worker", argv[2:]).params
+        queues = params["queues"]
+        pool, concurrency = choose_pool(
+            params["pool"], params["concurrency"], queues, Settings(device="cpu")
+        )
+        pools[name] = (queue_set(queues), pool, concurrency)
+    return pools
+
+
+def test_no_worker_serves_both_train_and_maintenance():
+    pools = worker_pools()
+    assert {"worker-gpu0", "worker-train", "worker-maintenance"} <= set(pools)
+    for name, (queues, _pool, _concurrency) in pools.items():
+        assert not {"train", "maintenance"} <= queues, name
+    assert pools["worker-train"][0] == {"train"}
+    # Every queue the application publishes to is served by some worker.
+    from captioner.tasks import ALL_QUEUES
+
+    assert set(ALL_QUEUES) <= set().union(*(q for q, _p, _c in pools.values()))
+
+
+def test_maintenance_runs_only_on_pools_that_enforce_time_limits():
+    from captioner.cli.worker import LIMITED_POOLS
+
+    pools = worker_pools()
+    serving = {name: pool for name, (queues, pool, _c) in pools.items() if "maintenance" in queues}
+    assert serving == {"worker-maintenance": "prefork"}
+    assert "prefork" in LIMITED_POOLS
+    queues, _pool, concurrency = pools["worker-maintenance"]
+    assert queues == {"maintenance"} and concurrency > 1  # one slow task holds one slot
+    # The time limits the pool enforces are configured (globally, for every task).
+    from workers.celery_app import create_celery_app
+
+    conf = create_celery_app(Settings()).conf
+    assert 0 < conf.task_soft_time_limit < conf.task_time_limit
+
+
 def test_volumes_are_named_and_declared():
     declared = set(COMPOSE["volumes"])
     used = set()
@@ -208,7 +256,11 @@ def test_dashboard_image_without_torch_and_worker_image_with_it_from_one_wheel()
     for name in OURS:
         target = SERVICES[name]["build"]["target"]
         assert target == ("dashboard" if name in web_side else "worker"), name
-    assert {name for name in OURS if name.startswith("worker")} == {"worker-gpu0", "worker-train"}
+    assert {name for name in OURS if name.startswith("worker")} == {
+        "worker-gpu0",
+        "worker-train",
+        "worker-maintenance",
+    }
     # Built once in the `wheel` stage; each image installs that wheel without its dependencies,
     # after its own list of them.
     assert len(re.findall(r"pip wheel --no-deps", DOCKERFILE)) == 1
@@ -333,6 +385,7 @@ DEFAULT_SERVICES = {
     "dashboard",
     "worker-gpu0",
     "worker-train",
+    "worker-maintenance",
     "beat",
     "flower",
 }

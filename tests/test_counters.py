@@ -12,18 +12,21 @@ from click.testing import CliRunner
 from sqlalchemy import event, func, select, text, update
 
 from captioner.cli.db import db
-from captioner.state import images, jobs, migrate, reviews
+from captioner.state import images, jobs, migrate, outbox, reviews
 from captioner.state.db import make_engine, make_sessionmaker, session_scope
 from captioner.state.models import (
     Caption,
     Image,
     ImageStatus,
     Job,
+    JobStatus,
     ModelVersion,
     Review,
     ReviewDecision,
     Split,
     User,
+    Webhook,
+    WebhookDelivery,
     utcnow,
 )
 
@@ -221,6 +224,70 @@ def test_counters_equal_a_recount_after_a_random_mix(session):
     assert statuses == set(ImageStatus)
     assert session.scalar(select(func.sum(Job.unreviewed_count))) > 0
     assert session.scalar(select(func.count()).select_from(Review)) > 10
+
+
+def test_fail_job_fails_the_queued_images_ends_the_job_and_records_job_failed(session):
+    """A background step that failed for good: the job ends with the reason, its queued images
+    fail, running and captioned ones are left alone, counters equal a recount, and the owner's
+    webhook gets `job.failed` even though an image was captioned."""
+    owner = User(email="fail@example.com")
+    session.add(owner)
+    session.flush()
+    session.add(Webhook(owner_id=owner.id, url="https://hooks.example/x", secret="s", events=[]))
+    version = _model(session)
+    job_id, ids = _job(session, 6, owner_id=owner.id)
+    other_id, other_ids = _job(session, 3)
+    claimed = images.claim_images(session, worker_id="w1", lease_seconds=60, job_id=job_id, limit=2)
+    [first, second] = sorted(claimed)
+    images.complete_images(session, version.id, [images.CaptionRow(first, "a", -1.0, [], 8, 8)])
+    _assert_consistent(session, "before")
+
+    reason = "enumerating the prefix failed: StorageError: listing refused"
+    assert jobs.fail_job(session, job_id, reason) is True
+    _assert_consistent(session, "after fail_job")
+
+    job = session.get(Job, job_id, populate_existing=True)
+    assert (job.status, job.failure_reason, job.finished_at is not None) == (
+        JobStatus.FINISHED,
+        reason,
+        True,
+    )
+    assert (job.queued_count, job.running_count, job.captioned_count, job.failed_count) == (
+        0,
+        1,
+        1,
+        4,
+    )
+    rows = dict(session.execute(select(Image.id, Image.status).where(Image.job_id == job_id)).all())
+    assert rows[first] == ImageStatus.CAPTIONED and rows[second] == ImageStatus.RUNNING
+    failed = [i for i in ids if i not in (first, second)]
+    assert {rows[i] for i in failed} == {ImageStatus.FAILED}
+    reasons = set(session.scalars(select(Image.failure_reason).where(Image.id.in_(failed))))
+    assert reasons == {reason}
+    # Another job is untouched.
+    others = set(session.scalars(select(Image.status).where(Image.id.in_(other_ids))))
+    assert others == {ImageStatus.QUEUED}
+    assert session.get(Job, other_id, populate_existing=True).status == JobStatus.QUEUED
+
+    [delivery_id] = outbox.record_job_events(session, [job_id])
+    delivery = session.get(WebhookDelivery, delivery_id)
+    assert delivery.event == "job.failed"
+    assert delivery.payload["job"]["failure_reason"] == reason
+
+    # Failing it again, or failing a cancelled or unknown job, changes nothing.
+    assert jobs.fail_job(session, job_id, "again") is False
+    assert session.get(Job, job_id, populate_existing=True).failure_reason == reason
+    jobs.cancel_job(session, other_id)
+    assert jobs.fail_job(session, other_id, "late") is False
+    assert session.get(Job, other_id, populate_existing=True).status == JobStatus.CANCELLED
+    assert jobs.fail_job(session, 10**9, "none") is False
+    _assert_consistent(session, "after the no-ops")
+
+    # The running image that finishes later still counts right.
+    images.complete_images(session, version.id, [images.CaptionRow(second, "b", -1.0, [], 8, 8)])
+    _assert_consistent(session, "after the running image finished")
+    session.commit()
+    _assert_consistent(session, "committed")
 
 
 def test_recount_reports_and_repairs_drift(session):

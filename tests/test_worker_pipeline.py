@@ -277,7 +277,9 @@ def test_a_newer_wanted_switches_and_a_failed_load_lets_the_next_batch_try(monke
         ({"device": "cuda:0"}, "solo", None, "caption", ("solo", 1)),  # what was asked for
         ({"device": "cuda:0"}, "threads", 4, "caption", ("threads", 4)),
         ({"device": "cpu"}, "threads", None, "caption", ("threads", 1)),
-        ({"device": "cuda:0"}, "prefork", None, "maintenance", ("prefork", 1)),
+        # a maintenance-only worker: prefork (time limits hold) with its default processes
+        ({"device": "cuda:0"}, "prefork", None, "maintenance", ("prefork", 4)),
+        ({"device": "cuda:0"}, "prefork", 2, "maintenance", ("prefork", 2)),
     ],
 )
 def test_worker_pool_is_pipelined_on_cuda_and_solo_on_the_cpu(

@@ -5,19 +5,26 @@ redelivered message adds nothing twice.
 
 The task bodies live where an image is born (`captioner.intake.prefixes`,
 `captioner.intake.urls`); here they get the process's resources, a retry on transient database
-errors, and the publishing of the webhook deliveries of the jobs they finish.
+errors, and the publishing of the webhook deliveries of the jobs they finish. A step that fails
+for good (retries exhausted, or any other error: a store error, a bug, the soft time limit) ends
+its job with the reason (`jobs.fail_job`: the queued images fail, `job.failed` is recorded) and
+the deliveries are published, so no job stays queued forever without its webhook.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
 
-from captioner.settings import get_settings
+from captioner.intake.urls import redact
+from captioner.settings import Settings, get_settings
+from captioner.state import jobs, outbox
+from captioner.state.db import session_scope
 from captioner.tasks import TASK_ENUMERATE_PREFIX, TASK_FETCH_URLS, publish_caption_batches
 from workers.deliveries import publish_committed_deliveries
 from workers.resources import backoff, is_transient_db_error, resources
@@ -59,10 +66,41 @@ def run_ingest(task, job_id: int, step: IngestStep, body: Callable[..., int]) ->
         if is_transient_db_error(exc) and retries < settings.task_max_retries:
             log.warning("retrying: %s of job %s, database error: %s", step.doing, job_id, exc)
             raise task.retry(countdown=backoff(retries), exc=exc) from None
-        log.exception("error: %s of job %s failed", step.doing, job_id)
-        raise
+        log.exception("error: %s of job %s failed for good", step.doing, job_id)
+        reason = failure_reason(step, exc)
+        fail_job(job_id, reason, res.sessions, settings)
+        return {"outcome": "failed", "reason": reason}
     log.info("%s: job %s, %d images queued", step.done, job_id, n)
     return {"outcome": "done", "images": n}
+
+
+# Longest failure reason stored for a job: enough to say what went wrong.
+REASON_MAX_CHARS = 500
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def failure_reason(step: IngestStep, exc: BaseException) -> str:
+    """What people are told about a step that failed for good: the step, the error's type and
+    message, URLs in it redacted to scheme, host and path, at most `REASON_MAX_CHARS`."""
+    message = _URL.sub(lambda m: redact(m.group(0)), str(exc)).strip()
+    reason = f"{step.doing} failed: {type(exc).__name__}" + (f": {message}" if message else "")
+    return reason[:REASON_MAX_CHARS]
+
+
+def fail_job(job_id: int, reason: str, sessions, settings: Settings) -> None:
+    """End the job with `reason` and record its webhook events in one transaction, then publish
+    the deliveries. If even that fails (the database is down), it is logged: the job stays
+    open, as it would have without this."""
+    try:
+        with session_scope(sessions) as session:
+            ended = jobs.fail_job(session, job_id, reason)
+            deliveries = outbox.record_job_events(session, [job_id]) if ended else []
+    except Exception:
+        log.exception("error: could not mark job %s failed", job_id)
+        return
+    if ended:
+        log.warning("job %s failed: %s", job_id, reason)
+    publish_committed_deliveries(deliveries, settings)
 
 
 @shared_task(name=TASK_ENUMERATE_PREFIX, bind=True, max_retries=None, acks_late=True)

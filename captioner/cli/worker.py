@@ -5,9 +5,15 @@ initialised before a fork. By default it is pipelined on CUDA: `--pool=threads` 
 `--concurrency` = `CAPTIONER_WORKER_PIPELINE_DEPTH` (2 on CUDA), so while one batch runs the
 model the next is fetched and decoded and the last one saved, all sharing the one model (see
 `workers.caption`). On the CPU, or with a depth of 1, it is `--pool=solo`, one batch at a time.
-Run one worker per GPU with `CAPTIONER_DEVICE=cuda:N`, one `captioner worker -Q
-maintenance,train` for the sweeper (and training; a worker that consumes no caption queue is
-always `solo`), and one `captioner beat` per deployment.
+
+Maintenance (the sweeper, ingestion, webhook deliveries) runs on a pool that enforces Celery's
+time limits (`task_soft_time_limit` / `task_time_limit`, set in `workers.celery_app`): a
+`-Q maintenance` worker is `--pool=prefork` (the solo and threads pools enforce none, so they
+are refused). Training gets a worker of its own (`-Q train`, solo: a run is long and has no
+time limit), so one hostile webhook or listing cannot stall retraining and a training run
+cannot hold up the sweeper. Run one worker per GPU with `CAPTIONER_DEVICE=cuda:N`, one
+`captioner worker -Q train`, one `captioner worker -Q maintenance`, and one `captioner beat`
+per deployment.
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ import click
 
 DEFAULT_CAPTION_QUEUES = "caption.interactive,caption,maintenance"
 CAPTION_QUEUES = frozenset({"caption", "caption.interactive"})
+MAINTENANCE_QUEUE = "maintenance"
+# Celery pools that enforce the soft and hard time limits (solo and threads enforce none).
+LIMITED_POOLS = frozenset({"prefork", "gevent", "eventlet"})
+# Maintenance tasks at once on a maintenance worker by default: the sweeper, ingestion and
+# webhook deliveries, each bounded by the time limits, so a slow one holds only its own slot.
+MAINTENANCE_CONCURRENCY = 4
+
+log = logging.getLogger("captioner.worker")
+
+
+class PoolRefused(ValueError):
+    """A pool that would run a maintenance worker's tasks without time limits."""
 
 
 def resolve_pipeline_depth(settings) -> int:
@@ -35,12 +53,40 @@ def resolve_pipeline_depth(settings) -> int:
     return 2 if device.startswith("cuda") else 1
 
 
+def queue_set(queues: str) -> frozenset[str]:
+    """The queue names of a `--queues` value."""
+    return frozenset(q.strip() for q in queues.split(",") if q.strip())
+
+
 def choose_pool(
     pool: str | None, concurrency: int | None, queues: str, settings
 ) -> tuple[str, int]:
-    """(pool, concurrency) for `captioner worker`: what was given, else a pipelined `threads`
-    pool when the worker consumes a caption queue and its pipeline depth is above 1, else solo."""
-    consumes_captions = bool(CAPTION_QUEUES & {q.strip() for q in queues.split(",")})
+    """(pool, concurrency) for `captioner worker`.
+
+    A maintenance-only worker (`-Q maintenance`): `prefork` with `MAINTENANCE_CONCURRENCY`
+    processes unless told otherwise, and only a pool in `LIMITED_POOLS` (else `PoolRefused`).
+    Any other worker: what was given, else a pipelined `threads` pool when it consumes a
+    caption queue and its pipeline depth is above 1, else solo. A worker that serves
+    maintenance next to other queues (the single-machine `captioner run`) keeps that choice,
+    with a warning: its maintenance tasks share the pool and run without time limits."""
+    names = queue_set(queues)
+    if names == {MAINTENANCE_QUEUE}:
+        return _maintenance_pool(pool, concurrency)
+    chosen = _other_pool(pool, concurrency, bool(CAPTION_QUEUES & names), settings)
+    if MAINTENANCE_QUEUE in names:
+        log.warning(
+            "queues %s: maintenance tasks share this worker's %s pool%s; give them a worker "
+            "of their own (-Q maintenance)",
+            ",".join(sorted(names)),
+            chosen[0],
+            "" if chosen[0] in LIMITED_POOLS else " and run without time limits",
+        )
+    return chosen
+
+
+def _other_pool(
+    pool: str | None, concurrency: int | None, consumes_captions: bool, settings
+) -> tuple[str, int]:
     if pool is None:
         depth = resolve_pipeline_depth(settings) if consumes_captions else 1
         pool = "threads" if depth > 1 else "solo"
@@ -49,6 +95,16 @@ def choose_pool(
         threads = pool == "threads" and consumes_captions
         concurrency = resolve_pipeline_depth(settings) if threads else 1
     return pool, concurrency
+
+
+def _maintenance_pool(pool: str | None, concurrency: int | None) -> tuple[str, int]:
+    pool = pool or "prefork"
+    if pool not in LIMITED_POOLS:
+        raise PoolRefused(
+            f"--pool={pool} enforces no time limits; maintenance runs on "
+            f"{' or '.join(sorted(LIMITED_POOLS))}"
+        )
+    return pool, concurrency or MAINTENANCE_CONCURRENCY
 
 
 def _configure_logging(level: str) -> None:
@@ -73,16 +129,18 @@ def _configure_logging(level: str) -> None:
 @click.option(
     "--pool",
     default=None,
-    help="Default: threads (pipelined batches sharing one model) when the worker consumes a "
-    "caption queue and its pipeline depth is above 1, else solo. prefork only for CPU-only "
-    "maintenance.",
+    help="Default: prefork for a maintenance-only worker (-Q maintenance; solo and threads, "
+    "which enforce no time limits, are refused there); threads (pipelined batches sharing one "
+    "model) when the worker consumes a caption queue and its pipeline depth is above 1; else "
+    "solo.",
 )
 @click.option(
     "--concurrency",
     "-c",
     default=None,
     type=int,
-    help="Tasks at once. Default: the pipeline depth for a threads pool, else 1.",
+    help=f"Tasks at once. Default: {MAINTENANCE_CONCURRENCY} for a maintenance-only worker, "
+    "the pipeline depth for a threads pool, else 1.",
 )
 @click.option(
     "--pipeline-depth",
@@ -125,7 +183,10 @@ def worker(
 
     reset_settings()
     _configure_logging(loglevel)
-    pool, concurrency = choose_pool(pool, concurrency, queues, get_settings())
+    try:
+        pool, concurrency = choose_pool(pool, concurrency, queues, get_settings())
+    except PoolRefused as exc:
+        raise click.UsageError(str(exc)) from None
     from workers.entry import app
 
     argv = [
@@ -143,7 +204,6 @@ def worker(
     ]
     if max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
-    log = logging.getLogger("captioner.worker")
     log.info("starting worker: %s", " ".join(argv[1:]))
     try:
         app.worker_main(argv)

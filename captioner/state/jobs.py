@@ -468,6 +468,45 @@ def cancel_job(session: Session, job_id: int, *, now: datetime | None = None) ->
     return failed
 
 
+def fail_job(session: Session, job_id: int, reason: str, *, now: datetime | None = None) -> bool:
+    """End a queued or running job whose background step (a prefix listing, a URL fetch)
+    failed for good: it is finished with `Job.failure_reason` set, its queued images fail with
+    `reason`, running ones are left to finish. Returns False, changing nothing, for a job
+    already finished or cancelled, or unknown (a repeated failure is a no-op).
+
+    `outbox.record_job_events` then records `job.failed` for it. The job row is changed in SQL:
+    refresh a `Job` already loaded in the session. Images before the job row, as `cancel_job`.
+    """
+    now = now or utcnow()
+    open_statuses = [JobStatus.QUEUED, JobStatus.RUNNING]
+    if session.scalar(select(Job.status).where(Job.id == job_id)) not in open_statuses:
+        return False
+    failed = session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.status == ImageStatus.QUEUED)
+        .values(status=ImageStatus.FAILED, failure_reason=reason, finished_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    ended = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(open_statuses))
+        .values(
+            status=JobStatus.FINISHED,
+            failure_reason=reason,
+            finished_at=now,
+            queued_count=Job.queued_count - failed,
+            failed_count=Job.failed_count + failed,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if ended.rowcount == 0:  # ended meanwhile: its counters still count the images failed here
+        deltas = CounterDeltas()
+        deltas.move(job_id, ImageStatus.QUEUED, ImageStatus.FAILED, failed)
+        deltas.apply(session)
+        return False
+    return True
+
+
 def _not_open(session: Session, job_id: int) -> LifecycleError:
     status = session.scalar(select(Job.status).where(Job.id == job_id))
     if status is None:

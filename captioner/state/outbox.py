@@ -16,7 +16,10 @@ EVENTS = ("job.completed", "job.failed")
 
 
 def job_event(job: Job) -> str:
-    """`job.failed` when no image of a finished job was captioned, else `job.completed`."""
+    """`job.failed` for a finished job that failed (`Job.failure_reason`, set by
+    `jobs.fail_job`) or of which no image was captioned, else `job.completed`."""
+    if job.status == JobStatus.FINISHED and job.failure_reason is not None:
+        return "job.failed"
     if job.status == JobStatus.FINISHED and job.captioned_count == 0 and job.failed_count > 0:
         return "job.failed"
     return "job.completed"
@@ -33,6 +36,7 @@ def job_payload(job: Job, event: str) -> dict[str, Any]:
             "captioned_count": job.captioned_count,
             "failed_count": job.failed_count,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "failure_reason": job.failure_reason,
         },
     }
 
