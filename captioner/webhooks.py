@@ -7,33 +7,46 @@ commit it publishes `captioner.deliver_webhook(delivery_id)` for each
 (`captioner.tasks.publish_deliveries`).
 The task calls `deliver(session_factory, delivery_id)`: it counts the attempt and commits
 BEFORE sending (so a worker killed by a hostile receiver cannot re-send forever), then POSTs the
-JSON body with `X-Captioner-Signature: sha256=<hex HMAC-SHA256 of the body with the webhook's
-secret>` through the bounded outbound path of `captioner.intake.urls` (a total time limit, the
-reply read raw and capped at `REPLY_MAX_BYTES`); a 2xx marks it delivered, anything else leaves
+JSON body signed in the Standard Webhooks format through the bounded outbound path of
+`captioner.intake.urls` (a total time limit, the reply read raw and capped at
+`REPLY_MAX_BYTES`); a 2xx marks it delivered, anything else leaves
 the next attempt scheduled with exponential backoff (`next_attempt_at`, returned so the task
 can retry with that countdown) until `webhook_max_attempts`. Receiver URLs must be public
 unless allow-listed in `webhook_allow_hosts` (a list of its own: trusting an internal receiver
 does not open it to URL submission), checked again at every attempt; no redirects. Errors
 stored and logged name the URL redacted to scheme, host and path.
+
+Signatures (the `standardwebhooks` package): `webhook-id` is the delivery id (the same on every
+retry, so a receiver can drop duplicates), `webhook-timestamp` the attempt's time in seconds,
+`webhook-signature` `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`; a receiver refuses a
+timestamp more than 5 minutes from its clock, so a captured delivery cannot be replayed later.
+Secrets are `whsec_<base64 key>`. A secret made before this format (any other string) keeps
+working: its key is the secret's UTF-8 bytes, i.e. its `whsec_` form is `whsec_` + base64 of
+them (`signing_key`). `rotate_secret` replaces a webhook's secret; for
+`webhook_secret_grace_hours` deliveries carry a second signature, made with the previous
+secret, after the new one (space-separated), so a receiver can switch secrets at its own pace.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import hmac
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from standardwebhooks import Webhook as StandardWebhook
+from standardwebhooks import WebhookVerificationError
 
 from captioner.intake.errors import SubmissionRejected, UnsafeURL
 from captioner.state.db import session_scope
 from captioner.state.models import (
+    Webhook,
     WebhookDelivery,
     WebhookStatus,
     utcnow,
@@ -45,25 +58,108 @@ if TYPE_CHECKING:
     from captioner.intake.urls import Resolver
     from captioner.settings import Settings
 
-SIGNATURE_HEADER = "X-Captioner-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
 EVENT_HEADER = "X-Captioner-Event"
-DELIVERY_HEADER = "X-Captioner-Delivery"
+SECRET_PREFIX = "whsec_"
+# How far a delivery's timestamp may be from the receiver's clock (the library's own tolerance).
+TOLERANCE = timedelta(minutes=5)
 # Most bytes of a receiver's reply read (raw, never decompressed): nothing but its status is used.
 REPLY_MAX_BYTES = 4096
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+    """A new signing secret: `whsec_` and the base64 of 32 random bytes."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header value for `body`: `sha256=<hex>`."""
-    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+def signing_key(secret: str) -> str:
+    """`secret` in the `whsec_` form the library takes: as it is, or for a secret made before
+    that form, `whsec_` + base64 of its UTF-8 bytes (those bytes are the HMAC key)."""
+    if secret.startswith(SECRET_PREFIX):
+        return secret
+    return SECRET_PREFIX + base64.b64encode(secret.encode("utf-8")).decode("ascii")
 
 
-def verify(secret: str, body: bytes, signature: str) -> bool:
-    """Constant-time check of a received signature (what a receiver should do)."""
-    return hmac.compare_digest(sign(secret, body), signature or "")
+def _seconds(moment: datetime) -> datetime:
+    """`moment` in UTC, cut to whole seconds (what `webhook-timestamp` carries)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(int(moment.timestamp()), UTC)
+
+
+def sign(secret: str, msg_id: str, timestamp: datetime, body: bytes) -> str:
+    """One `webhook-signature` entry: `v1,<base64>` over `msg_id.timestamp.body`."""
+    return StandardWebhook(signing_key(secret)).sign(msg_id, _seconds(timestamp), body.decode())
+
+
+def signing_secrets(hook: Webhook, now: datetime | None = None) -> list[str]:
+    """The secrets a delivery is signed with now: the current one, then the previous one until
+    its grace period ends."""
+    found = [hook.secret]
+    expires = hook.previous_secret_expires_at
+    if hook.previous_secret and expires is not None and expires > (now or utcnow()):
+        found.append(hook.previous_secret)
+    return found
+
+
+def signature_headers(
+    hook: Webhook, msg_id: str, body: bytes, now: datetime | None = None
+) -> dict[str, str]:
+    """`webhook-id`, `webhook-timestamp` (now) and `webhook-signature` (one signature per
+    secret of `signing_secrets`, space-separated) for `body`."""
+    stamp = _seconds(now or utcnow())
+    signatures = " ".join(sign(s, msg_id, stamp, body) for s in signing_secrets(hook, now))
+    return {
+        ID_HEADER: msg_id,
+        TIMESTAMP_HEADER: str(int(stamp.timestamp())),
+        SIGNATURE_HEADER: signatures,
+    }
+
+
+def verify(
+    secret: str, body: bytes, headers: Mapping[str, str], *, now: datetime | None = None
+) -> bool:
+    """What a receiver does: `standardwebhooks` checks that one of the signatures was made with
+    `secret` over the id, timestamp and body, and refuses a timestamp more than `TOLERANCE` from
+    its clock (a replay). `now` stands for the receiver's clock (the library reads the real one)."""
+    if now is None:
+        try:
+            StandardWebhook(signing_key(secret)).verify(body, dict(headers), json_parse=False)
+        except WebhookVerificationError:
+            return False
+        return True
+    lower = {k.lower(): v for k, v in headers.items()}
+    try:
+        stamp = datetime.fromtimestamp(int(lower.get(TIMESTAMP_HEADER, "")), UTC)
+    except ValueError:
+        return False
+    if abs(stamp - now) > TOLERANCE:
+        return False
+    expected = sign(secret, lower.get(ID_HEADER, ""), stamp, body)
+    return any(hmac.compare_digest(expected, s) for s in lower.get(SIGNATURE_HEADER, "").split())
+
+
+def rotate_secret(
+    session: Session,
+    hook: Webhook,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Give `hook` a new secret and return it (to show once). The replaced secret keeps signing
+    deliveries, after the new one, for `webhook_secret_grace_hours` (a rotation within that time
+    ends the older secret's grace at once: two signatures at most)."""
+    grace = timedelta(hours=_settings(settings).webhook_secret_grace_hours)
+    if grace > timedelta(0):
+        hook.previous_secret = hook.secret
+        hook.previous_secret_expires_at = (now or utcnow()) + grace
+    else:
+        hook.previous_secret = hook.previous_secret_expires_at = None
+    hook.secret = new_secret()
+    session.flush()
+    return hook.secret
 
 
 @dataclass(frozen=True)
@@ -144,18 +240,16 @@ def begin_attempt(
         error = delivery.last_error or "no outcome recorded for the last attempt"
         return _fail(session, delivery, error)
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    now = now or utcnow()
     delivery.attempts += 1
     delivery.last_error = f"attempt {delivery.attempts} started, no outcome recorded"
-    delivery.next_attempt_at = (now or utcnow()) + timedelta(
-        seconds=_backoff(settings, delivery.attempts)
-    )
+    delivery.next_attempt_at = now + timedelta(seconds=_backoff(settings, delivery.attempts))
     session.flush()
     hook = delivery.webhook
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(hook.secret, body),
+        **signature_headers(hook, str(delivery.id), body, now),
         EVENT_HEADER: delivery.event,
-        DELIVERY_HEADER: str(delivery.id),
         "User-Agent": "captioner-webhooks/1",
     }
     return Outgoing(delivery.id, delivery.attempts, hook.url, body, headers)

@@ -232,12 +232,121 @@ def test_fetch_urls_task_finishing_a_job_of_failed_urls_delivers_job_failed(
 
     wait_for(lambda: receiver.posts_to("/hook-d"), 60, what="job.failed delivered")
     [(headers, body)] = receiver.posts_to("/hook-d")
-    assert webhooks.verify(secret, body, headers[webhooks.SIGNATURE_HEADER])
+    assert webhooks.verify(secret, body, headers)
     assert headers[webhooks.EVENT_HEADER] == "job.failed"
     event = json.loads(body)["job"]
     assert (event["id"], event["status"], event["failed_count"]) == (job_id, "finished", 2)
     [delivery] = _deliveries(stack, hook_id)
     assert delivery.job_id == job_id and delivery.event == "job.failed"
+
+
+class _Published:
+    """What an in-process task run would have published: caption batches and deliveries."""
+
+    def __init__(self, monkeypatch) -> None:
+        import workers.ingest
+
+        self.images: list[int] = []
+        self.deliveries: list[int] = []
+        monkeypatch.setattr(
+            workers.ingest,
+            "publish_caption_batches",
+            lambda job_id, ids, settings=None: self.images.extend(ids),
+        )
+        monkeypatch.setattr(
+            workers.ingest,
+            "publish_committed_deliveries",
+            lambda ids, settings: self.deliveries.extend(ids),
+        )
+
+
+def _assert_failed_for_good(stack, job_id, hook_id, published, reason_part):
+    with stack.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.FINISHED and job.finished_at is not None
+        assert reason_part in job.failure_reason
+        rows = s.scalars(select(Image).where(Image.job_id == job_id)).all()
+        assert {im.status for im in rows} <= {ImageStatus.FAILED}
+        assert {im.failure_reason for im in rows} <= {job.failure_reason}
+        assert (job.queued_count, job.failed_count, job.image_count) == (0, len(rows), len(rows))
+        assert jobs.recount(s) == []
+    [delivery] = _deliveries(stack, hook_id)
+    assert (delivery.job_id, delivery.event) == (job_id, "job.failed")
+    assert delivery.payload["job"]["failure_reason"] == job.failure_reason
+    assert published.deliveries == [delivery.id]
+    return job, rows
+
+
+def test_a_prefix_listing_that_fails_for_good_ends_the_job_with_its_webhook(
+    stack, env, receiver, monkeypatch
+):
+    """The store's listing raises (not a transient database error) after one page was queued:
+    the task gives up at once, the job ends with the reason, its queued images fail, and
+    `job.failed` is recorded and published."""
+    import captioner.intake.prefixes
+    from captioner.storage import StorageError
+    from workers.ingest import enumerate_prefix
+    from workers.resources import resources
+
+    owner_id, hook_id, _secret = _owner_with_hook(stack, f"{receiver.url}/hook-f", "f@x.org")
+    with session_scope(stack.sessions) as s:
+        job_id = jobs.create_job(s, "broken", owner_id=owner_id, options={"prefix": "gone/"}).id
+
+    def listing(prefix=""):
+        yield from (f"gone/{i}.png" for i in range(3))
+        raise StorageError("listing refused by https://user:pw@store.example/b?sig=1")
+
+    monkeypatch.setattr(captioner.intake.prefixes, "PAGE_SIZE", 2)
+    monkeypatch.setattr(resources(stack.settings()).store, "list", listing)
+    published = _Published(monkeypatch)
+
+    result = enumerate_prefix.apply(args=(job_id,)).get()
+
+    assert result["outcome"] == "failed"
+    job, rows = _assert_failed_for_good(stack, job_id, hook_id, published, "StorageError")
+    assert len(rows) == 2 and sorted(published.images) == sorted(im.id for im in rows)
+    assert job.failure_reason == result["reason"]
+    assert "enumerating the prefix" in job.failure_reason
+    # URLs in the reason are redacted to scheme, host and path.
+    assert "https://store.example/b" in job.failure_reason
+    assert "pw" not in job.failure_reason and "sig=" not in job.failure_reason
+
+    # A redelivered message finds the job ended: nothing changes, nothing is recorded twice.
+    assert enumerate_prefix.apply(args=(job_id,)).get()["outcome"] == "failed"
+    assert len(_deliveries(stack, hook_id)) == 1
+
+
+def test_a_url_fetch_that_keeps_hitting_database_errors_fails_after_its_retries(
+    stack, env, receiver, monkeypatch
+):
+    """A transient database error is retried `task_max_retries` times; then the job ends."""
+    from sqlalchemy.exc import OperationalError
+
+    import captioner.intake.fetch
+    from captioner.settings import reset_settings
+    from workers.ingest import fetch_urls
+
+    monkeypatch.setenv("CAPTIONER_TASK_MAX_RETRIES", "2")
+    reset_settings()
+    owner_id, hook_id, _secret = _owner_with_hook(stack, f"{receiver.url}/hook-g", "g@x.org")
+    urls = [f"{receiver.url}/img/never-{i}.png" for i in range(2)]
+    with session_scope(stack.sessions) as s:
+        job_id = jobs.create_job(s, "flaky db", owner_id=owner_id, options={"urls": urls}).id
+    calls = []
+
+    def body(job_id, **_kwargs):
+        calls.append(job_id)
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(captioner.intake.fetch, "run_fetch_urls", body)
+    published = _Published(monkeypatch)
+
+    result = fetch_urls.apply(args=(job_id,)).get()
+
+    assert len(calls) == 3  # the first try and two retries
+    assert result["outcome"] == "failed"
+    job, rows = _assert_failed_for_good(stack, job_id, hook_id, published, "OperationalError")
+    assert rows == [] and "fetching the URLs" in job.failure_reason
 
 
 # --- webhooks -------------------------------------------------------------------------------------
@@ -270,14 +379,12 @@ def test_worker_finishing_a_job_delivers_one_signed_event_with_retry(stack, work
     posts = receiver.posts_to("/hook-a")
     assert len(posts) == 2
     for headers, body in posts:
-        assert webhooks.verify(secret, body, headers[webhooks.SIGNATURE_HEADER])
+        assert webhooks.verify(secret, body, headers)
         assert headers[webhooks.EVENT_HEADER] == "job.completed"
         event = json.loads(body)
         assert event["event"] == "job.completed"
         assert event["job"]["id"] == job_id and event["job"]["captioned_count"] == 5
-    assert not webhooks.verify(
-        "wrong secret", posts[-1][1], posts[-1][0][webhooks.SIGNATURE_HEADER]
-    )
+    assert not webhooks.verify(webhooks.new_secret(), posts[-1][1], posts[-1][0])
 
 
 def test_deliver_webhook_task_refuses_an_unsafe_url_without_retrying(stack, env):
@@ -334,7 +441,7 @@ def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(
     wait_for(lambda: len(receiver.posts_to("/hook-c")) >= 2, 60, what="both deliveries")
     posts = receiver.posts_to("/hook-c")
     assert sorted(json.loads(b)["job"]["id"] for _, b in posts) == sorted([orphan_id, lost_id])
-    assert all(webhooks.verify(secret, b, h[webhooks.SIGNATURE_HEADER]) for h, b in posts)
+    assert all(webhooks.verify(secret, b, h) for h, b in posts)
     wait_for(
         lambda: all(d.status == WebhookStatus.DELIVERED for d in _deliveries(stack, hook_id)),
         30,
