@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     url_fetch_max_redirects: int = Field(
         default=5, ge=0, description="Redirects followed (each re-checked) when fetching a URL."
     )
+    source_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Object-store key prefixes every submitter may submit keys and prefixes "
+        'within, e.g. `["shared/"]` (`[""]`: the whole store). Admins grant more per user '
+        "(`PATCH /api/v1/users/<id>`); nobody reads the system's own uploads/, urls/, models/ "
+        "or exports/ this way.",
+    )
     url_allow_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts or CIDR networks an operator trusts for submitted image URLs although "
@@ -249,6 +256,12 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="Total time limit of one webhook delivery request (connect, send and reply).",
+    )
+    webhook_secret_grace_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="After a webhook secret is rotated, hours during which deliveries carry a "
+        "second signature made with the previous secret; 0 stops it at once.",
     )
     interactive_max_images: int = Field(
         default=16,

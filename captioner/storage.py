@@ -37,6 +37,12 @@ class InvalidKey(StorageError, ValueError):
     """A key that could escape the store or is otherwise malformed."""
 
 
+# The namespaces the system writes itself, never readable by submitting a key or a prefix (not
+# by admins either): uploads (`uploads/<owner id>/...`, captioner.intake.uploads), fetched URLs
+# (`urls/<owner id>/...`, captioner.intake.fetch), model checkpoints (`models/`,
+# captioner.learning.registry) and exports (`exports/`).
+SYSTEM_PREFIXES = ("uploads/", "urls/", "models/", "exports/")
+
 # The longest key a database row can record (`Image.storage_key` is String(1024)).
 KEY_MAX_LENGTH = 1024
 
@@ -91,6 +97,10 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's length in bytes, without reading it; ObjectNotFound if there is none."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -153,6 +163,12 @@ class LocalObjectStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key, repr(self))
+        return path.stat().st_size
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -314,6 +330,15 @@ class S3ObjectStore(ObjectStore):
                 return False
             raise error from exc
         return True
+
+    def size(self, key: str) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "head", key) from exc
+        return int(head["ContentLength"])
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

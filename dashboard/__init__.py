@@ -21,9 +21,9 @@ from typing import Any
 from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
 from flask import Response, g, render_template, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.routing import IntegerConverter
+from werkzeug.routing import IntegerConverter, ValidationError
 
 from captioner.settings import Settings, get_settings
 from captioner.state.db import make_engine, make_sessionmaker
@@ -149,9 +149,11 @@ def _configure(app: APIFlask, settings: Settings) -> None:
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Personal API token"}
         },
     )
-    # `<int:...>` in every route is a database id: numbers past the INTEGER range every backend
-    # shares don't match (404) instead of overflowing the database driver (500).
+    # `<int:...>` in every route is a database id: numbers outside the INTEGER range every
+    # backend shares answer 404 instead of overflowing the database driver (500); the OpenAPI
+    # document states the range.
     app.url_map.converters["int"] = IdConverter
+    app.spec_processor(document_id_ranges)
     if settings.trusted_proxy_hops:
         hops = settings.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
@@ -245,15 +247,42 @@ def _html_error(code: int, message: str, description: str | None = None):
     return render_template("error.html", code=code, message=message, description=description), code
 
 
+MIN_ID = 1
+MAX_ID = 2**31 - 1  # the id columns are `Integer`: 32-bit on PostgreSQL
+_MAX_ID_DIGITS = len(str(MAX_ID))
+
+
 class IdConverter(IntegerConverter):
-    """`int` for ids: 0 .. 2**31 - 1."""
+    """`int` for ids: MIN_ID .. MAX_ID. Digits outside the range raise 404 here rather than
+    failing the match: a failed match on a path that a rule for another method also holds
+    would answer 405 (`GET /images/<huge>/reviews` next to `POST` on the same path)."""
 
     def __init__(self, map, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("min", MIN_ID)
         kwargs.setdefault("max", MAX_ID)
         super().__init__(map, *args, **kwargs)
 
+    def to_python(self, value: str) -> int:
+        if len(value.lstrip("0")) > _MAX_ID_DIGITS:  # never parse thousands of digits
+            raise NotFound()
+        try:
+            return super().to_python(value)
+        except ValidationError:
+            raise NotFound() from None
 
-MAX_ID = 2**31 - 1
+
+def document_id_ranges(spec: dict) -> dict:
+    """The OpenAPI document's integer path parameters (every `<int:...>`) take the ids'
+    range, as `IdConverter` enforces it."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):  # a path-level `parameters` list
+                continue
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                if parameter.get("in") == "path" and schema.get("type") == "integer":
+                    schema.update(minimum=MIN_ID, maximum=MAX_ID)
+    return spec
 
 
 def _wants_json() -> bool:

@@ -28,6 +28,7 @@ from captioner.accounts import (
 )
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
+from captioner.intake.prefixes import check_grants
 from captioner.intake.uploads import check_uploads
 from captioner.state import jobs, outbox, reviews
 from captioner.state.models import (
@@ -177,16 +178,60 @@ class DecodingFields(Schema):
     )
 
 
+def _keys(**kwargs) -> List:
+    return List(String(validate=Length(1, 1024)), validate=Length(1, 100_000), **kwargs)
+
+
+def _prefix(**kwargs) -> String:
+    return String(validate=Length(0, 1024), **kwargs)
+
+
+def _urls(**kwargs) -> List:
+    return List(String(validate=Length(1, 4096)), validate=Length(1, 100_000), **kwargs)
+
+
 class JobCreateIn(DecodingFields):
-    keys = List(String(validate=Length(1, 1024)), validate=Length(1, 100_000))
-    prefix = String(validate=Length(0, 1024))
-    urls = List(String(validate=Length(1, 4096)), validate=Length(1, 100_000))
+    """What `POST /jobs` validates: the options and exactly one source. The document shows it
+    as `JOB_CREATE_DOC`, one shape per source."""
+
+    keys = _keys()
+    prefix = _prefix()
+    urls = _urls()
 
     @validates_schema
     def _one_source(self, data, **kwargs):
         given = [k for k in ("keys", "prefix", "urls") if k in data]
         if len(given) != 1:
             raise ValidationError("give exactly one of keys, prefix or urls")
+
+
+class JobFromKeysIn(DecodingFields):
+    keys = _keys(required=True)
+
+
+class JobFromPrefixIn(DecodingFields):
+    prefix = _prefix(required=True)
+
+
+class JobFromUrlsIn(DecodingFields):
+    urls = _urls(required=True)
+
+
+# Each shape forbids unknown properties, so a body matches exactly one: the rule `_one_source`
+# enforces, stated where a client (or a fuzzer) can read it.
+JOB_CREATE_DOC = {"oneOf": [JobFromKeysIn, JobFromPrefixIn, JobFromUrlsIn]}
+
+
+def _document_body(schema: dict):
+    """Show `schema` (JSON Schema, marshmallow schemas allowed inside `oneOf`) as the request
+    body in the OpenAPI document instead of the `bp.input` schema, which still validates.
+    Goes directly above `bp.input`."""
+
+    def decorator(f):
+        f._spec["body"] = schema
+        return f
+
+    return decorator
 
 
 class UploadIn(DecodingFields):
@@ -277,6 +322,14 @@ class UserPatchIn(Schema):
     name = String(validate=Length(0, 200))
     password = String(validate=Length(8, 200))
     role = String(validate=OneOf([r.value for r in UserRole]))
+    source_prefixes = List(
+        String(validate=Length(0, 1024)),
+        validate=Length(0, 100),
+        metadata={
+            "description": "Key prefixes the user may submit keys and prefixes within, besides "
+            "`CAPTIONER_SOURCE_PREFIXES`; never the system's uploads/, urls/, models/, exports/"
+        },
+    )
 
 
 class UserOut(Schema):
@@ -286,6 +339,7 @@ class UserOut(Schema):
     role = String()
     created_at = DateTime()
     disabled_at = DateTime(allow_none=True)
+    source_prefixes = List(String())
 
 
 class RevokedOut(Schema):
@@ -306,7 +360,16 @@ class WebhookOut(Schema):
     url = String()
     events = List(String())
     created_at = DateTime()
-    secret = String(metadata={"description": "HMAC key: shown only in the create response"})
+    secret = String(
+        metadata={
+            "description": "Signing secret (`whsec_...`, Standard Webhooks): shown only in the "
+            "create and rotate responses"
+        }
+    )
+    previous_secret_expires_at = DateTime(
+        allow_none=True,
+        metadata={"description": "Until then deliveries are also signed with the previous secret"},
+    )
 
 
 class WebhookListOut(Schema):
@@ -453,6 +516,7 @@ def _opts(data: dict) -> services.JobOptions:
 @bp.post("/jobs")
 @api_auth()
 @limiter.limit(submit_limit)
+@_document_body(JOB_CREATE_DOC)
 @bp.input(JobCreateIn, arg_name="data")
 @bp.output(JobOut, status_code=202)
 @bp.doc(
@@ -624,14 +688,22 @@ def get_image(image_id):
 @api_auth()
 @bp.doc(
     summary="The image's bytes",
-    responses={200: {"description": "The image file", "content": {"image/*": {}}}} | E401 | E404,
+    responses={200: {"description": "The image file", "content": {"image/*": {}}}}
+    | E401
+    | E404
+    | {413: "The stored object is larger than `CAPTIONER_MAX_IMAGE_BYTES`"},
     **AUTH,
 )
 def image_content(image_id):
     image = _image_or_404(image_id)
-    store = current_app.extensions["captioner"].store
+    ext = current_app.extensions["captioner"]
+    limit = ext.settings.max_image_bytes
     try:
-        data = store.get(image.storage_key)
+        # The size first: an object over the limit is refused without being read.
+        size = ext.store.size(image.storage_key)
+        if size > limit:
+            abort(413, f"the image's stored object is {size} bytes > limit {limit}")
+        data = ext.store.get(image.storage_key)
     except (ObjectNotFound, StorageError):
         abort(404, "the image's bytes are not in storage")
     try:
@@ -844,6 +916,7 @@ def user_dict(user: User) -> dict:
         "role": user.role.value,
         "created_at": user.created_at,
         "disabled_at": user.disabled_at,
+        "source_prefixes": list(user.source_prefixes or []),
     }
 
 
@@ -881,14 +954,19 @@ def create_user_view(data):
 @bp.input(UserPatchIn, arg_name="data")
 @bp.output(UserOut)
 @bp.doc(
-    summary="Change a user's name, role or password (admin)",
+    summary="Change a user's name, role, password or source locations (admin)",
     description="A new password ends every login session of the user and revokes their API "
     "tokens, except the session or token making the change.",
-    responses=E401 | E403 | E404,
+    responses=E401 | E403 | E404 | E422,
     **AUTH,
 )
 def update_user(user_id, data):
     user = _user_or_404(user_id)
+    if "source_prefixes" in data:
+        try:
+            user.source_prefixes = check_grants(data["source_prefixes"])
+        except SubmissionRejected as exc:
+            abort(422, exc.reason)
     if "name" in data:
         user.name = data["name"]
     if "role" in data:
@@ -965,6 +1043,7 @@ def webhook_dict(hook: Webhook, with_secret: bool = False) -> dict:
         "url": hook.url,
         "events": list(hook.events or []),
         "created_at": hook.created_at,
+        "previous_secret_expires_at": hook.previous_secret_expires_at,
     }
     if with_secret:
         data["secret"] = hook.secret
@@ -1018,3 +1097,23 @@ def delete_webhook(webhook_id):
     hook.active = False
     db().commit()
     return ""
+
+
+@bp.post("/webhooks/<int:webhook_id>/rotate")
+@api_auth()
+@bp.output(WebhookOut)
+@bp.doc(
+    summary="Give one of your webhooks a new signing secret (shown once)",
+    description="Until `previous_secret_expires_at` (`CAPTIONER_WEBHOOK_SECRET_GRACE_HOURS`) "
+    "deliveries carry two signatures, made with the new and the previous secret.",
+    responses=E401 | E404,
+    **AUTH,
+)
+def rotate_webhook_secret(webhook_id):
+    hook = db().get(Webhook, webhook_id)
+    if hook is None or hook.owner_id != _user().id or not hook.active:
+        abort(404, f"no webhook {webhook_id}")
+    settings = current_app.extensions["captioner"].settings
+    webhooks.rotate_secret(db(), hook, settings=settings)
+    db().commit()
+    return webhook_dict(hook, with_secret=True)

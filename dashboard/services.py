@@ -17,7 +17,12 @@ from sqlalchemy.orm import selectinload
 from captioner import tasks
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
-from captioner.intake.prefixes import check_keys, prefix_within_store
+from captioner.intake.prefixes import (
+    check_keys,
+    check_readable,
+    prefix_within_store,
+    readable_locations,
+)
 from captioner.intake.uploads import store_files
 from captioner.intake.urls import check_url
 from captioner.state import jobs, reviews
@@ -163,7 +168,7 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
     """Files already checked (`captioner.intake.uploads.check_uploads`): store, queue, publish."""
     check_options(user, opts, len(files))
     job = _new_job(session, user, opts, source)
-    ids = store_files(session, _ext().store, job.id, files)
+    ids = store_files(session, _ext().store, job.id, files, owner_id=user.id)
     to_publish = submit.ids_to_publish(session, job, ids)
     # Every image a known caption: the job is finished now, so its webhook events are
     # recorded in this transaction and published after the commit (as the workers do).
@@ -179,6 +184,9 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
 def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
     keys = check_keys(keys)
     check_options(user, opts, len(keys))
+    locations = readable_locations(user, _ext().settings)
+    for key in keys:
+        check_readable(key, locations, is_prefix=False)
     job = _new_job(session, user, opts, source=f"keys ({len(keys)})")
     ids = jobs.submit_images(session, job.id, keys)
     session.commit()
@@ -190,6 +198,7 @@ def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
 def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
     check_options(user, opts, None)
     key_prefix = prefix_within_store(prefix, _ext().settings.storage_url)
+    check_readable(key_prefix, readable_locations(user, _ext().settings), is_prefix=True)
     job = _new_job(session, user, opts, source=prefix, extra={"prefix": key_prefix})
     session.commit()
     _ext().publisher.task(tasks.TASK_ENUMERATE_PREFIX, job.id)

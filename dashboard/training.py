@@ -223,8 +223,14 @@ def list_models():
     versions = registry.list_versions(session)
     active = next((v.id for v in versions if v.status == ModelStatus.ACTIVE), None)
     serving = registry.serving(session, current_app.extensions["captioner"].settings)
+    # Where the weights are stored is for admins only.
+    admin = current_user().role == UserRole.ADMIN
+    items = [version_dict(v) for v in versions]
+    if not admin:
+        for item in items:
+            del item["checkpoint_uri"]
     return {
-        "items": [version_dict(v) for v in versions],
+        "items": items,
         "active_id": active,
         "serving_id": serving.version.id if serving.version is not None else None,
         "serving_source": serving.source,
@@ -447,6 +453,7 @@ def models_page():
         serving=serving,
         serving_id=serving.version.id if serving.version is not None else None,
         sources=registry.ServingSource,
+        is_admin=current_user().role == UserRole.ADMIN,  # checkpoint locations: admins only
     )
 
 

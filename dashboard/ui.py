@@ -289,6 +289,28 @@ def new_webhook():
     )
 
 
+@bp.post("/account/webhooks/<int:webhook_id>/rotate")
+@login_required()
+def rotate_webhook(webhook_id: int):
+    session, user = db(), current_user()
+    hook = session.get(Webhook, webhook_id)
+    if hook is None or hook.owner_id != user.id or not hook.active:
+        abort(404)
+    settings = current_app.extensions["captioner"].settings
+    secret = webhooks.rotate_secret(session, hook, settings=settings)
+    session.commit()
+    tokens = session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    )
+    hooks = session.scalars(
+        select(Webhook).where(Webhook.owner_id == user.id, Webhook.active.is_(True))
+    )
+    # Rendered directly (not redirected): the new secret exists only in this response.
+    return render_template(
+        "account.html", tokens=list(tokens), hooks=list(hooks), new_token=None, new_secret=secret
+    )
+
+
 @bp.route("/admin/users", methods=["GET", "POST"])
 @login_required("admin")
 def admin_users():

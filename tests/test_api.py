@@ -1134,3 +1134,243 @@ def test_ending_sessions_and_revoking_tokens_in_sql(session):
     session.commit()
     assert accounts.may_log_in(user, "new password!") and revoked() == [True, True, True, False]
     assert other.session_epoch == 0
+
+
+def test_webhook_rotate_returns_a_new_secret_once_and_is_owner_only(app, client, users):
+    from captioner import webhooks
+    from captioner.state.models import Webhook
+
+    alice, bob = users["alice"].headers, users["bob"].headers
+    r = client.post("/api/v1/webhooks", json={"url": "http://93.184.215.14/hook"}, headers=alice)
+    hook_id, first = r.json["id"], r.json["secret"]
+    assert first.startswith("whsec_") and r.json["previous_secret_expires_at"] is None
+    assert client.post(f"/api/v1/webhooks/{hook_id}/rotate", headers=bob).status_code == 404
+    assert client.post("/api/v1/webhooks/999999/rotate", headers=alice).status_code == 404
+    r = client.post(f"/api/v1/webhooks/{hook_id}/rotate", headers=alice)
+    assert r.status_code == 200 and r.json["id"] == hook_id
+    second = r.json["secret"]
+    assert second.startswith("whsec_") and second != first
+    assert r.json["previous_secret_expires_at"] is not None
+    [listed] = client.get("/api/v1/webhooks", headers=alice).json["items"]
+    assert "secret" not in listed and listed["previous_secret_expires_at"]
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        hook = session.get(Webhook, hook_id)
+        assert (hook.secret, hook.previous_secret) == (second, first)
+        # Signed with both during the grace period (24 hours by default).
+        headers = webhooks.signature_headers(hook, "1", b"{}")
+        assert webhooks.verify(second, b"{}", headers) and webhooks.verify(first, b"{}", headers)
+    # A removed webhook cannot be rotated.
+    assert client.delete(f"/api/v1/webhooks/{hook_id}", headers=alice).status_code == 204
+    assert client.post(f"/api/v1/webhooks/{hook_id}/rotate", headers=alice).status_code == 404
+
+
+def test_account_page_rotates_a_webhook_secret(app, client, users):
+    from dashboard_helpers import csrf
+
+    from captioner.state.models import Webhook
+
+    r = client.post(
+        "/api/v1/webhooks",
+        json={"url": "http://93.184.215.14/hook"},
+        headers=users["alice"].headers,
+    )
+    hook_id, first = r.json["id"], r.json["secret"]
+    assert login(client, "bob@example.com").status_code == 302
+    form = {"csrf_token": csrf(client)}
+    assert client.post(f"/account/webhooks/{hook_id}/rotate", data=form).status_code == 404
+    client.post("/logout", data=form)
+    assert login(client, "alice@example.com").status_code == 302
+    page = client.get("/account").get_data(as_text=True)
+    assert f"/account/webhooks/{hook_id}/rotate" in page and "Rotate secret" in page
+    r = client.post(f"/account/webhooks/{hook_id}/rotate", data={"csrf_token": csrf(client)})
+    assert r.status_code == 200
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        hook = session.get(Webhook, hook_id)
+        assert hook.previous_secret == first and hook.secret != first
+        secret = hook.secret
+    page = r.get_data(as_text=True)
+    assert f'<code id="new-secret">{secret}</code>' in page and "previous secret also signs" in page
+
+
+# --- each user reaches only their own objects (issue 16, item 1) -----------------------------
+
+
+@pytest.fixture
+def dashboard_settings(dashboard_settings):
+    """The tests above submit keys and prefixes anywhere in the store, as a deployment whose
+    operator shares the whole store (outside the system's own namespaces) with every submitter
+    does: `CAPTIONER_SOURCE_PREFIXES=[""]`. `strict_client` below shares only `shared/`."""
+    return dashboard_settings.model_copy(update={"source_prefixes": [""]})
+
+
+@pytest.fixture
+def strict_app(dashboard_settings, publisher):
+    from dashboard import create_app
+
+    settings = dashboard_settings.model_copy(update={"source_prefixes": ["shared/"]})
+    strict = create_app(settings, publisher=publisher)
+    strict.config["TESTING"] = True
+    yield strict
+    strict.extensions["captioner"].engine.dispose()
+
+
+@pytest.fixture
+def strict_client(strict_app):
+    return strict_app.test_client()
+
+
+def submit(client, account, **body):
+    return client.post("/api/v1/jobs", json=body, headers=account.headers)
+
+
+def bobs_upload(app, client, users) -> tuple[int, str]:
+    """Bob uploads one image: its id and its storage key."""
+    r = upload(client, users["bob"], files=[("mine.png", png((9, 9, 9)))])
+    assert r.status_code == 202
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        image = session.scalars(select(Image).where(Image.job_id == r.json["id"])).one()
+        return image.id, image.storage_key
+
+
+def test_uploads_are_stored_under_the_owners_namespace(app, client, users):
+    _, key = bobs_upload(app, client, users)
+    assert key.startswith(f"uploads/{users['bob'].id}/")
+    assert stored_objects(app) == [key]
+
+
+@pytest.mark.parametrize("who", ["alice", "admin"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"keys": ["models/v1/model.safetensors"]},
+        {"keys": ["urls/3/ab/abcd.png"]},
+        {"keys": ["exports/all.jsonl"]},
+        {"keys": ["photos/a.jpg", "uploads/2/ab/abcd.png"]},
+        {"prefix": ""},
+        {"prefix": "uploads/"},
+        {"prefix": "models/"},
+        {"prefix": "mod"},
+        {"prefix": "urls/3/"},
+    ],
+)
+def test_the_systems_namespaces_are_refused_to_everyone(client, users, publisher, who, body):
+    r = submit(client, users[who], **body)
+    assert r.status_code == 403, r.json
+    assert "written by the system" in r.json["message"]
+    assert publisher.sent == [] and publisher.tasks == []
+
+
+def test_a_submitter_cannot_read_another_users_upload(app, client, users, publisher):
+    image_id, key = bobs_upload(app, client, users)
+    sent = len(publisher.sent)
+    for body in ({"keys": [key]}, {"prefix": key.rsplit("/", 1)[0] + "/"}):
+        for who in ("alice", "admin"):
+            r = submit(client, users[who], **body)
+            assert r.status_code == 403 and "uploads/" in r.json["message"]
+    assert len(publisher.sent) == sent
+    alice = users["alice"].headers
+    assert client.get(f"/api/v1/images/{image_id}/content", headers=alice).status_code == 404
+    bob = users["bob"].headers
+    assert client.get(f"/api/v1/images/{image_id}/content", headers=bob).status_code == 200
+
+
+def test_keys_and_prefixes_only_within_granted_locations(strict_client, users, publisher):
+    alice, bob, admin = users["alice"], users["bob"], users["admin"]
+    for body in ({"keys": ["private/a.jpg"]}, {"prefix": "private/"}, {"prefix": "shared"}):
+        r = submit(strict_client, alice, **body)
+        assert r.status_code == 403 and "outside your source locations" in r.json["message"]
+        assert "shared/" in r.json["message"]
+    assert submit(strict_client, alice, keys=["shared/a.jpg"]).status_code == 202
+    assert submit(strict_client, alice, prefix="shared/2024/").status_code == 202
+    # An admin grants alice a location of her own; bob does not get it.
+    r = strict_client.patch(
+        f"/api/v1/users/{alice.id}", json={"source_prefixes": ["teams/a/"]}, headers=admin.headers
+    )
+    assert r.status_code == 200 and r.json["source_prefixes"] == ["teams/a/"]
+    assert submit(strict_client, alice, keys=["teams/a/1.jpg"]).status_code == 202
+    assert submit(strict_client, alice, prefix="teams/a/").status_code == 202
+    assert submit(strict_client, bob, keys=["teams/a/1.jpg"]).status_code == 403
+    # Admins read anywhere but the system's namespaces.
+    assert submit(strict_client, admin, keys=["private/a.jpg"]).status_code == 202
+    assert submit(strict_client, admin, prefix="private/").status_code == 202
+
+
+def test_grants_are_set_by_admins_and_checked(client, users):
+    alice, admin = users["alice"], users["admin"]
+    url = f"/api/v1/users/{alice.id}"
+    body = {"source_prefixes": ["teams/a/"]}
+    assert client.patch(url, json=body, headers=alice.headers).status_code == 403
+    for bad in (["models/"], ["uploads/7/"], ["a//b"], ["../x"]):
+        r = client.patch(url, json={"source_prefixes": bad}, headers=admin.headers)
+        assert r.status_code == 422, bad
+    r = client.patch(url, json=body, headers=admin.headers)
+    assert r.status_code == 200 and r.json["source_prefixes"] == ["teams/a/"]
+    assert client.get("/api/v1/me", headers=alice.headers).json["source_prefixes"] == ["teams/a/"]
+
+
+def test_checkpoint_locations_for_admins_only(app, client, users):
+    from dashboard_helpers import active_version
+
+    with session_scope(app.extensions["captioner"].sessionmaker) as session:
+        active_version(session)
+    for who in ("alice", "reviewer"):
+        r = client.get("/api/v1/models", headers=users[who].headers)
+        assert r.status_code == 200 and len(r.json["items"]) == 1
+        assert "checkpoint_uri" not in r.json["items"][0] and "nowhere" not in r.text
+    r = client.get("/api/v1/models", headers=users["admin"].headers)
+    assert r.json["items"][0]["checkpoint_uri"] == "file:///nowhere"
+
+
+def test_an_oversize_object_is_refused_without_being_read(app, client, users):
+    from captioner.storage import LocalObjectStore
+
+    class CountingStore(LocalObjectStore):
+        """The app's store, counting the objects it opens for reading."""
+
+        opened: list[str] = []
+
+        def open(self, key):
+            self.opened.append(key)
+            return super().open(key)
+
+    ext = app.extensions["captioner"]
+    limit = 2000
+    ext.settings = ext.settings.model_copy(update={"max_image_bytes": limit})
+    store = ext._store = CountingStore(ext.store.root)
+    big, small = png() + b"\0" * limit, png()
+    assert len(big) > limit >= len(small)
+    store.put("big/a.png", big)
+    store.put("big/b.png", small)
+    r = submit(client, users["admin"], keys=["big/a.png", "big/b.png"])
+    assert r.status_code == 202
+    admin = users["admin"].headers
+    too_big, fine = image_ids(app, r.json["id"])
+    r = client.get(f"/api/v1/images/{too_big}/content", headers=admin)
+    assert r.status_code == 413 and f"limit {limit}" in r.json["message"]
+    assert store.opened == []
+    r = client.get(f"/api/v1/images/{fine}/content", headers=admin)
+    assert r.status_code == 200 and r.data == small and store.opened == ["big/b.png"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "none"},
+        {"keys": ["a.png"], "prefix": "a/"},
+        {"prefix": "a/", "urls": ["https://images.example.com/a.png"]},
+    ],
+)
+def test_job_creation_takes_exactly_one_source(client, users, body):
+    """The document's oneOf states it; validation still enforces it, whatever a client sends."""
+    r = submit(client, users["admin"], **body)
+    assert r.status_code == 422
+    assert r.json["message"] == "Validation error"
+    assert "exactly one of keys, prefix or urls" in json.dumps(r.json["detail"])
+
+
+def test_a_page_with_an_id_out_of_range_is_not_found(client, users):
+    """The ids' range holds for the pages too: the HTML error page with 404, never 405 or 500."""
+    login(client, "admin@example.com")
+    for path in ("/jobs/0", "/jobs/2199023255551", "/training/" + "9" * 5000):
+        r = client.get(path)
+        assert r.status_code == 404 and b"<html" in r.data.lower(), path

@@ -689,3 +689,42 @@ def test_zip_ratio_checked_on_members_under_a_mebibyte():
         uploads.read_zip(archive, settings())
     # A member that compresses within the limit passes.
     assert [f.name for f in uploads.read_zip(make_zip({"a.png": png()}), settings())] == ["a.png"]
+
+
+def test_the_worker_refuses_an_oversize_object_without_reading_it(tmp_path):
+    from workers.pixels import prepare_image
+
+    class CountingStore(LocalObjectStore):
+        opened: list[str] = []
+
+        def open(self, key):
+            self.opened.append(key)
+            return super().open(key)
+
+    store = CountingStore(tmp_path / "objects")
+    s = settings(max_image_bytes=2000)
+    store.put("big.png", png() + b"\0" * 2000)
+    prepared = prepare_image(store, "big.png", s, preprocess=lambda image: image)
+    assert prepared.reason_kind == "too_large" and "> limit 2000" in prepared.reason
+    assert prepared.transient is None and store.opened == []
+    store.put("small.png", png())
+    prepared = prepare_image(store, "small.png", s, preprocess=lambda image: image)
+    assert prepared.reason is None and store.opened == ["small.png"]
+
+
+def test_uploads_and_fetched_urls_live_in_their_owners_namespace(session, tmp_path, http_server):
+    from captioner.accounts import create_user
+
+    store = LocalObjectStore(tmp_path / "objects")
+    owner = create_user(session, "owner@example.com", "a password!")
+    job = jobs.create_job(session, "urls", owner_id=owner.id)
+    s = settings(url_allow_hosts=["127.0.0.1"])
+    [image_id] = fetch.fetch_urls(
+        session, job.id, [http_server + "/img.png"], store=store, settings=s
+    )
+    key = session.get(Image, image_id).storage_key
+    assert key.startswith(f"urls/{owner.id}/") and store.get(key) == png()
+    [image_id] = uploads.store_files(
+        session, store, job.id, [uploads.IncomingFile("a.png", png())], owner_id=owner.id
+    )
+    assert session.get(Image, image_id).storage_key.startswith(f"uploads/{owner.id}/")

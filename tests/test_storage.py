@@ -193,3 +193,44 @@ def test_open_store_from_settings(tmp_path, s3_server, s3_bucket, monkeypatch):
 
     with pytest.raises(StorageError, match="unsupported storage URL"):
         open_store("gs://bucket/x", settings=Settings())
+
+
+# --- object sizes, read before the bytes (issue 16) ------------------------------------------
+
+
+def test_size_is_the_stored_length_and_missing_is_object_not_found(object_store):
+    object_store.put("sized/a.bin", b"x" * 1234)
+    assert object_store.size("sized/a.bin") == 1234
+    object_store.put("sized/a.bin", b"")
+    assert object_store.size("sized/a.bin") == 0
+    with pytest.raises(ObjectNotFound, match="sized/missing"):
+        object_store.size("sized/missing")
+    with pytest.raises(InvalidKey):
+        object_store.size("../escape")
+
+
+def test_s3_size_comes_from_a_head_request_not_the_body(s3_server, s3_bucket):
+    store = S3ObjectStore(s3_bucket, "pre", endpoint_url=s3_server, region="us-east-1")
+    store.put("big.bin", b"y" * 5000)
+    sent = []
+    store.client.meta.events.register(
+        "before-send.s3.*", lambda request, **_: sent.append(request.method)
+    )
+    assert store.size("big.bin") == 5000
+    assert sent == ["HEAD"]
+
+
+def test_system_namespaces_name_every_prefix_the_system_writes():
+    from captioner.intake.fetch import fetched_key
+    from captioner.intake.uploads import upload_key
+    from captioner.learning.registry import MODELS_PREFIX
+    from captioner.storage import SYSTEM_PREFIXES
+
+    written = [
+        upload_key("ab" * 32, "a.png", owner_id=7),
+        fetched_key("ab" * 32, "https://example.com/a.png", owner_id=7),
+        f"{MODELS_PREFIX}/v1/model.safetensors",
+    ]
+    for key in written:
+        assert key.startswith(SYSTEM_PREFIXES), key
+    assert "exports/" in SYSTEM_PREFIXES

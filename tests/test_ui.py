@@ -11,6 +11,13 @@ XSS = "<script>alert(1)</script>"
 
 
 @pytest.fixture
+def dashboard_settings(dashboard_settings):
+    """The form tests submit keys anywhere in the store, as a deployment that shares the whole
+    store (outside the system's own namespaces) with every submitter: source_prefixes [""]."""
+    return dashboard_settings.model_copy(update={"source_prefixes": [""]})
+
+
+@pytest.fixture
 def accounts(app):
     return {
         "admin": make_user(app, "admin@example.com", "admin"),

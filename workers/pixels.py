@@ -30,6 +30,7 @@ from captioner.settings import Settings
 from captioner.storage import InvalidKey, ObjectNotFound
 
 NOT_FOUND_REASON = "image file not found in storage"
+TOO_LARGE_REASON = "image file too large: {size} bytes > limit {limit} (not read)"
 MODEL_REJECTED_REASON = "could not prepare the image for the model: {error}"
 
 
@@ -53,6 +54,11 @@ def prepare_image(
     """Fetch `key` and decode it: on the CPU, or (`device_jpeg`) kept for the device decoder
     if it is a JPEG nvJPEG decodes exactly as the CPU would."""
     try:
+        # The size first: an object over the limit is refused without being read.
+        size = store.size(key)
+        if size > settings.max_image_bytes:
+            reason = TOO_LARGE_REASON.format(size=size, limit=settings.max_image_bytes)
+            return Prepared(reason=reason, reason_kind="too_large")
         data = store.get(key)
     except (ObjectNotFound, InvalidKey) as exc:
         kind = "not_found" if isinstance(exc, ObjectNotFound) else "invalid_key"

@@ -15,11 +15,11 @@ from sqlalchemy import select
 
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
-from captioner.intake.uploads import check_image_bytes, upload_key
+from captioner.intake.uploads import check_image_bytes, owned_key
 from captioner.intake.urls import Resolver, fetch_url, redact
 from captioner.settings import get_settings
 from captioner.state import images, jobs
-from captioner.state.models import Image
+from captioner.state.models import Image, Job
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from captioner.storage import ObjectStore
 
 CHUNK_SIZE = 50  # URLs fetched, stored and published per transaction
+
+
+def fetched_key(sha256: str, url: str, *, owner_id: int | None) -> str:
+    """The object key of fetched bytes, under the job owner's namespace `urls/<owner id>/`."""
+    return owned_key("urls", owner_id, sha256, urlsplit(url).path)
 
 
 def url_key(url: str) -> str:
@@ -47,6 +52,7 @@ def fetch_urls(
     """Fetch each URL of a job into the store and queue it; a URL that fails becomes a failed
     image with the reason. Idempotent: URLs already in the job are skipped. Returns queued ids."""
     settings = settings or get_settings()
+    owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_id))
     done = set(session.scalars(select(Image.original_name).where(Image.job_id == job_id)))
     queued: list[int] = []
     for url in urls:
@@ -59,7 +65,8 @@ def fetch_urls(
         except SubmissionRejected as exc:
             _fail_url(session, job_id, url, exc.reason)
             continue
-        queued += jobs.submit_images(session, job_id, [_store_fetched(store, url, data)])
+        spec = _store_fetched(store, url, data, owner_id)
+        queued += jobs.submit_images(session, job_id, [spec])
     return queued
 
 
@@ -71,10 +78,13 @@ def _fail_url(session: Session, job_id: int, url: str, reason: str) -> None:
     images.fail_image(session, image_id, reason)
 
 
-def _store_fetched(store: ObjectStore, url: str, data: bytes) -> jobs.ImageSpec:
-    """Store fetched bytes under their content key; the image to queue for them."""
+def _store_fetched(
+    store: ObjectStore, url: str, data: bytes, owner_id: int | None
+) -> jobs.ImageSpec:
+    """Store fetched bytes under their content key in the owner's namespace; the image to
+    queue for them."""
     digest = hashlib.sha256(data).hexdigest()
-    key = upload_key(digest, urlsplit(url).path)
+    key = fetched_key(digest, url, owner_id=owner_id)
     if not store.exists(key):
         store.put(key, data)
     return jobs.ImageSpec(

@@ -1,20 +1,25 @@
 """Images already in object storage: lists of keys, and prefixes listed in the background.
 
 The dashboard checks keys (`check_keys`) and a prefix (`prefix_within_store`) while it handles
-the request; the prefix is then listed by a worker (`run_enumerate_prefix`, sent by task name),
-page by page, each page queued and published in its own transaction.
+the request, and that the user may read them (`check_readable`): a submitter only within the
+source locations an admin grants (`Settings.source_prefixes` for everyone, `User.source_prefixes`
+per user), an admin anywhere; nobody in the namespaces the system writes (`SYSTEM_PREFIXES`:
+every user's uploads, fetched URLs, model checkpoints, exports). The prefix is then listed by a
+worker (`run_enumerate_prefix`, sent by task name), page by page, each page queued and published
+in its own transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import IMAGE_SUFFIXES
 from captioner.state import jobs
-from captioner.storage import InvalidKey, check_key, check_prefix
+from captioner.state.models import User, UserRole
+from captioner.storage import SYSTEM_PREFIXES, InvalidKey, check_key, check_prefix
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +40,67 @@ def check_keys(keys: Iterable[str]) -> list[str]:
             checked.append(check_key(str(key).strip()))
         except InvalidKey as exc:
             raise SubmissionRejected(str(exc)) from None
+    return checked
+
+
+class SourceRefused(SubmissionRejected):
+    """A key or prefix the user may not read (403)."""
+
+    status_code = 403
+
+
+def readable_locations(user: User, settings: Settings) -> list[str]:
+    """The key prefixes `user` may submit keys and prefixes within: everything (`""`) for an
+    admin, else the locations shared with every submitter and the user's own grants."""
+    if user.role == UserRole.ADMIN:
+        return [""]
+    return list(settings.source_prefixes) + list(user.source_prefixes or [])
+
+
+def _system_namespace(location: str, *, is_prefix: bool) -> str | None:
+    """The system namespace `location` reaches into: a key or prefix under it, or a prefix whose
+    listing would cover it (`""`, `mod`)."""
+    for namespace in SYSTEM_PREFIXES:
+        if location.startswith(namespace) or (is_prefix and namespace.startswith(location)):
+            return namespace
+    return None
+
+
+def check_readable(location: str, locations: Sequence[str], *, is_prefix: bool) -> None:
+    """Raise SourceRefused unless every key under `location` (a key, or a prefix) is outside
+    the system's namespaces and within one of `locations` (see `readable_locations`)."""
+    what = f"{'prefix' if is_prefix else 'key'} {location!r}"
+    namespace = _system_namespace(location, is_prefix=is_prefix)
+    if namespace is not None:
+        raise SourceRefused(
+            f"{what} refused: {namespace} is written by the system (uploads, fetched URLs, "
+            "model checkpoints, exports) and is never read by key or prefix, not even by admins"
+        )
+    if not any(location.startswith(allowed) for allowed in locations):
+        granted = ", ".join(repr(p) for p in locations) or "none"
+        raise SourceRefused(
+            f"{what} is outside your source locations ({granted}): keys and prefixes must lie "
+            "under a location an admin grants (CAPTIONER_SOURCE_PREFIXES for every submitter, "
+            "or the user's source_prefixes)"
+        )
+
+
+def check_grants(prefixes: Iterable[str]) -> list[str]:
+    """Source locations an admin grants, each a valid prefix (`check_prefix`) outside the
+    system's namespaces (`""` is the whole store but them); raises SubmissionRejected."""
+    checked = []
+    for prefix in prefixes:
+        try:
+            prefix = check_prefix(str(prefix).strip())
+        except InvalidKey as exc:
+            raise SubmissionRejected(str(exc)) from None
+        namespace = _system_namespace(prefix, is_prefix=False)
+        if namespace is not None:
+            raise SubmissionRejected(
+                f"source location {prefix!r} refused: {namespace} is written by the system "
+                "and never granted"
+            )
+        checked.append(prefix)
     return checked
 
 

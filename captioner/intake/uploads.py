@@ -242,21 +242,34 @@ def _is_litter(name: str) -> bool:
 # --- storing ----------------------------------------------------------------------------------
 
 
-def upload_key(sha256: str, name: str) -> str:
-    """Content-addressed object key for uploaded bytes (identical files are stored once)."""
+def owned_key(namespace: str, owner_id: int | None, sha256: str, name: str) -> str:
+    """Content-addressed object key for bytes the system stores for one owner:
+    `<namespace>/<owner id>/<sha[:2]>/<sha><ext>` (an owner's identical files are stored once;
+    owner 0 for a job without one, made from the command line)."""
     suffix = posixpath.splitext(name.lower())[1]
     suffix = suffix if suffix in IMAGE_SUFFIXES else ""
-    return f"uploads/{sha256[:2]}/{sha256}{suffix}"
+    return f"{namespace}/{owner_id or 0}/{sha256[:2]}/{sha256}{suffix}"
+
+
+def upload_key(sha256: str, name: str, *, owner_id: int | None) -> str:
+    """The object key of uploaded bytes, under their owner's namespace `uploads/<owner id>/`."""
+    return owned_key("uploads", owner_id, sha256, name)
 
 
 def store_files(
-    session: Session, store: ObjectStore, job_id: int, files: Sequence[IncomingFile]
+    session: Session,
+    store: ObjectStore,
+    job_id: int,
+    files: Sequence[IncomingFile],
+    *,
+    owner_id: int | None,
 ) -> list[int]:
-    """Put checked files in the object store and queue them as images of the job; returns ids."""
+    """Put checked files in the object store under `owner_id`'s namespace and queue them as
+    images of the job; returns ids."""
     specs = []
     for f in files:
         digest = hashlib.sha256(f.data).hexdigest()
-        key = upload_key(digest, f.name)
+        key = upload_key(digest, f.name, owner_id=owner_id)
         if not store.exists(key):
             store.put(key, f.data)
         specs.append(
