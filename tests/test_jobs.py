@@ -525,7 +525,8 @@ def test_two_processes_claim_each_image_exactly_once(migrated_url, session_facto
     claimed = won["w0"] + won["w1"]
     assert sorted(claimed) == sorted(ids)  # every image, none twice
     assert set(won["w0"]).isdisjoint(won["w1"])
-    assert won["w0"] and won["w1"]  # both really competed for the rows
+    # How the rows split between the two is up to the scheduler (one may win them all on a
+    # loaded machine); what must hold is above and below: each row claimed once, by its owner.
     with session_scope(session_factory) as session:
         rows = session.execute(select(Image.id, Image.lease_owner, Image.attempts)).all()
     owner = {image_id: worker for image_id, worker, _ in rows}
