@@ -259,8 +259,8 @@ class QueueIn(Schema):
     )
     offset = Integer(
         load_default=0,
-        validate=Range(0, 10_000_000),
-        metadata={"description": "Not for the unreviewed queue (it pages by `after`)"},
+        validate=Range(0, 10_000),
+        metadata={"description": "Not for the unreviewed queue; beyond 10,000 page by `after`"},
     )
 
 

@@ -442,28 +442,10 @@ def cancel_job(session: Session, job_id: int, *, now: datetime | None = None) ->
     unknown id. The job row is changed in SQL: refresh a `Job` already loaded in the session.
     Images before the job row, the order every transition takes its locks in.
     """
-    now = now or utcnow()
-    open_statuses = [JobStatus.QUEUED, JobStatus.RUNNING]
-    if session.scalar(select(Job.status).where(Job.id == job_id)) not in open_statuses:
-        raise _not_open(session, job_id)
-    failed = session.execute(
-        update(Image)
-        .where(Image.job_id == job_id, Image.status == ImageStatus.QUEUED)
-        .values(status=ImageStatus.FAILED, failure_reason=CANCEL_REASON, finished_at=now)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(open_statuses))
-        .values(
-            status=JobStatus.CANCELLED,
-            finished_at=now,
-            queued_count=Job.queued_count - failed,
-            failed_count=Job.failed_count + failed,
-        )
-        .execution_options(synchronize_session=False)
+    failed = _end_open_job(
+        session, job_id, reason=CANCEL_REASON, now=now, status=JobStatus.CANCELLED
     )
-    if cancelled.rowcount == 0:
+    if failed is None:
         raise _not_open(session, job_id)
     return failed
 
@@ -477,10 +459,23 @@ def fail_job(session: Session, job_id: int, reason: str, *, now: datetime | None
     `outbox.record_job_events` then records `job.failed` for it. The job row is changed in SQL:
     refresh a `Job` already loaded in the session. Images before the job row, as `cancel_job`.
     """
+    ended = _end_open_job(
+        session, job_id, reason=reason, now=now, status=JobStatus.FINISHED, failure_reason=reason
+    )
+    return ended is not None
+
+
+def _end_open_job(
+    session: Session, job_id: int, *, reason: str, now: datetime | None, **job_values: Any
+) -> int | None:
+    """End a queued or running job with `job_values` (its new status, ...): its queued images
+    fail with `reason`, running ones are left to finish, the counters move in the same
+    statement. Returns how many images failed, or None when the job was not open (unknown,
+    already ended, or ended by another transaction meanwhile, whose counters are then fixed)."""
     now = now or utcnow()
     open_statuses = [JobStatus.QUEUED, JobStatus.RUNNING]
     if session.scalar(select(Job.status).where(Job.id == job_id)) not in open_statuses:
-        return False
+        return None
     failed = session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.status == ImageStatus.QUEUED)
@@ -491,11 +486,10 @@ def fail_job(session: Session, job_id: int, reason: str, *, now: datetime | None
         update(Job)
         .where(Job.id == job_id, Job.status.in_(open_statuses))
         .values(
-            status=JobStatus.FINISHED,
-            failure_reason=reason,
             finished_at=now,
             queued_count=Job.queued_count - failed,
             failed_count=Job.failed_count + failed,
+            **job_values,
         )
         .execution_options(synchronize_session=False)
     )
@@ -503,8 +497,8 @@ def fail_job(session: Session, job_id: int, reason: str, *, now: datetime | None
         deltas = CounterDeltas()
         deltas.move(job_id, ImageStatus.QUEUED, ImageStatus.FAILED, failed)
         deltas.apply(session)
-        return False
-    return True
+        return None
+    return failed
 
 
 def _not_open(session: Session, job_id: int) -> LifecycleError:
