@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     Float,
@@ -115,6 +116,18 @@ class TrainingStatus(enum.StrEnum):
     PROMOTED = "promoted"  # candidate measured better and became active
     REJECTED = "rejected"  # candidate measured no better
     FAILED = "failed"
+
+
+class ExportStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # the file is in the object store at object_key
+    FAILED = "failed"  # error says why
+
+
+class CaptionSource(enum.StrEnum):
+    MODEL = "model"  # written by a worker; model_version_id names the model
+    IMPORT = "import"  # brought in by a caption import; model_version_id is NULL
 
 
 class Base(DeclarativeBase):
@@ -257,6 +270,8 @@ class Image(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     storage_key: Mapped[str] = mapped_column(String(1024))
     original_name: Mapped[str] = mapped_column(String(1024), default="")
+    # The submitter's own id for the image (given at submission or import), carried into exports.
+    external_id: Mapped[str | None] = mapped_column(String(512))
     content_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int | None]
     width: Mapped[int | None]
@@ -328,8 +343,14 @@ class Caption(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
-    model_version_id: Mapped[int] = mapped_column(
+    # NULL for a caption brought in by an import (source = "import").
+    model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="RESTRICT")
+    )
+    source: Mapped[CaptionSource] = mapped_column(
+        _status(CaptionSource, "caption_source"),
+        default=CaptionSource.MODEL,
+        server_default=CaptionSource.MODEL.value,
     )
     text: Mapped[str] = mapped_column(Text)
     # Mean token log-probability of `text` (higher is more confident).
@@ -340,7 +361,7 @@ class Caption(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="captions")
-    model_version: Mapped[ModelVersion] = relationship()
+    model_version: Mapped[ModelVersion | None] = relationship()
 
 
 class Review(Base):
@@ -465,3 +486,32 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None]
 
     webhook: Mapped[Webhook] = relationship()
+
+
+class Export(Base):
+    """A file of captions written in the background to the object store (one job, one format)."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    # jsonl, csv, coco, parquet, imagefolder, webdataset
+    format: Mapped[str] = mapped_column(String(32))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[ExportStatus] = mapped_column(
+        _status(ExportStatus, "export_status"), default=ExportStatus.QUEUED
+    )
+    rows_total: Mapped[int] = mapped_column(default=0)
+    rows_done: Mapped[int] = mapped_column(default=0)
+    object_key: Mapped[str | None] = mapped_column(String(1024))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    owner: Mapped[User] = relationship()
+    job: Mapped[Job | None] = relationship()
