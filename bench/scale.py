@@ -24,7 +24,7 @@ size to its cost at the smallest (for rates, the inverse ratio of the rates: abo
     .venv/bin/python bench/scale.py --sizes 10000 --out /tmp/scale.json
 
 Progress goes to stderr (tqdm). Each PostgreSQL database is `scale_bench_<size>`, dropped at the
-end unless --keep. Redis: a database of 127.0.0.1:6379 claimed for this run (tests/redis_claim.py)
+end unless --keep. Redis: a private redis-server started for this run (tests/redis_server.py),
 for /health and the sweeper's messages.
 """
 
@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("captioner").setLevel(logging.WARNING)
-    from tests.redis_claim import RedisDbs
+    from tests.redis_server import private_redis
 
     results = []
     started = time.perf_counter()
@@ -974,8 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tempfile.mkdtemp(prefix="scale-bench-"))
         else:
             root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="scale-bench-")))
-        claimed = RedisDbs("redis://127.0.0.1:6379", owner=f"bench scale pid {os.getpid()}")
-        redis_url = cleanup.enter_context(claimed).url()
+        redis_url = cleanup.enter_context(private_redis()).url()
         s3 = None
         if not args.no_postgres and any(s <= args.prefix_max for s in args.sizes):
             s3 = S3Server()

@@ -5,9 +5,9 @@ PostgreSQL tests each get a fresh database, created and dropped here. They need 
 CAPTIONER_TEST_POSTGRES_URL (default: postgres on 127.0.0.1:5432, database `test`); if it is
 not reachable the tests fail.
 
-Redis tests use the server at CAPTIONER_TEST_REDIS_URL (default 127.0.0.1:6379) through the
-session's `redis_dbs`: databases claimed for this session alone (tests/redis_claim.py), so two
-runs on one machine never flush each other's.
+Redis tests use a private `redis-server` started for the session by pytest-redis
+(`redis_server`), through `redis_dbs` (tests/redis_server.py): no other run and no deployment
+shares it, so flushing its databases is always safe.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_claim import RedisDbs
+from pytest_redis import factories
+from redis_server import RedisDbs, redis_executable
 from sqlalchemy.engine import make_url
 
 from captioner.settings import reset_settings
@@ -71,15 +72,17 @@ def postgresql_url() -> Iterator[str]:
         _drop_postgres_database(name)
 
 
+# This session's own redis-server on a free port (pytest-redis), stopped when the session ends.
+redis_server = factories.redis_proc(
+    executable=redis_executable(), host="127.0.0.1", port=None, db_count=len(RedisDbs.SLOTS) + 1
+)
+
+
 @pytest.fixture(scope="session")
-def redis_dbs() -> Iterator[RedisDbs]:
-    """This session's own Redis databases: `.url(slot)`, `.flushed(slot)` (slot "main" unless a
-    test needs a second one at the same time); flushed and released when the session ends."""
-    dbs = RedisDbs()
-    try:
-        yield dbs
-    finally:
-        dbs.release()
+def redis_dbs(redis_server) -> RedisDbs:
+    """The session's Redis databases: `.url(slot)`, `.flushed(slot)` (slot "main" unless a test
+    needs a second one at the same time)."""
+    return RedisDbs(f"redis://{redis_server.host}:{redis_server.port}")
 
 
 @pytest.fixture

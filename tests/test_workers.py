@@ -1,4 +1,4 @@
-"""Workers against the real thing: Redis on 127.0.0.1:6379 (this session's own dbs, FLUSHDB'd), real
+"""Workers against the real thing: Redis (the session's private redis-server), real
 `captioner worker` processes (celery, solo pool), an SQLite file (PostgreSQL for the two-worker
 race), a file:// object store and the tiny untrained model.
 
@@ -387,7 +387,6 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
     )
     stack.apply_env(monkeypatch)
     job_id, ids = stack.submit_pngs(96, name="kill", publish=False)
-    first = WorkerProcess(stack, "doomed").wait_ready()
     from captioner.tasks import publish_caption_batches
 
     publish_caption_batches(job_id, ids, settings=stack.settings())
@@ -395,12 +394,22 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
     def running():
         return stack.statuses(job_id).get("running", 0)
 
+    first = None
     try:
-        wait_for(running, 60, interval=0.01, what="a batch in flight")
-        first.kill9()
-        held = {i: im for i, im in stack.images(ids).items() if im.status == ImageStatus.RUNNING}
-        assert held, "the kill should have landed inside a batch"
-        assert {im.lease_owner.split("/")[0] for im in held.values()} == {"doomed@test"}
+        # The kill lands inside a batch unless that batch finished between the poll and the
+        # kill (a starved test process): then the next doomed worker takes the next batch.
+        held = {}
+        for attempt in range(3):
+            first = WorkerProcess(stack, f"doomed{attempt}").wait_ready()
+            wait_for(running, 60, interval=0.01, what="a batch in flight")
+            first.kill9()
+            held = {
+                i: im for i, im in stack.images(ids).items() if im.status == ImageStatus.RUNNING
+            }
+            if held:
+                break
+        assert held, "no kill landed inside a batch in three tries"
+        assert {im.lease_owner.split("/")[0] for im in held.values()} == {f"doomed{attempt}@test"}
 
         second = WorkerProcess(stack, "rescuer").wait_ready()
         from workers.sweep import run_sweep
@@ -419,7 +428,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
             assert jobs.recount(s) == []  # the job counters survived the kill exactly
         second.stop()
     finally:
-        if first.alive():
+        if first is not None and first.alive():
             first.kill9()
         stack.redis.flushdb()
         stack.close()

@@ -2,7 +2,7 @@
 URL fetching in the background, signed webhook deliveries with retries, and the sweeper's
 webhook outbox duties (record events for jobs it finishes, re-send overdue deliveries).
 
-Redis on 127.0.0.1:6379 (this session's own db, FLUSHDB'd), an SQLite file, a file:// object store,
+Redis (the session's private redis-server), an SQLite file, a file:// object store,
 the tiny untrained model, and loopback HTTP servers (allow-listed) for URLs and webhooks.
 """
 

@@ -1,10 +1,8 @@
 """Helpers for the worker tests: a stack (database, object store, Redis db, tiny checkpoint) and
 real `captioner worker` processes started against it.
 
-The Redis server is the real one on 127.0.0.1:6379 (CAPTIONER_TEST_REDIS_URL overrides it); the
-tests use databases claimed for their session (the `redis_dbs` fixture, tests/redis_claim.py)
-and FLUSHDB only those, never FLUSHALL, because other people's work and other test runs share
-the server.
+The Redis server is a real `redis-server` private to the test session (the `redis_dbs` fixture,
+tests/redis_server.py, started by pytest-redis).
 """
 
 from __future__ import annotations
