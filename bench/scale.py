@@ -13,7 +13,9 @@ most images), 10% of the images queued and 90% captioned with one caption each (
   `create_app` (no HTTP server: the figures are the application's own time, without a network);
 - export of the big job through `GET /api/v1/export` (JSONL and CSV, consumed fully): rows/s;
 - registering keys: a key list of N keys through `jobs.submit_images` in chunks, and (PostgreSQL,
-  up to 100k) a prefix on a loopback S3 server (moto) through `run_enumerate_prefix`: keys/s;
+  up to 100k) a prefix on a loopback S3 server (moto) through `run_enumerate_prefix`, beside
+  the same listing alone (moto is the limit), and (PostgreSQL, every size) a prefix of a
+  file:// store: keys/s;
 - one sweeper run (`workers.sweep.run_sweep`).
 
 The table on stdout gives each line's cost at each size and the ratio of its cost at the largest
@@ -37,6 +39,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import statistics
 import sys
@@ -821,7 +824,53 @@ def measure_prefix(state: State, settings: Settings, s3: S3Server, n: int) -> di
         engine.dispose()
     if added != n:
         raise RuntimeError(f"prefix: {added} images added for {n} keys")
-    return {"register S3 prefix (moto) keys/s": n / elapsed}
+    # The server's own pace, the same listing alone (boto3's paginator, nothing registered):
+    # the registration cannot go faster than the listing it reads.
+    t = time.perf_counter()
+    listed = sum(1 for _ in store.list("photos/"))
+    alone = time.perf_counter() - t
+    return {
+        "register S3 prefix (moto) keys/s": n / elapsed,
+        "list S3 prefix alone (moto) keys/s": listed / alone,
+    }
+
+
+def measure_local_prefix(state: State, settings: Settings, root: Path, n: int) -> dict[str, float]:
+    """A prefix of `n` keys (empty files, 1,000 per directory) in a file:// store through
+    `run_enumerate_prefix`, the embedded default's path for a prefix submission."""
+    from captioner.intake.prefixes import run_enumerate_prefix
+    from captioner.storage import LocalObjectStore
+
+    objects = root / f"prefix-{state.backend}-{state.size}"
+    for start in progress(range(0, n, 1000), desc="prefix files", mininterval=1):
+        directory = objects / "photos" / f"{start // 1000:05d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for i in range(start, min(n, start + 1000)):
+            os.close(os.open(directory / f"{i:08d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+    store = LocalObjectStore(objects)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with session_scope(sessions) as s:
+            job_id = jobs.create_job(
+                s, "bench local prefix", source="photos/", options={"prefix": "photos/"}
+            ).id
+        t = time.perf_counter()
+        added = run_enumerate_prefix(
+            job_id,
+            session_factory=sessions,
+            store=store,
+            settings=settings,
+            publish=lambda job, ids: None,
+            publish_deliveries=lambda ids: None,
+        )
+        elapsed = time.perf_counter() - t
+    finally:
+        engine.dispose()
+        shutil.rmtree(objects, ignore_errors=True)
+    if added != n:
+        raise RuntimeError(f"local prefix: {added} images added for {n} keys")
+    return {"register file:// prefix keys/s": n / elapsed}
 
 
 def measure_sweep(settings: Settings) -> dict[str, float]:
@@ -865,6 +914,8 @@ def measure_size(
             api.close()
         figures |= measure_sweep(settings)
         figures |= measure_key_list(state, settings, min(size, args.keys_max))
+        if backend == "postgresql":
+            figures |= measure_local_prefix(state, settings, root, min(size, args.keys_max))
         if s3 is not None and backend == "postgresql" and size <= args.prefix_max:
             figures |= measure_prefix(state, settings, s3, size)
     finally:
