@@ -394,7 +394,7 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
     def running():
         return stack.statuses(job_id).get("running", 0)
 
-    first = None
+    first = second = None
     try:
         # The kill lands inside a batch unless that batch finished between the poll and the
         # kill (a starved test process): then the next doomed worker takes the next batch.
@@ -423,11 +423,14 @@ def test_kill_9_mid_batch_then_new_worker(tmp_path, checkpoints, monkeypatch, re
         counts = stack.caption_counts(ids)
         assert len(counts) == 96 and set(counts.values()) == {1}
         images = stack.images(ids)
-        assert all(images[i].attempts == 2 for i in held)  # the killed claim, then the rescue
+        # The killed claim, then the rescue (more than one if a loaded machine let the short
+        # lease run out mid-batch: still one caption each, above).
+        assert all(images[i].attempts >= 2 for i in held)
         with stack.sessions() as s:
             assert jobs.recount(s) == []  # the job counters survived the kill exactly
-        second.stop()
     finally:
+        if second is not None:
+            second.stop()
         if first is not None and first.alive():
             first.kill9()
         stack.redis.flushdb()
