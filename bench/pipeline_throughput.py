@@ -408,7 +408,7 @@ def cpu_lines(runs: dict[str, JobRun], decode_ms: float, database_url: str) -> l
         ("  of which JPEG decode + preprocess (measured alone)", lambda r: decode_ms),
         ("  worker without decode", lambda r: r.cpu_ms("worker") - decode_ms),
         (f"database server ({database})", lambda r: r.cpu_ms("postgres")),
-        ("Redis server (shared)", lambda r: r.cpu_ms("redis")),
+        ("Redis server", lambda r: r.cpu_ms("redis")),
         ("this process (submit, polling)", lambda r: r.cpu_ms("bench")),
         (
             "all processes without decode",

@@ -76,6 +76,7 @@ def private_redis(datadir: Path | None = None) -> Iterator[RedisDbs]:
     with contextlib.ExitStack() as stack:
         if datadir is None:
             datadir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="redis-")))
+        datadir.mkdir(parents=True, exist_ok=True)
         executor = RedisExecutor(
             executable=redis_executable(),
             databases=len(RedisDbs.SLOTS) + 1,
