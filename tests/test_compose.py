@@ -459,3 +459,15 @@ def test_grafana_is_provisioned_with_the_prometheus_source_and_the_dashboard():
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
     uids |= {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
     assert uids == {source["uid"]}
+
+
+def test_gunicorn_services_share_request_metrics_on_a_fresh_tmpfs():
+    # Under several gunicorn processes /metrics must sum every process's counts (multiprocess
+    # mode), from files that a restart empties.
+    for name, service in SERVICES.items():
+        if (service.get("command") or [None])[0] != "gunicorn":
+            continue
+        directory = service["environment"].get("PROMETHEUS_MULTIPROC_DIR")
+        assert directory, f"{name}: PROMETHEUS_MULTIPROC_DIR unset"
+        assert directory in service.get("tmpfs", []), f"{name}: {directory} is not a tmpfs"
+        assert "CAPTIONER_DATABASE_URL" in service["environment"]  # the shared env still merged
