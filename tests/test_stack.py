@@ -176,6 +176,9 @@ def test_run_serves_captions_and_stops_everything_then_reuses_what_exists(tmp_pa
             "captioner.cli beat",
         ):
             assert any(part in c for c in commands), commands
+        # Maintenance (sweeper, ingestion, webhooks) on a worker of its own, under time limits.
+        maintenance = [c for c in commands if "captioner.cli worker" in c and "maintenance" in c]
+        assert maintenance and all("caption" not in c.split("-Q")[1] for c in maintenance)
         assert any(f":{redis_port}" in c or str(redis_port) in c for c in commands)
 
         http = login(base, email, password)

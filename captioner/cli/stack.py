@@ -10,8 +10,10 @@ One supervisor process starts, in order:
    `CAPTIONER_EMBEDDED_REDIS_PORT`, its data under `<data_dir>/redis`;
 4. migrates the database (SQLite under `data_dir` unless `CAPTIONER_DATABASE_URL` says else);
 5. an admin account (credentials kept in `<data_dir>/admin.json`, mode 0600, and reused);
-6. the dashboard (`captioner serve`), one worker on every queue, and beat, each a child process
-   in its own session with its log in `<data_dir>/logs/`;
+6. the dashboard (`captioner serve`), a caption worker (captions and training, solo pool), a
+   maintenance worker (sweeper, ingestion, webhooks, exports: prefork, so every task runs under
+   the time limits) and beat, each a child process in its own session with its log in
+   `<data_dir>/logs/`;
 7. submits the bundled sample collection once, through the dashboard's API.
 
 SIGINT or SIGTERM stops the children in reverse order (SIGTERM, then SIGKILL after a grace
@@ -49,7 +51,10 @@ if TYPE_CHECKING:
 ADMIN_EMAIL = "admin@captioner.local"
 SAMPLE_JOB_NAME = "sample collection"
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
-WORKER_QUEUES = "caption.interactive,caption,maintenance,train"
+WORKER_QUEUES = "caption.interactive,caption,train"
+MAINTENANCE_QUEUES = "maintenance"
+# Maintenance processes on one machine (the deployment's maintenance worker runs more).
+EMBEDDED_MAINTENANCE_CONCURRENCY = 2
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -592,25 +597,39 @@ def _saved_token_valid(session: Session, saved: SavedAdmin) -> bool:
 
 @dataclass(frozen=True)
 class StackChildren:
-    """The long-running processes after Redis: the dashboard (answering), one worker, beat."""
+    """The long-running processes after Redis: the dashboard (answering), the caption worker,
+    the maintenance worker, beat."""
 
     dashboard: Child
     worker: Child
+    maintenance: Child
     beat: Child
 
 
 def start_children(
     sup: Supervisor, ports: StackPorts, stop: threading.Event, echo: Callable[[str], None]
 ) -> StackChildren:
-    """Start the dashboard, a worker on every queue and beat; wait until the dashboard answers."""
+    """Start the dashboard, the two workers and beat; wait until the dashboard answers."""
     dashboard = sup.start(
         "dashboard", cli_argv("serve", "--host", ports.host, "--port", str(ports.dashboard))
     )
     worker = sup.start(
         "worker", cli_argv("worker", "-Q", WORKER_QUEUES, "-n", f"embedded-{os.getpid()}@%h")
     )
+    maintenance = sup.start(
+        "maintenance",
+        cli_argv(
+            "worker",
+            "-Q",
+            MAINTENANCE_QUEUES,
+            "-c",
+            str(EMBEDDED_MAINTENANCE_CONCURRENCY),
+            "-n",
+            f"embedded-maintenance-{os.getpid()}@%h",
+        ),
+    )
     beat = sup.start("beat", cli_argv("beat"))
-    echo(f"dashboard, worker and beat started; logs in {sup.log_dir}")
+    echo(f"dashboard, workers and beat started; logs in {sup.log_dir}")
     wait_until(
         lambda: _http_ok(ports.base_url + "/health"),
         what=f"the dashboard on port {ports.dashboard}",
@@ -618,7 +637,7 @@ def start_children(
         timeout=120,
         stop=stop,
     )
-    return StackChildren(dashboard, worker, beat)
+    return StackChildren(dashboard, worker, maintenance, beat)
 
 
 def _http_ok(url: str) -> bool:
