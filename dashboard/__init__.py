@@ -1,8 +1,8 @@
 """The Captioner dashboard: a Flask app factory with three blueprints.
 
 - `api`: JSON under `/api/v1` (APIFlask), with its OpenAPI document at `/api/openapi.json` and
-  browsable docs at `/api/docs` (Swagger UI served from the installed `swagger-ui-bundle`
-  package, never from a CDN);
+  browsable docs at `/api/docs` (Swagger UI 5, which reads OpenAPI 3.1, served from the
+  installed `flask-swagger-ui` package, never from a CDN);
 - `ui`: server-rendered pages (Jinja) with a little vanilla JS from `dashboard/static`;
 - `auth`: login/logout; API tokens and roles are checked in `dashboard.auth`.
 
@@ -153,7 +153,7 @@ def _configure(app: APIFlask, settings: Settings) -> None:
     # backend shares answer 404 instead of overflowing the database driver (500); the OpenAPI
     # document states the range.
     app.url_map.converters["int"] = IdConverter
-    app.spec_processor(document_id_ranges)
+    app.spec_processor(lambda spec: split_import_body(document_id_ranges(spec)))
     if settings.trusted_proxy_hops:
         hops = settings.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
@@ -172,12 +172,15 @@ def _add_extensions(app: APIFlask, settings: Settings, publisher: Any) -> None:
 
 def _register_blueprints(app: APIFlask, settings: Settings) -> None:
     """Auth (with rate limits and CSRF), /metrics and /health, the API, the pages, training."""
-    from dashboard import api, auth, ops, training, ui
+    from dashboard import api, auth, exports, grid, imports, ops, training, ui
 
     auth.init_app(app, settings)
     ops.init_app(app)  # /metrics and /health
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(imports.bp)  # caption imports
+    app.register_blueprint(exports.bp)  # background exports
+    app.register_blueprint(grid.bp)  # review grid, two-step bulk approval, try one image
     app.register_blueprint(ui.bp)
     app.register_blueprint(training.api_bp)  # the learning loop: models and training runs
     app.register_blueprint(training.ui_bp)
@@ -209,14 +212,15 @@ def _security_headers(response: Response) -> Response:
 
 
 def _add_docs_assets(app: APIFlask) -> None:
-    """Swagger UI's files, served from the installed `swagger-ui-bundle` package (no CDN)."""
+    """Swagger UI's files (version 5: it reads the OpenAPI 3.1 document), served from the
+    installed `flask-swagger-ui` package's copy of Swagger UI's dist folder (no CDN)."""
 
     @app.get("/api/docs/assets/<path:filename>")
     @app.doc(hide=True)
     def docs_assets(filename: str):
-        import swagger_ui_bundle
+        import flask_swagger_ui
 
-        return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), filename)
+        return send_from_directory(Path(flask_swagger_ui.__file__).parent / "dist", filename)
 
 
 def _add_error_handlers(app: APIFlask) -> None:
@@ -269,6 +273,25 @@ class IdConverter(IntegerConverter):
             return super().to_python(value)
         except ValidationError:
             raise NotFound() from None
+
+
+def split_import_body(spec: dict) -> dict:
+    """`POST /api/v1/imports` takes a file as multipart and rows or COCO as JSON: state each
+    content type's own shapes (APIFlask states one body for every content type)."""
+    body = spec.get("paths", {}).get("/api/v1/imports", {}).get("post", {}).get("requestBody")
+    if not body:
+        return spec
+    for content_type, media in body.get("content", {}).items():
+        shapes = media.get("schema", {}).get("oneOf")
+        if not shapes:
+            continue
+        wanted = [
+            shape
+            for shape in shapes
+            if shape.get("$ref", "").endswith("FileIn") == (content_type == "multipart/form-data")
+        ]
+        media["schema"] = wanted[0] if len(wanted) == 1 else {"oneOf": wanted}
+    return spec
 
 
 def document_id_ranges(spec: dict) -> dict:

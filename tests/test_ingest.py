@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import threading
 import tracemalloc
@@ -728,3 +729,35 @@ def test_uploads_and_fetched_urls_live_in_their_owners_namespace(session, tmp_pa
         session, store, job.id, [uploads.IncomingFile("a.png", png())], owner_id=owner.id
     )
     assert session.get(Image, image_id).storage_key.startswith(f"uploads/{owner.id}/")
+
+
+def test_read_ahead_keeps_pages_in_order_lists_one_ahead_and_passes_errors_on():
+    drawn = []
+
+    def pages():
+        for i in range(4):
+            drawn.append(i)
+            yield [f"k{i}"]
+        raise OSError("listing failed on page 5")
+
+    ahead = prefixes.read_ahead(pages())
+    assert next(ahead) == ["k0"]
+    # While the caller holds a page, the thread lists at most the one after it.
+    assert next(ahead) == ["k1"] and len(drawn) <= 3
+    assert list(itertools.islice(ahead, 2)) == [["k2"], ["k3"]]
+    with pytest.raises(OSError, match="page 5"):
+        next(ahead)
+
+
+def test_read_ahead_closed_early_stops_listing():
+    drawn = []
+
+    def pages():
+        for i in range(100):
+            drawn.append(i)
+            yield [str(i)]
+
+    ahead = prefixes.read_ahead(pages())
+    assert next(ahead) == ["0"]
+    ahead.close()
+    assert len(drawn) <= 2

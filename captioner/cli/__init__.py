@@ -100,7 +100,7 @@ def init_model(preset_name, out, seed):
 
 
 def _register() -> None:
-    from captioner.cli.client import export, submit, user
+    from captioner.cli.client import export, import_captions, submit, user
     from captioner.cli.db import db
     from captioner.cli.models import model, retrain_cmd
     from captioner.cli.run import run, serve
@@ -112,6 +112,7 @@ def _register() -> None:
     cli.add_command(beat)
     cli.add_command(submit)
     cli.add_command(export)
+    cli.add_command(import_captions)
     cli.add_command(user)
     cli.add_command(model)
     cli.add_command(retrain_cmd)

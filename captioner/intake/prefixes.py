@@ -11,8 +11,9 @@ in its own transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
@@ -41,6 +42,23 @@ def check_keys(keys: Iterable[str]) -> list[str]:
         except InvalidKey as exc:
             raise SubmissionRejected(str(exc)) from None
     return checked
+
+
+def key_specs(items: Iterable[str | Mapping[str, Any]]) -> list[jobs.ImageSpec]:
+    """Keys as given, each a string or `{"key": ..., "external_id": ...}`, as images to queue:
+    every key checked as `check_keys` does and every external id as
+    `submit.check_external_id`; raises SubmissionRejected. A plain key has no external id."""
+    specs = []
+    for item in items:
+        external_id = None
+        if isinstance(item, Mapping):
+            external_id = submit.check_external_id(item.get("external_id"))
+            item = item.get("key")
+        if not isinstance(item, str):
+            raise SubmissionRejected("each key is a string or an object with a string `key`")
+        [key] = check_keys([item])
+        specs.append(jobs.ImageSpec(storage_key=key, external_id=external_id))
+    return specs
 
 
 class SourceRefused(SubmissionRejected):
@@ -145,9 +163,27 @@ def image_pages(store: ObjectStore, prefix: str, size: int) -> Iterator[list[str
         yield page
 
 
+def read_ahead(pages: Iterator[list[str]]) -> Iterator[list[str]]:
+    """`pages`, with the next one listed by a thread while the caller registers this one: a
+    listing (one store round trip per page) and its registration (one database transaction)
+    overlap instead of adding up. The pages are still drawn one at a time, in order."""
+    with ThreadPoolExecutor(1, thread_name_prefix="list-ahead") as pool:
+        ahead = pool.submit(next, pages, None)
+        while (page := ahead.result()) is not None:
+            ahead = pool.submit(next, pages, None)
+            yield page
+
+
+def listed_spec(key: str) -> jobs.ImageSpec:
+    """A listed key as an image to queue: its external id is the key (none for a key longer
+    than an external id may be)."""
+    fits = len(key) <= submit.EXTERNAL_ID_MAX_LENGTH
+    return jobs.ImageSpec(storage_key=key, external_id=key if fits else None)
+
+
 def _queue_keys(job_id: int, keys: list[str]) -> submit.AddImages:
     """The step that queues one page of listed keys as images of the job."""
-    return lambda session: jobs.submit_images(session, job_id, keys)
+    return lambda session: jobs.submit_images(session, job_id, [listed_spec(k) for k in keys])
 
 
 def run_enumerate_prefix(
@@ -174,7 +210,7 @@ def run_enumerate_prefix(
     if prefix is None:
         return 0
     total = 0
-    for page in image_pages(run.store, prefix, PAGE_SIZE):
+    for page in read_ahead(image_pages(run.store, prefix, PAGE_SIZE)):
         added = submit.add_chunk(run, _queue_keys(job_id, page), last=False)
         if not added.accepted:
             return total

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from captioner import tasks
+from captioner.intake.errors import SubmissionRejected
 from captioner.settings import get_settings
 from captioner.state import images, jobs, outbox
 from captioner.state.db import session_scope
@@ -35,6 +36,29 @@ if TYPE_CHECKING:
 
     from captioner.settings import Settings
     from captioner.storage import ObjectStore
+
+
+# --- external ids -----------------------------------------------------------------------------
+
+# The longest external id the database stores (`Image.external_id`).
+EXTERNAL_ID_MAX_LENGTH = 512
+
+
+def check_external_id(value: Any) -> str | None:
+    """The submitter's own id for an image as the database stores it: None when not given,
+    else text of 1 to `EXTERNAL_ID_MAX_LENGTH` characters (a whole number is taken as its
+    digits); SubmissionRejected for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise SubmissionRejected("external_id must be a non-empty string")
+    if len(value) > EXTERNAL_ID_MAX_LENGTH:
+        raise SubmissionRejected(
+            f"external_id too long: {len(value)} characters > limit {EXTERNAL_ID_MAX_LENGTH}"
+        )
+    return value
 
 
 # --- dedupe -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    insert,
     literal_column,
     or_,
     select,
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session, aliased
 from captioner.state.jobs import CounterDeltas, dialect_insert
 from captioner.state.models import (
     Caption,
+    CaptionSource,
     Image,
     ImageStatus,
     Job,
@@ -405,6 +407,80 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
     _save_sizes(session, rows)
     _keep_review_scores(session, ids, deltas)
     deltas.apply(session)
+
+
+def import_captions(session: Session, rows: Sequence[CaptionRow]) -> dict[int, int]:
+    """Captions brought in by an import (`CaptionSource.IMPORT`, no model version) for queued
+    images that no worker was sent: each image gets its caption row and is marked captioned,
+    entering the review queue, counted in its job. Returns {image id: caption id}.
+
+    Only queued images are taken: an image already captioned (the same import run twice, two
+    URLs with the same bytes) or failed is left alone, so running it again adds nothing. A
+    fixed number of statements per call: the status change, one multi-row INSERT of the
+    captions, a count and an UPDATE by primary key (executemany) for the review key, one for
+    the counters. The caller passes at most a few thousand rows (SQLite binds each id).
+    """
+    if not rows:
+        return {}
+    now = utcnow()
+    done = {
+        "status": ImageStatus.CAPTIONED,
+        "failure_reason": None,
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": now,
+    }
+    deltas = CounterDeltas()
+    ids = [r.image_id for r in rows]
+    moved = set(_move_images(session, [Image.id.in_(ids)], done, [ImageStatus.QUEUED], deltas))
+    values = [
+        {
+            "image_id": r.image_id,
+            "model_version_id": None,
+            "source": CaptionSource.IMPORT,
+            "text": r.text,
+            "score": r.score,
+            "candidates": r.candidates,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for r in rows
+        if r.image_id in moved
+    ]
+    captions: dict[int, int] = {}
+    if values:
+        inserted = session.execute(insert(Caption).returning(Caption.image_id, Caption.id), values)
+        captions = {image_id: caption_id for image_id, caption_id in inserted}
+    _enter_review_queue(session, [r for r in rows if r.image_id in moved], deltas)
+    deltas.apply(session)
+    return captions
+
+
+def _enter_review_queue(
+    session: Session, rows: Sequence[CaptionRow], deltas: CounterDeltas
+) -> None:
+    """Imported images, captioned now with their one caption and never reviewed, wait for
+    review keyed by that caption's score: an UPDATE by primary key per image (executemany), and
+    one grouped count for the job counters. (`_keep_review_scores` decides the same from the
+    rows, with correlated subqueries that cost far more over a large import.)"""
+    if not rows:
+        return
+    ids = [r.image_id for r in rows]
+    unreviewed = ~exists().where(Review.image_id == Image.id).correlate(Image)
+    waiting = [Image.id.in_(ids), Image.review_score.is_(None), unreviewed]
+    counted = session.execute(
+        select(Image.job_id, func.count()).where(*waiting).group_by(Image.job_id)
+    ).all()
+    table = Image.__table__
+    never_reviewed = ~exists().where(Review.image_id == table.c.id)
+    session.execute(
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.review_score.is_(None), never_reviewed)
+        .values(review_score=bindparam("b_score")),
+        [{"b_id": r.image_id, "b_score": r.score} for r in rows],
+    )
+    for job, n in counted:
+        deltas.add(job, "unreviewed_count", n)
 
 
 def _save_sizes(session: Session, rows: Sequence[CaptionRow]) -> None:

@@ -53,6 +53,8 @@ class ImageSpec:
     content_sha256: str | None = None
     size_bytes: int | None = None
     split: Split = Split.TRAIN
+    # The submitter's own id for the image (at most `Image.external_id`'s 512 characters).
+    external_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ def _submit_chunk(
             "content_sha256": spec.content_sha256,
             "size_bytes": spec.size_bytes,
             "split": spec.split,
+            "external_id": spec.external_id,
             "status": ImageStatus.QUEUED,
             "attempts": 0,
             "created_at": now,
@@ -286,6 +289,7 @@ _PER_ROW = {
     "content_sha256": String(),
     "size_bytes": Integer(),
     "split": String(),
+    "external_id": String(),
 }
 
 
