@@ -168,8 +168,9 @@ def test_oversize_upload_is_413(app, client, users):
 
 def test_unsupported_file_is_422_with_reason(app, client, users, bad_inputs):
     pdf = bad_inputs["document.pdf.jpg"][0]
-    r = upload(client, users["alice"], files=[("ok.png", png()), ("doc.jpg", pdf)])
+    r = upload(client, users["alice"], files=[("doc.jpg", pdf)])
     assert r.status_code == 422 and r.json["message"] == "doc.jpg: unsupported format PDF"
+    assert r.json["detail"]["refused"] == [{"name": "doc.jpg", "reason": "unsupported format PDF"}]
     r = upload(client, users["alice"], files=[("bomb.png", bad_inputs["bomb_40000x40000.png"][0])])
     assert r.status_code == 422 and "image too large" in r.json["message"]
     assert count(app, Job) == 0 and count(app, Image) == 0 and stored_objects(app) == []
@@ -178,7 +179,6 @@ def test_unsupported_file_is_422_with_reason(app, client, users, bad_inputs):
 def _zip_with_symlink() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("ok.png", png())
         info = zipfile.ZipInfo("link.png")
         info.create_system = 3
         info.external_attr = 0o120777 << 16
@@ -189,7 +189,6 @@ def _zip_with_symlink() -> bytes:
 def _zip_bomb() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("ok.png", png())
         z.writestr("bomb.png", b"\0" * (20 * 1024 * 1024))
     return buf.getvalue()
 
@@ -197,7 +196,7 @@ def _zip_bomb() -> bytes:
 @pytest.mark.parametrize(
     "archive, reason",
     [
-        (lambda: make_zip({"ok.png": png(), "../../evil.png": png()}), "path escapes"),
+        (lambda: make_zip({"../../evil.png": png()}), "path escapes"),
         (lambda: make_zip({"/abs/evil.png": png()}), "absolute path"),
         (_zip_with_symlink, "symbolic link"),
         (_zip_bomb, "compression ratio"),
@@ -751,9 +750,8 @@ def test_cli_submit_wait_and_export_through_a_live_server(app, users, tmp_path, 
         assert "3 captioned, 0 failed" in result.output
         job_id = int(result.output.split()[1])
         out = tmp_path / "e.jsonl"
-        result = CliRunner().invoke(
-            cli, ["export", str(job_id), "--format", "jsonl", "--server", url, "-o", str(out)]
-        )
+        args = ["export", str(job_id), "--stream", "--format", "jsonl", "-o", str(out)]
+        result = CliRunner().invoke(cli, [*args, "--server", url])
         assert result.exit_code == 0, result.output
         assert len(out.read_text().splitlines()) == 3
         bad = CliRunner().invoke(

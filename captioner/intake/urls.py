@@ -16,9 +16,11 @@ addresses: `PinnedAdapter` rewrites only the TCP target. The request keeps the o
 header and, for https, the original name for SNI and certificate verification. Each redirect hop
 is checked and pinned the same way.
 
-Bounds (`Limits`): one deadline for the whole request (connect, every redirect hop, headers and
-body): every socket read and write waits at most until the deadline (`DeadlineSocket`), so a
-server that drips one byte at a time is cut at the deadline, not after one timeout per read.
+Bounds (`Limits`): one deadline for the whole request (connect, TLS handshake, every redirect
+hop, headers and body): every socket read and write waits at most until the deadline
+(`DeadlineSocket`), so a server that drips one byte at a time is cut at the deadline, not after
+one timeout per read; a TLS handshake gets only the time left after the connect, so a server
+that accepts and never answers the ClientHello is cut at the deadline too.
 The body read is capped: URL fetches decode `Content-Encoding` as the bytes stream and refuse
 past `max_image_bytes` of decoded bytes; webhook replies are read raw (never decompressed) and
 cut at a few KiB.
@@ -312,6 +314,20 @@ class _DeadlineHTTPSConnection(HTTPSConnection):
         self.deadline = deadline
         super().__init__(*args, **kwargs)
 
+    def _new_conn(self) -> socket.socket:
+        """The TCP connection, its timeout then cut to the time left: the TLS handshake that
+        follows is one operation in CPython's ssl, bounded as a whole by the socket's timeout
+        when it starts, so a server that accepts and never answers the ClientHello (or drips
+        its reply) is left at the deadline. Past the deadline already, no handshake starts."""
+        sock = super()._new_conn()
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            sock.close()
+            raise TimeoutError("timed out before the TLS handshake")
+        cap = sock.gettimeout()
+        sock.settimeout(left if cap is None else min(cap, left))
+        return sock
+
     def connect(self) -> None:
         super().connect()
         self.sock = DeadlineSocket(self.sock, self.deadline)  # type: ignore[assignment]
@@ -327,7 +343,8 @@ class PinnedAdapter(HTTPAdapter):
     header names `hostname` (and the port when it is not the default), and for https the TLS
     server name (SNI) and the certificate check use `hostname`, never the IP. A request for any
     other host is refused, so a redirect followed by mistake cannot escape the pin. With a
-    `deadline`, every socket read and write of its connections ends by then (`DeadlineSocket`).
+    `deadline`, every socket read and write of its connections ends by then (`DeadlineSocket`),
+    and so does an https connection's TLS handshake.
     """
 
     def __init__(
