@@ -69,6 +69,7 @@ from sqlalchemy import func, select, text
 from captioner.state.jobs import STATUS_COUNTERS
 from captioner.state.models import (
     Caption,
+    CaptionSource,
     Image,
     ImageStatus,
     Job,
@@ -216,6 +217,7 @@ def recent_latencies(session, now: datetime) -> tuple[list[float], float]:
     the rate is taken over the span they cover instead."""
     sample = (
         select(Caption.image_id, Caption.created_at)
+        .where(Caption.source == CaptionSource.MODEL)  # imported captions took no worker time
         .order_by(Caption.id.desc())
         .limit(LATENCY_SAMPLE_LIMIT)
         .subquery("newest_captions")

@@ -18,7 +18,7 @@ from captioner.accounts import (
     revoke_tokens,
 )
 from captioner.intake.errors import SubmissionRejected
-from captioner.intake.uploads import check_uploads
+from captioner.intake.uploads import Refusal, UploadRefused, open_upload
 from captioner.state.models import (
     ApiToken,
     ImageStatus,
@@ -29,7 +29,7 @@ from captioner.state.models import (
     utcnow,
 )
 from dashboard import services
-from dashboard.api import job_dict
+from dashboard.api import image_dicts, job_dict
 from dashboard.auth import (
     current_user,
     db,
@@ -67,15 +67,38 @@ def jobs_page():
 @login_required()
 @limiter.limit(submit_limit)
 def submit():
+    """A submission from the form. Files it refused are listed on the jobs page again, the
+    form keeping its values: with the job the rest made, or with the reason nothing was made."""
     session, user = db(), current_user()
     try:
-        job = _submit_form(session, user, _form_options(request.form))
+        job, refused = _submit_form(session, user, _form_options(request.form))
+    except UploadRefused as exc:
+        session.rollback()
+        flash("Refused: none of the files could be used; each is listed with its reason.", "error")
+        return _form_again(exc.refused, exc.status_code)
     except SubmissionRejected as exc:
         session.rollback()
         flash(f"Refused: {exc.reason}", "error")
-        return redirect(url_for("ui.jobs")), 303
+        return _form_again([], exc.status_code)
+    if refused:
+        return _form_again(refused, 200, submitted=job_dict(job))
     flash(f"Job {job.id} submitted.", "ok")
     return redirect(url_for("ui.job_detail", job_id=job.id), 303)
+
+
+def _form_again(refused: list[Refusal], status: int, submitted: dict | None = None):
+    """The jobs page after a submission that left files out: the form with the values sent,
+    the refused files with their reasons, and the job made (`submitted`), if any."""
+    rows = services.jobs_page(db(), current_user(), limit=50, offset=0)
+    page = render_template(
+        "jobs.html",
+        jobs=[job_dict(j) for j in rows],
+        page=1,
+        form=request.form,
+        refused=refused,
+        submitted=submitted,
+    )
+    return page, status
 
 
 def _form_options(form) -> services.JobOptions:
@@ -90,23 +113,27 @@ def _form_options(form) -> services.JobOptions:
     )
 
 
-def _submit_form(session, user: User, opts: services.JobOptions) -> Job:
-    """The job the submit form asks for: uploaded files and/or a zip (checked as the API checks
-    them), else object keys, a prefix or URLs; SubmissionRejected when it names none."""
+def _submit_form(session, user: User, opts: services.JobOptions) -> tuple[Job, list[Refusal]]:
+    """The job the submit form asks for, and the files it left out: uploaded files and/or a
+    zip (checked and stored one at a time, as the API does), else object keys, a prefix or
+    URLs; SubmissionRejected when it names none."""
     form = request.form
     uploads = [f for f in request.files.getlist("files") if f and f.filename]
     archive = request.files.get("archive")
     archive = archive if archive and archive.filename else None
     if uploads or archive is not None:
-        settings = current_app.extensions["captioner"].settings
-        upload = check_uploads(uploads, archive, settings)
-        return services.submit_files(session, user, opts, upload.files, upload.source)
+        ext = current_app.extensions["captioner"]
+        with open_upload(uploads, archive, ext.settings) as pending:
+            services.check_options(user, opts, pending.count)  # before anything is stored
+            upload = pending.store(ext.store, owner_id=user.id)
+        job = services.submit_files(session, user, opts, upload.files, upload.source)
+        return job, upload.refused
     if form.get("keys", "").strip():
-        return services.submit_keys(session, user, opts, form["keys"].split())
+        return services.submit_keys(session, user, opts, form["keys"].split()), []
     if form.get("prefix", "").strip():
-        return services.submit_prefix(session, user, opts, form["prefix"])
+        return services.submit_prefix(session, user, opts, form["prefix"]), []
     if form.get("urls", "").strip():
-        return services.submit_urls(session, user, opts, form["urls"].split())
+        return services.submit_urls(session, user, opts, form["urls"].split()), []
     raise SubmissionRejected("choose files, a zip, object keys, a prefix or URLs")
 
 
@@ -138,16 +165,22 @@ def job_detail(job_id: int):
         status = None
     # Pages by image id ("More" passes the last id shown as `after`): no deep OFFSET.
     after = _int(request.args.get("after"), 0, 0, 2**63 - 1) or None
-    page = services.job_images(session, job, status=status, limit=100, after=after)
+    page = services.job_images(session, job, status=status, limit=JOB_PAGE, after=after)
     return render_template(
         "job.html",
         job=job_dict(job),
         may_act=services.may_act_on(current_user(), job),
-        images=page.images,
+        images=image_dicts(session, page.images),
         total=page.total,
         next_after=page.next_after,
         status=status,
+        after=after,
+        page_size=JOB_PAGE,
     )
+
+
+# Images per page of a job's page (static/job.js refreshes the same page while the job runs).
+JOB_PAGE = 100
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -199,6 +232,17 @@ def review():
     return render_template("review.html", filters=filters)
 
 
+@bp.get("/grid")
+@login_required("reviewer")
+def grid():
+    """The review grid: pages of thumbnails, least confident first (static/grid.js walks the
+    unreviewed queue by cursor and approves the selection)."""
+    args = request.args
+    filters = {k: args.get(k, "") for k in ("job_id", "min_score", "max_score", "q")}
+    one_by_one = url_for("ui.review", **{k: v for k, v in filters.items() if v})
+    return render_template("grid.html", filters=filters, one_by_one=one_by_one)
+
+
 @bp.get("/try")
 @login_required()
 def try_one():
@@ -208,10 +252,16 @@ def try_one():
 @bp.get("/export")
 @login_required()
 def export_page():
+    """Start a background export and follow your exports (export.js polls the API), or stream
+    a small one directly."""
     session = db()
     rows = session.scalars(services.visible_jobs(current_user()).order_by(Job.id.desc()).limit(200))
     return render_template(
-        "export.html", jobs=list(rows), formats=export.FORMATS, which=export.WHICH
+        "export.html",
+        jobs=list(rows),
+        formats=export.BACKGROUND_FORMATS,
+        stream_formats=export.FORMATS,
+        which=export.WHICH,
     )
 
 

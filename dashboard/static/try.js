@@ -1,4 +1,5 @@
 // "Try one image": upload through the interactive queue, then poll until the caption is in.
+// The job is a try (`POST /api/v1/try`): it has its own page but is not in the jobs lists.
 "use strict";
 (function () {
   const C = window.Captioner;
@@ -7,14 +8,13 @@
   const status = document.getElementById("try-status");
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    const data = new FormData(form);
-    data.set("interactive", "true");
-    data.set("name", "try: " + (form.files.files[0] ? form.files.files[0].name : "image"));
+    const data = new FormData();
+    if (form.files.files[0]) data.set("file", form.files.files[0]);
     status.textContent = "Uploading…";
     document.getElementById("try-caption").textContent = "";
     document.getElementById("try-candidates").replaceChildren();
     try {
-      const job = await C.api("POST", "/api/v1/jobs/upload", data);
+      const job = await C.api("POST", "/api/v1/try", data);
       status.textContent = `Job ${job.id} queued; waiting for a worker…`;
       poll(job.id, Date.now());
     } catch (e) { status.textContent = "Refused: " + e.message; }
