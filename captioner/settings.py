@@ -287,6 +287,14 @@ class Settings(BaseSettings):
         description="A dashboard login lasts this long (hours from logging in, however active); "
         "logout, a password change and an admin's disable end every session of that user at once.",
     )
+    review_claim_seconds: int = Field(
+        default=120,
+        ge=5,
+        le=3600,
+        description="A reviewer's claim on the item they are looking at lasts this long (renewed "
+        "while it stays on screen): other reviewers' queues leave the item out meanwhile. Claims "
+        "live in Redis; without it reviewing goes on unclaimed.",
+    )
     public_url: str = Field(
         default="",
         description="The address users reach the dashboard at, e.g. `https://captions.example.com`. "

@@ -11,10 +11,21 @@ from __future__ import annotations
 import mimetypes
 
 from apiflask import APIBlueprint, Schema, abort
-from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List, Nested, String
+from apiflask.fields import (
+    Boolean,
+    DateTime,
+    Dict,
+    Field,
+    File,
+    Float,
+    Integer,
+    List,
+    Nested,
+    String,
+)
 from apiflask.validators import Length, OneOf, Range
 from flask import Response, current_app, stream_with_context
-from marshmallow import ValidationError, validates_schema
+from marshmallow import INCLUDE, ValidationError, validates_schema
 from sqlalchemy import func, select
 
 from captioner import export, webhooks
@@ -29,7 +40,7 @@ from captioner.accounts import (
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.prefixes import check_grants
-from captioner.intake.uploads import check_uploads
+from captioner.intake.uploads import UploadRefused, open_upload
 from captioner.state import jobs, outbox, reviews
 from captioner.state.models import (
     ApiToken,
@@ -99,15 +110,31 @@ class JobListOut(Schema):
 
 class CandidateOut(Schema):
     text = String()
-    score = Float(allow_none=True)
+    score = Float(
+        allow_none=True,
+        metadata={"description": "Mean token log-probability of this alternative (at most 0)"},
+    )
+    confidence = Float(
+        allow_none=True,
+        metadata={"description": "Probability in [0, 1] that this alternative is right"},
+    )
 
 
 class CaptionOut(Schema):
     id = Integer()
     text = String()
-    score = Float()
+    score = Float(
+        metadata={
+            "description": "A model caption's confidence: the probability in [0, 1] that it is "
+            "right (the review queue shows the least confident first); an imported caption's "
+            "score is the one it was imported with"
+        }
+    )
     candidates = List(Nested(CandidateOut))
-    model_version_id = Integer()
+    model_version_id = Integer(
+        allow_none=True, metadata={"description": "The model that wrote it; null if imported"}
+    )
+    source = String(metadata={"description": "`model`, or `import` (a caption import)"})
 
 
 class ReviewOut(Schema):
@@ -125,6 +152,10 @@ class ImageOut(Schema):
     id = Integer()
     job_id = Integer()
     original_name = String()
+    external_id = String(
+        allow_none=True,
+        metadata={"description": "Your id for the image, given at submission or import"},
+    )
     status = String()
     failure_reason = String(allow_none=True)
     width = Integer(allow_none=True)
@@ -178,8 +209,50 @@ class DecodingFields(Schema):
     )
 
 
+EXTERNAL_ID_MAX = 512  # `images.external_id`
+
+
+class SourceItem(Field):
+    """One key or URL of a submission: the plain string, or an object with it (under `name`)
+    and the submitter's `external_id` for the image. Loads as the string or as
+    `{name: ..., "external_id": ...}`; the document states both shapes (`oneOf`)."""
+
+    def __init__(self, name: str, max_length: int, **kwargs) -> None:
+        self.item_name = name
+        self.max_length = max_length
+        text = {"type": "string", "minLength": 1, "maxLength": max_length}
+        external_id = {"type": "string", "minLength": 1, "maxLength": EXTERNAL_ID_MAX}
+        shape = {
+            "type": "object",
+            "properties": {name: text, "external_id": external_id},
+            "required": [name],
+            "additionalProperties": False,
+        }
+        super().__init__(metadata={"oneOf": [text, shape]}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            return self._text(value, self.item_name)
+        if not isinstance(value, dict) or set(value) - {self.item_name, "external_id"}:
+            raise ValidationError(
+                f"a string, or an object with `{self.item_name}` and optionally `external_id`"
+            )
+        if self.item_name not in value:
+            raise ValidationError(f"`{self.item_name}` missing")
+        item = {self.item_name: self._text(value[self.item_name], self.item_name)}
+        if "external_id" in value:
+            item["external_id"] = self._text(value["external_id"], "external_id", EXTERNAL_ID_MAX)
+        return item
+
+    def _text(self, value, what: str, longest: int | None = None) -> str:
+        longest = longest or self.max_length
+        if not isinstance(value, str) or not 1 <= len(value) <= longest:
+            raise ValidationError(f"`{what}` must be a string of 1 to {longest} characters")
+        return value
+
+
 def _keys(**kwargs) -> List:
-    return List(String(validate=Length(1, 1024)), validate=Length(1, 100_000), **kwargs)
+    return List(SourceItem("key", 1024), validate=Length(1, 100_000), **kwargs)
 
 
 def _prefix(**kwargs) -> String:
@@ -187,7 +260,7 @@ def _prefix(**kwargs) -> String:
 
 
 def _urls(**kwargs) -> List:
-    return List(String(validate=Length(1, 4096)), validate=Length(1, 100_000), **kwargs)
+    return List(SourceItem("url", 4096), validate=Length(1, 100_000), **kwargs)
 
 
 class JobCreateIn(DecodingFields):
@@ -239,6 +312,40 @@ class UploadIn(DecodingFields):
     archive = File(metadata={"description": "A zip archive of images"})
 
 
+class RefusedOut(Schema):
+    name = String(metadata={"description": "The file's name, or the zip member's path"})
+    reason = String()
+
+
+class UploadJobOut(JobOut):
+    refused = List(
+        Nested(RefusedOut),
+        metadata={
+            "description": "Files and zip members left out of the job, each with its reason; "
+            "the job holds the rest"
+        },
+    )
+
+
+class UploadRefusedDetail(Schema):
+    class Meta:
+        unknown = INCLUDE  # a validation error names the fields it refused instead
+
+    refused = List(Nested(RefusedOut), metadata={"description": "Every file with its reason"})
+
+
+class UploadRefusedOut(Schema):
+    message = String(metadata={"description": "The refused files with their reasons, in words"})
+    detail = Nested(UploadRefusedDetail)
+
+
+def _refused_response(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": UploadRefusedOut}},
+    }
+
+
 class IdsOut(Schema):
     count = Integer()
 
@@ -262,6 +369,25 @@ class QueueIn(Schema):
         validate=Range(0, 10_000),
         metadata={"description": "Not for the unreviewed queue; beyond 10,000 page by `after`"},
     )
+    skip_claimed = Boolean(
+        load_default=False,
+        metadata={"description": "Unreviewed queue: leave out images other reviewers claimed"},
+    )
+    claim = Boolean(
+        load_default=False,
+        metadata={
+            "description": "Unreviewed queue: also claim the first image returned for you "
+            "(implies `skip_claimed`); the review page's first request"
+        },
+    )
+
+
+class ClaimOut(Schema):
+    image_id = Integer()
+    claimed = Boolean(
+        metadata={"description": "False when claims are unavailable (Redis down): review on"}
+    )
+    expires_in = Integer(metadata={"description": "Seconds the claim lasts unless renewed"})
 
 
 class ReviewIn(Schema):
@@ -276,6 +402,17 @@ class HistoryOut(Schema):
 
 class BulkApproveIn(Schema):
     min_score = Float(required=True, allow_nan=False)
+
+
+class BulkApproveOut(Schema):
+    count = Integer(metadata={"description": "Captions approved"})
+    batch = String(
+        allow_none=True,
+        metadata={
+            "description": "Names this approval for `POST /jobs/{job_id}/approve-undo`; null "
+            "when nothing was approved"
+        },
+    )
 
 
 class ImagesQueryIn(Schema):
@@ -433,11 +570,16 @@ def caption_dict(caption) -> dict | None:
         "text": caption.text,
         "score": caption.score,
         "candidates": [
-            {"text": str(c.get("text", "")), "score": c.get("score")}
+            {
+                "text": str(c.get("text", "")),
+                "score": c.get("score"),
+                "confidence": c.get("confidence"),
+            }
             for c in (caption.candidates or [])
             if isinstance(c, dict)
         ],
         "model_version_id": caption.model_version_id,
+        "source": caption.source.value,
     }
 
 
@@ -458,6 +600,7 @@ def image_dict(session, image: Image, caption=..., review=...) -> dict:
         "id": image.id,
         "job_id": image.job_id,
         "original_name": image.original_name,
+        "external_id": image.external_id,
         "status": image.status.value,
         "failure_reason": image.failure_reason,
         "width": image.width,
@@ -544,23 +687,34 @@ def create_job(data):
 @api_auth()
 @limiter.limit(submit_limit)
 @bp.input(UploadIn, location="form_and_files", arg_name="data")
-@bp.output(JobOut, status_code=202)
+@bp.output(UploadJobOut, status_code=202)
 @bp.doc(
     summary="Upload image files and/or one zip archive",
-    responses=E401 | E403 | E413 | E422 | E429,
+    responses=E401
+    | E403
+    | E429
+    | {
+        413: _refused_response("Upload too large, or every file over the size limit"),
+        422: _refused_response("Refused input, or every file refused; `message` says why"),
+    },
     **AUTH,
 )
 def upload_job(data):
-    """Every file (and zip member) is checked before anything is stored: one refused file
-    refuses the whole upload with its reason."""
+    """Each file and zip member is checked, then stored, one at a time. A refused one is left
+    out and listed in `refused` with its reason; the job holds the rest. When every one is
+    refused, nothing is created: 422 (413 when every one was too large) listing them all."""
     settings = current_app.extensions["captioner"].settings
+    user, opts = _user(), _opts(data)
     try:
-        upload = check_uploads(data.get("files") or [], data.get("archive"), settings)
-        job = services.submit_files(db(), _user(), _opts(data), upload.files, upload.source)
+        with open_upload(data.get("files") or [], data.get("archive"), settings) as pending:
+            services.check_options(user, opts, pending.count)  # before anything is stored
+            upload = pending.store(current_app.extensions["captioner"].store, owner_id=user.id)
+        job = services.submit_files(db(), user, opts, upload.files, upload.source)
     except SubmissionRejected as exc:
         db().rollback()
-        abort(exc.status_code, exc.reason)
-    return job_dict(job)
+        refused = exc.refused if isinstance(exc, UploadRefused) else None
+        abort(exc.status_code, exc.reason, refused and {"refused": [r.as_dict() for r in refused]})
+    return job_dict(job) | {"refused": [r.as_dict() for r in upload.refused]}
 
 
 @bp.get("/jobs")
@@ -581,7 +735,7 @@ def upload_job(data):
 def list_jobs(query):
     session = db()
     # The jobs table holds one row per submission, not per image: counting it is cheap.
-    base = services.visible_jobs(_user())
+    base = services.listed_jobs(_user())  # "Try one image" jobs are not listed
     total = session.scalar(select(func.count()).select_from(base.subquery()))
     rows = services.jobs_page(session, _user(), limit=query["limit"], offset=query["offset"])
     return {"items": [job_dict(j) for j in rows], "total": total}
@@ -658,15 +812,18 @@ def retry_job(job_id):
 @bp.post("/jobs/<int:job_id>/approve-above")
 @api_auth("reviewer")
 @bp.input(BulkApproveIn, arg_name="data")
-@bp.output(IdsOut)
+@bp.output(BulkApproveOut)
 @bp.doc(
     summary="Approve every unreviewed caption of a job scoring at least min_score",
+    description="Preview first with `GET` on the same path (how many, and a sample). The "
+    "returned `batch` undoes this approval as one action: `POST /jobs/{job_id}/approve-undo`.",
     responses=E401 | E403 | E404,
     **AUTH,
 )
 def approve_above(job_id, data):
     job = _job_or_404(job_id)
-    return {"count": services.bulk_approve(db(), _user(), job, data["min_score"])}
+    batch = services.approve_above(db(), _user(), job, data["min_score"])
+    return {"count": batch.count, "batch": batch.encode() if batch.count else None}
 
 
 # --- images and review ---------------------------------------------------------------------
@@ -742,6 +899,8 @@ def review_queue(query):
             limit=query["limit"],
             after=query.get("after"),
             offset=query["offset"],
+            skip_claimed=query["skip_claimed"],
+            claim=query["claim"],
             **filters,
         )
     except jobs.LifecycleError as exc:
@@ -776,6 +935,27 @@ def add_review(image_id, data):
     except services.Conflict as exc:
         abort(409, str(exc))
     return review_dict(review)
+
+
+@bp.put("/images/<int:image_id>/claim")
+@api_auth("reviewer")
+@bp.output(ClaimOut)
+@bp.doc(
+    summary="Claim an image awaiting review while you review it (renews your claim)",
+    description="A short claim (`CAPTIONER_REVIEW_CLAIM_SECONDS`): other reviewers' queues "
+    "with `skip_claimed` leave the image out meanwhile. You hold one claim at a time: claiming "
+    "another image lets this one go, and so does a decision or an undo. 409 when another "
+    "reviewer holds it or it no longer awaits review.",
+    responses=E401 | E403 | E404 | E409,
+    **AUTH,
+)
+def claim_image(image_id):
+    image = _image_or_404(image_id)
+    try:
+        claim = services.claim_image(_user(), image)
+    except services.Conflict as exc:
+        abort(409, str(exc))
+    return {"image_id": image.id, "claimed": claim.claimed, "expires_in": claim.expires_in}
 
 
 @bp.get("/images/<int:image_id>/reviews")

@@ -7,24 +7,24 @@ done and publish after the commit (never before).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import selectinload
 
 from captioner import tasks
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
+from captioner.intake.fetch import check_url_items
 from captioner.intake.prefixes import (
-    check_keys,
     check_readable,
+    key_specs,
     prefix_within_store,
     readable_locations,
 )
 from captioner.intake.uploads import store_files
-from captioner.intake.urls import check_url
 from captioner.state import jobs, reviews
 from captioner.state.models import (
     Caption,
@@ -36,6 +36,7 @@ from captioner.state.models import (
     User,
     UserRole,
 )
+from dashboard.claims import Claim, review_claims
 
 
 class NotFound(LookupError):
@@ -71,10 +72,26 @@ def visible_jobs(user: User):
     return query
 
 
+# The source of a job made by "Try one image" (its options also say {"try": true}).
+TRY_SOURCE = "try"
+
+
+def not_a_try():
+    """Jobs other than "Try one image" ones: those are seen on their own page, not listed. A
+    comparison on the row itself (the JSON flag is read only for source "try")."""
+    return or_(Job.source != TRY_SOURCE, Job.options["try"].as_boolean().is_not(True))
+
+
+def listed_jobs(user: User):
+    """The jobs lists show: those the user may see, except tries."""
+    return visible_jobs(user).where(not_a_try())
+
+
 def jobs_page(session, user: User, *, limit: int, offset: int = 0) -> list[Job]:
-    """The jobs the user may see, newest first, each with its owner (one query for all the
-    owners, not one per job). The jobs table holds one row per submission: small."""
-    query = visible_jobs(user).options(selectinload(Job.owner))
+    """The jobs the user may see (tries left out), newest first, each with its owner (one
+    query for all the owners, not one per job). The jobs table holds one row per submission:
+    small."""
+    query = listed_jobs(user).options(selectinload(Job.owner))
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)))
 
 
@@ -164,10 +181,13 @@ def _new_job(session, user: User, opts: JobOptions, source: str, extra: dict | N
     )
 
 
-def submit_files(session, user: User, opts: JobOptions, files, source: str) -> Job:
-    """Files already checked (`captioner.intake.uploads.check_uploads`): store, queue, publish."""
+def submit_files(
+    session, user: User, opts: JobOptions, files, source: str, extra: dict | None = None
+) -> Job:
+    """Files already checked (`captioner.intake.uploads.check_uploads`): store, queue, publish.
+    `extra` joins the job's options."""
     check_options(user, opts, len(files))
-    job = _new_job(session, user, opts, source)
+    job = _new_job(session, user, opts, source, extra)
     ids = store_files(session, _ext().store, job.id, files, owner_id=user.id)
     to_publish = submit.ids_to_publish(session, job, ids)
     # Every image a known caption: the job is finished now, so its webhook events are
@@ -181,14 +201,23 @@ def submit_files(session, user: User, opts: JobOptions, files, source: str) -> J
     return job
 
 
-def submit_keys(session, user: User, opts: JobOptions, keys: list[str]) -> Job:
-    keys = check_keys(keys)
-    check_options(user, opts, len(keys))
+def submit_try(session, user: User, files) -> Job:
+    """ "Try one image": one checked file on the interactive queue, in a job marked as a try
+    (source `TRY_SOURCE`, options {"try": true}) that the jobs lists leave out."""
+    name = f"try: {files[0].name}"[:200] if files else "try"
+    opts = JobOptions(name=name, num_beams=3, n_best=3, interactive=True)
+    return submit_files(session, user, opts, files, TRY_SOURCE, extra={"try": True})
+
+
+def submit_keys(session, user: User, opts: JobOptions, keys: list[str | dict]) -> Job:
+    """Keys as strings, or `{"key": ..., "external_id": ...}`."""
+    specs = key_specs(keys)
+    check_options(user, opts, len(specs))
     locations = readable_locations(user, _ext().settings)
-    for key in keys:
-        check_readable(key, locations, is_prefix=False)
-    job = _new_job(session, user, opts, source=f"keys ({len(keys)})")
-    ids = jobs.submit_images(session, job.id, keys)
+    for spec in specs:
+        check_readable(spec.storage_key, locations, is_prefix=False)
+    job = _new_job(session, user, opts, source=f"keys ({len(specs)})")
+    ids = jobs.submit_images(session, job.id, specs)
     session.commit()
     session.refresh(job)
     _ext().publisher.captions(job.id, ids, interactive=opts.interactive)
@@ -205,9 +234,9 @@ def submit_prefix(session, user: User, opts: JobOptions, prefix: str) -> Job:
     return job
 
 
-def submit_urls(session, user: User, opts: JobOptions, urls: list[str]) -> Job:
-    allow = _ext().settings.url_allow_hosts
-    checked = [check_url(u, allow_hosts=allow, resolve=False) for u in urls if u.strip()]
+def submit_urls(session, user: User, opts: JobOptions, urls: list[str | dict]) -> Job:
+    """URLs as strings, or `{"url": ..., "external_id": ...}`."""
+    checked = check_url_items(urls, allow_hosts=_ext().settings.url_allow_hosts)
     if not checked:
         raise SubmissionRejected("no URLs given")
     check_options(user, opts, len(checked))
@@ -258,7 +287,9 @@ def latest_caption(session, image_id: int) -> Caption | None:
 def review_image(
     session, user: User, image: Image, decision: str, text: str | None, caption_id: int | None
 ) -> Review:
-    """Record the user's decision on the image's caption (the newest one unless `caption_id`)."""
+    """Record the user's decision on the image's caption (the newest one unless `caption_id`),
+    and on the other images of the same content in the owner's jobs still awaiting review (see
+    `reviews.add_content_review`); their claims go."""
     if decision not in REVIEW_DECISIONS:
         raise jobs.LifecycleError("decision must be approved, corrected or rejected")
     chosen = ReviewDecision(decision)
@@ -267,7 +298,7 @@ def review_image(
         caption_id = caption.id
     if chosen == ReviewDecision.APPROVED and text is None and caption_id is None:
         raise Conflict("this image has no caption to approve yet")
-    review = reviews.add_review(
+    review, shared = reviews.add_content_review(
         session,
         image_id=image.id,
         decision=chosen,
@@ -276,25 +307,84 @@ def review_image(
         reviewer_id=user.id,
     )
     session.commit()
+    review_claims().release([image.id, *shared])
     return review
 
 
 def undo_review(session, user: User, image: Image) -> Review:
-    """Take back the image's current decision (see `reviews.undo_review`); Conflict when there
-    is nothing to undo."""
+    """Take back the image's current decision, and the same decision its action gave the other
+    images of the same content (see `reviews.undo_content_review`); their claims go. Conflict
+    when there is nothing to undo."""
     try:
-        review = reviews.undo_review(session, image.id, user.id)
+        review, undone = reviews.undo_content_review(session, image.id, user.id)
     except jobs.TransitionRefused as exc:
         raise Conflict(str(exc)) from exc
     session.commit()
+    review_claims().release([image.id, *undone])
     return review
+
+
+def claim_image(user: User, image: Image) -> Claim:
+    """Claim the image for the user while they review it (see `dashboard.claims`). Conflict
+    when it no longer awaits review or another reviewer holds it; with claims unavailable the
+    answer says nothing was claimed, and reviewing goes on."""
+    if image.review_score is None:
+        raise Conflict(f"image {image.id} does not await review (reviewed meanwhile?)")
+    claim = review_claims().claim(image.id, user.id)
+    if claim.held_by is not None:
+        raise Conflict(f"image {image.id} is being reviewed by another reviewer")
+    return claim
 
 
 def bulk_approve(session, user: User, job: Job, min_score: float) -> int:
     """Approve every unreviewed caption of the job scoring at least `min_score`."""
-    count = reviews.bulk_approve(session, job_id=job.id, min_score=min_score, reviewer_id=user.id)
+    return approve_above(session, user, job, min_score).count
+
+
+def approve_above(session, user: User, job: Job, min_score: float) -> reviews.ApprovalBatch:
+    """Approve every unreviewed caption of the job scoring at least `min_score`; the batch
+    added, for `undo_approval`."""
+    batch = reviews.approve_batch(session, job_id=job.id, min_score=min_score, reviewer_id=user.id)
+    session.commit()
+    return batch
+
+
+def preview_approval(session, job: Job, min_score: float, sample: int) -> reviews.ApprovalPreview:
+    """What `approve_above` would approve now, with a sample of the lowest scoring; no writes."""
+    return reviews.preview_bulk_approve(session, job_id=job.id, min_score=min_score, sample=sample)
+
+
+def undo_approval(session, user: User, job: Job, token: str) -> int:
+    """Take back the approvals of one `approve_above` batch that are still current; how many.
+    `jobs.LifecycleError` for a token that names no batch of this job; Forbidden for another
+    reviewer's batch unless the user is an admin."""
+    batch = reviews.ApprovalBatch.decode(token)
+    if batch.job_id != job.id:
+        raise jobs.LifecycleError(f"that batch is of job {batch.job_id}, not job {job.id}")
+    if batch.reviewer_id != user.id and user.role != UserRole.ADMIN:
+        raise Forbidden("only the reviewer who approved a batch (or an admin) may undo it")
+    count = reviews.undo_approval_batch(session, batch, reviewer_id=user.id)
     session.commit()
     return count
+
+
+def approve_images(
+    session, user: User, picks: Sequence[tuple[int, int]]
+) -> tuple[list[Review], list[int]]:
+    """Approve the caption shown for each (image id, caption id) the user picked; returns the
+    approvals and the images skipped (reviewed meanwhile). NotFound for an image the user
+    cannot see; `jobs.LifecycleError` for a caption that is not the image's."""
+    ids = {image_id for image_id, _ in picks}
+    seen = select(Image.id).join(Job, Job.id == Image.job_id).where(Image.id.in_(ids))
+    if not sees_all_jobs(user):
+        seen = seen.where(Job.owner_id == user.id)
+    missing = ids - set(session.scalars(seen))
+    if missing:
+        raise NotFound(f"no image {min(missing)}")
+    added, skipped = reviews.approve_images(session, picks, reviewer_id=user.id)
+    session.commit()
+    preload_reviewers(session, added)
+    return added, skipped
 
 
 def review_queue(
@@ -305,18 +395,40 @@ def review_queue(
     limit: int = 50,
     after: str | None = None,
     offset: int = 0,
+    skip_claimed: bool = False,
+    claim: bool = False,
     **filters,
 ) -> reviews.QueuePage:
     """One page of the review queue as `user` may see it (only their own jobs' images unless
     they see all), after the opaque cursor `after` of the page before. `LifecycleError` for a
-    cursor that is not one, or an offset into the unreviewed queue (it pages by cursor only)."""
+    cursor that is not one, or an offset into the unreviewed queue (it pages by cursor only).
+
+    In the unreviewed queue, `skip_claimed` leaves out the images other reviewers hold, and
+    `claim` (which implies it) claims the first image of the page for the user: two reviewers
+    opening the queue get different first items."""
     owner_id = None if sees_all_jobs(user) else user.id
-    queue_filter = reviews.QueueFilter(
-        status=reviews.QueueStatus(status), owner_id=owner_id, **filters
+    queue_status = reviews.QueueStatus(status)
+    queue_filter = reviews.QueueFilter(status=queue_status, owner_id=owner_id, **filters)
+    claims = None
+    if (skip_claimed or claim) and queue_status == reviews.QueueStatus.UNREVIEWED:
+        claims = review_claims()
+    skip = None if claims is None else (lambda ids: claims.held_by_others(ids, user.id))
+    page = reviews.review_queue(
+        session, queue_filter, limit=limit, after=after, offset=offset, skip=skip
     )
-    page = reviews.review_queue(session, queue_filter, limit=limit, after=after, offset=offset)
+    if claim and claims is not None:
+        page = _claim_first(claims, page, user)
     preload_reviewers(session, [review for _, _, review in page.rows])
     return page
+
+
+def _claim_first(claims, page: reviews.QueuePage, user: User) -> reviews.QueuePage:
+    """The page with its first row claimed for the user: a row another reviewer claimed since
+    the page was read is left out, and the next one tried."""
+    rows = list(page.rows)
+    while rows and claims.claim(rows[0][0].id, user.id).held_by is not None:
+        rows.pop(0)
+    return replace(page, rows=rows)
 
 
 # --- pages of images -----------------------------------------------------------------------

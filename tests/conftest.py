@@ -238,8 +238,9 @@ def bad_inputs():
 
 
 @pytest.fixture
-def dashboard_settings(tmp_path, sqlite_url, _sqlite_template):
-    """Settings for a dashboard on a migrated SQLite database and a local object store."""
+def dashboard_settings(tmp_path, sqlite_url, _sqlite_template, redis_dbs):
+    """Settings for a dashboard on a migrated SQLite database and a local object store, with
+    the session's private Redis (review claims, /health)."""
     from captioner.settings import Settings
 
     shutil.copyfile(_sqlite_template, sqlite_url.removeprefix("sqlite:///"))
@@ -247,6 +248,7 @@ def dashboard_settings(tmp_path, sqlite_url, _sqlite_template):
         data_dir=tmp_path / "var",
         database_url=sqlite_url,
         storage_url=f"file://{tmp_path / 'objects'}",
+        redis_url=redis_dbs.url("extra"),
         secret_key="test-secret",
         submit_rate_limit="1000/minute",
         login_rate_limit="1000/minute",

@@ -7,6 +7,11 @@
 // The queue is loaded a page at a time (PAGE items, by cursor): the next page is fetched when
 // the reviewer comes within PREFETCH items of the end of what is loaded. Past the last item
 // comes the end screen, where a decision key has nothing to act on.
+// In the unreviewed queue the item shown is claimed for this reviewer (renewed while it stays
+// on screen), so other reviewers' queues leave it out; an item another reviewer holds, or one
+// reviewed meanwhile (by someone else, or by a decision on an image of the same content), is
+// dropped from the list and the next one shown. Claims are best effort: without them (Redis
+// down) reviewing goes on.
 "use strict";
 (function () {
   const C = window.Captioner;
@@ -25,6 +30,8 @@
   };
   const seen = new Set();
 
+  // The first page claims its first item for this reviewer; every page leaves out the items
+  // other reviewers hold (the unreviewed queue only; the server ignores both elsewhere).
   function queueUrl(after) {
     const params = new URLSearchParams(window.location.search);
     const query = new URLSearchParams({ limit: String(PAGE) });
@@ -33,6 +40,7 @@
       if (value) query.set(key, value);
     }
     if (after) query.set("after", after);
+    query.set(after ? "skip_claimed" : "claim", "true");
     return "/api/v1/review/queue?" + query.toString();
   }
 
@@ -65,6 +73,53 @@
         .finally(() => { state.loading = null; });
     }
     return state.loading;
+  }
+
+  // --- claims ------------------------------------------------------------------------------
+  // claimed: the id of the item this page holds a claim on; renew: the timer that renews it.
+  const claims = { claimed: null, renew: null };
+
+  // PUT (not POST: claiming again only renews it). Resolves to the HTTP status.
+  async function putClaim(id) {
+    const response = await fetch(`/api/v1/images/${id}/claim`, {
+      method: "PUT", credentials: "same-origin", headers: { "X-CSRF-Token": C.csrf() },
+    });
+    const data = response.ok ? await response.json().catch(() => null) : null;
+    if (response.ok && data && data.claimed && id === claims.claimed) {
+      clearTimeout(claims.renew);
+      claims.renew = setTimeout(() => renewClaim(id), Math.max(5, data.expires_in / 2) * 1000);
+    }
+    return response.status;
+  }
+
+  // While the item stays on screen its claim is renewed; a failure changes nothing here.
+  function renewClaim(id) {
+    if (claims.claimed === id && current() && current().id === id && !isReviewed(current())) {
+      putClaim(id).catch(() => {});
+    }
+  }
+
+  // Drop the item at `index` from the list: another reviewer has it, or it was reviewed.
+  function drop(index) {
+    state.items.splice(index, 1);
+    state.total = Math.max(state.items.length, state.total - 1);
+  }
+
+  // Claim the item about to be shown; on a 409 drop it and try the next (loading the next
+  // page when the list runs out). Other failures leave the item shown, unclaimed.
+  async function claimCurrent() {
+    if (!unreviewedQueue()) return;
+    for (;;) {
+      if (state.index >= state.items.length && state.cursor) await loadMore();
+      const item = current();
+      if (!item || isReviewed(item)) return;
+      claims.claimed = item.id;
+      let status;
+      try { status = await putClaim(item.id); } catch (e) { return; }
+      if (status !== 409) return;
+      claims.claimed = null;
+      drop(state.index);
+    }
   }
 
   function prefetch() {
@@ -159,6 +214,20 @@
 
   function current() { return state.items[state.index]; }
 
+  // A model caption's score is its confidence in [0, 1], shown as a percentage (rounded down:
+  // never "100%" unless certain). Imported captions, and model captions saved before scores
+  // were confidences (mean log-probabilities, below 0), show their raw score.
+  function percent(p) { return `${Math.floor(p * 100)}%`; }
+  function scoreText(caption) {
+    if (caption.score === null || caption.score === undefined) return "n/a";
+    const s = Number(caption.score);
+    return caption.source !== "import" && s >= 0 && s <= 1 ? `confidence ${percent(s)}` : `score ${s.toFixed(3)}`;
+  }
+  function candidateScoreText(c) {
+    if (c.confidence !== null && c.confidence !== undefined) return ` (${percent(Number(c.confidence))})`;
+    return c.score === null || c.score === undefined ? "" : ` (${Number(c.score).toFixed(3)})`;
+  }
+
   let historyLoads = 0;
   async function loadHistory(item) {
     const list = $("review-history");
@@ -223,12 +292,12 @@
     img.alt = item.original_name;
     $("review-name").textContent = `${item.original_name} (image ${item.id}, job ${item.job_id})`;
     const caption = item.caption || { text: "", score: null, candidates: [] };
-    $("review-score").textContent = caption.score === null ? "n/a" : caption.score.toFixed(3);
+    $("review-score").textContent = scoreText(caption);
     $("review-model-text").textContent = caption.text;
     const cands = $("review-candidates");
     cands.replaceChildren();
     caption.candidates.forEach((c, k) => {
-      const li = C.el("li", `${c.text}` + (c.score === null || c.score === undefined ? "" : ` (${Number(c.score).toFixed(3)})`));
+      const li = C.el("li", `${c.text}` + candidateScoreText(c));
       li.title = k < 9 ? `press ${k + 1} to put it into the editor` : "click to put it into the editor";
       li.addEventListener("click", () => startEditing(c.text));
       cands.append(li);
@@ -300,6 +369,7 @@
       state.decided.push(item.id);
       await refreshItem(item);
       await advance(true);
+      await claimCurrent();
       render();
       if (current()) $("review-position").textContent += ` · saved ${decision}`;
     });
@@ -318,6 +388,7 @@
       await C.api("POST", `/api/v1/images/${id}/reviews/undo`);
       state.index = index;
       await refreshItem(state.items[index]);
+      await claimCurrent();
       render();
       $("review-position").textContent += " · undone";
     });
@@ -361,7 +432,9 @@
     return exclusive(async () => {
       const before = state.index;
       if (step < 0) { if (state.index > 0) state.index--; } else await advance(false);
-      if (state.index !== before) render();
+      if (state.index === before) return;
+      await claimCurrent();
+      render();
     });
   }
 
@@ -382,6 +455,19 @@
     if (/^[1-9]$/.test(event.key) && !state.busy && pickCandidate(Number(event.key))) event.preventDefault();
   });
 
-  C.api("GET", queueUrl(null)).then((data) => { addPage(data); section.dataset.ready = "1"; render(); })
-    .catch((e) => { $("review-position").textContent = "Error: " + e.message; });
+  // The first page, its first item claimed (by the server, renewed here); while that is under
+  // way no key acts (busy).
+  state.busy = true;
+  (async () => {
+    try {
+      addPage(await C.api("GET", queueUrl(null)));
+      await claimCurrent();
+    } catch (e) {
+      state.busy = false;
+      $("review-position").textContent = "Error: " + e.message;
+      return;
+    }
+    state.busy = false;
+    section.dataset.ready = "1"; render();
+  })();
 })();
