@@ -12,6 +12,7 @@ most images), 10% of the images queued and 90% captioned with one caption each (
 - the API, p50 / p95 over `--requests` requests each, through Flask's test client against
   `create_app` (no HTTP server: the figures are the application's own time, without a network);
 - export of the big job through `GET /api/v1/export` (JSONL and CSV, consumed fully): rows/s;
+  and through the background export task as Parquet: rows/s and peak RSS growth;
 - registering keys: a key list of N keys through `jobs.submit_images` in chunks, and (PostgreSQL,
   up to 100k) a prefix on a loopback S3 server (moto) through `run_enumerate_prefix`, beside
   the same listing alone (moto is the limit), and (PostgreSQL, every size) a prefix of a
@@ -253,17 +254,22 @@ def _insert_images_sqlite(conn, job_id: int, start: int, count: int, now: dateti
 
 
 def _insert_captions(conn, dialect: str, version_id: int, now: datetime) -> None:
-    score = "CAST(-((CAST(id AS BIGINT) * 7919) % 10007) / 2001.4 AS DOUBLE PRECISION)"
+    # A model caption's score is its confidence in [0, 1]; its candidates keep the mean
+    # log-probability ("score") and the confidence of each alternative.
+    score = "CAST(((CAST(id AS BIGINT) * 7919) % 10007) / 10006.0 AS DOUBLE PRECISION)"
+    logprob = "CAST(-((CAST(id AS BIGINT) * 7919) % 10007) / 2001.4 AS DOUBLE PRECISION)"
     caption = "'a bench photo number ' || id"
     if dialect == "postgresql":
         candidates = (
-            f"json_build_array(json_build_object('text', {caption}, 'score', {score}), "
-            f"json_build_object('text', {caption} || ' again', 'score', {score} - 0.5))"
+            f"json_build_array(json_build_object('text', {caption}, 'score', {logprob}, "
+            f"'confidence', {score}), json_build_object('text', {caption} || ' again', "
+            f"'score', {logprob} - 0.5, 'confidence', {score} / 2))"
         )
     else:
         candidates = (
-            f"json_array(json_object('text', {caption}, 'score', {score}), "
-            f"json_object('text', {caption} || ' again', 'score', {score} - 0.5))"
+            f"json_array(json_object('text', {caption}, 'score', {logprob}, "
+            f"'confidence', {score}), json_object('text', {caption} || ' again', "
+            f"'score', {logprob} - 0.5, 'confidence', {score} / 2))"
         )
     conn.execute(
         text(
@@ -471,7 +477,8 @@ def add_reviews(state: State, n: int) -> int:
 @dataclass(frozen=True)
 class _Candidate:
     text: str
-    score: float
+    score: float  # mean token log-probability
+    confidence: float  # in [0, 1]: what the caption row's score holds
 
 
 class StandInCaptioner:
@@ -483,7 +490,10 @@ class StandInCaptioner:
 
         self.device = torch.device("cpu")
         self._pixels = torch.zeros(3, 8, 8)
-        self._candidates = [_Candidate("a bench caption", -0.25), _Candidate("a bench", -0.75)]
+        self._candidates = [
+            _Candidate("a bench caption", -0.25, 0.8),
+            _Candidate("a bench", -0.75, 0.4),
+        ]
 
     def preprocess(self, image) -> Any:
         return self._pixels
@@ -738,6 +748,50 @@ def measure_export(api: Api, state: State, most: int) -> dict[str, float]:
     return out
 
 
+def measure_background_export(state: State, settings: Settings) -> dict[str, float]:
+    """The big job through the background export task (`workers.exports.run_export`, in this
+    process) as Parquet into the file:// store: rows/s, and the peak RSS growth while it ran
+    (psutil, sampled every 20 ms): flat whatever the row count when the export streams."""
+    import threading
+
+    import psutil
+
+    from captioner.state import exports
+    from captioner.storage import open_store
+    from workers.exports import run_export
+
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    process, peak, running = psutil.Process(), [0], threading.Event()
+    with session_scope(sessions) as s:
+        owner = s.scalar(select(Job.owner_id).where(Job.id == state.big_job_id))
+        export_id = exports.create_export(
+            s, owner_id=owner, fmt="parquet", job_id=state.big_job_id, options={"which": "both"}
+        ).id
+    start_rss = process.memory_info().rss
+    sampler = threading.Thread(target=lambda: _sample_rss(process, peak, running), daemon=True)
+    running.set()
+    sampler.start()
+    t = time.perf_counter()
+    try:
+        result = run_export(export_id, sessions=sessions, store=open_store(settings=settings))
+    finally:
+        elapsed = time.perf_counter() - t
+        running.clear()
+        sampler.join()
+        engine.dispose()
+    return {
+        "background export Parquet rows/s": result["rows"] / elapsed,
+        "background export peak RSS growth MB": max(0, peak[0] - start_rss) / 2**20,
+    }
+
+
+def _sample_rss(process, peak: list[int], running) -> None:
+    while running.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.02)
+
+
 def measure_key_list(state: State, settings: Settings, n: int) -> dict[str, float]:
     """`n` new keys into a new job through `jobs.submit_images`, a chunk per transaction."""
     engine = make_engine(settings.database_url)
@@ -909,6 +963,7 @@ def measure_size(
         try:
             figures |= measure_api(api, state, args.requests, args.time_cap)
             figures |= measure_export(api, state, args.export_max)
+            figures |= measure_background_export(state, settings)
             figures |= measure_queue_after_reviews(api, state, args.requests, args.time_cap)
         finally:
             api.close()

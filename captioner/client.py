@@ -16,6 +16,7 @@ person can read. What comes back is a frozen dataclass with the fields the API r
 from __future__ import annotations
 
 import io
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -27,12 +28,14 @@ from typing import IO, Any
 import requests
 
 from captioner.intake.uploads import IMAGE_SUFFIXES
-from captioner.state.models import ImageStatus, JobStatus, ReviewDecision
+from captioner.state.models import ExportStatus, ImageStatus, JobStatus, ReviewDecision
 
 __all__ = [
     "AuthError",
     "CaptionerClient",
     "CaptionerError",
+    "Export",
+    "ExportFailed",
     "Candidate",
     "Caption",
     "Image",
@@ -104,7 +107,10 @@ _LOCATIONS = {"json", "query", "form", "files", "form_and_files", "headers", "co
 
 
 def _reasons(detail: Any, where: str = "") -> dict[str, list[str]]:
-    """A validation error's detail, nested by location and field, as {field path: messages}."""
+    """A validation error's detail, nested by location and field, as {field path: messages};
+    a refused row of an import (`{"where": "line 3", "message": ...}`) as {where: [message]}."""
+    if isinstance(detail, dict) and isinstance(detail.get("where"), str) and "message" in detail:
+        return {detail["where"]: [str(detail["message"])]}
     out: dict[str, list[str]] = {}
     if isinstance(detail, dict):
         for key, value in detail.items():
@@ -130,7 +136,10 @@ def error_for(response: requests.Response) -> CaptionerError:
         body = None
     if isinstance(body, dict):
         message = str(body.get("message") or response.reason or "error")
-        reasons = _reasons(body.get("detail") or {})
+        detail = body.get("detail") or {}
+        if isinstance(detail, dict):  # an upload's refused files: `message` names them already
+            detail = {k: v for k, v in detail.items() if k != "refused"}
+        reasons = _reasons(detail)
     else:
         message = " ".join((response.text or response.reason or "").split())[:300]
         reasons = {}
@@ -174,7 +183,8 @@ class Caption:
     text: str
     score: float
     candidates: tuple[Candidate, ...]
-    model_version_id: int
+    model_version_id: int | None  # None for an imported caption
+    source: str = "model"  # "model", or "import" (a caption import)
 
     @classmethod
     def from_api(cls, data: dict) -> Caption:
@@ -183,7 +193,8 @@ class Caption:
             text=data["text"],
             score=data["score"],
             candidates=tuple(Candidate(c["text"], c.get("score")) for c in data["candidates"]),
-            model_version_id=data["model_version_id"],
+            model_version_id=data.get("model_version_id"),
+            source=data.get("source") or "model",
         )
 
 
@@ -224,6 +235,7 @@ class Image:
     content_url: str
     caption: Caption | None
     review: Review | None
+    external_id: str | None = None  # the submitter's id, given at submission or import
 
     @classmethod
     def from_api(cls, data: dict) -> Image:
@@ -239,6 +251,7 @@ class Image:
             content_url=data["content_url"],
             caption=Caption.from_api(caption) if caption else None,
             review=Review.from_api(review) if review else None,
+            external_id=data.get("external_id"),
         )
 
 
@@ -257,6 +270,8 @@ class Job:
     finished_at: datetime | None
     progress: Progress
     failures: tuple[Image, ...] = ()  # `job(id)` only: its first failed images
+    # An upload only: the files and zip members left out, each `{"name", "reason"}`.
+    refused: tuple[dict[str, str], ...] = ()
 
     @property
     def ended(self) -> bool:
@@ -278,6 +293,7 @@ class Job:
             finished_at=_time(data.get("finished_at")),
             progress=Progress.from_api(data["progress"]),
             failures=tuple(Image.from_api(i) for i in data.get("failures") or ()),
+            refused=tuple(data.get("refused") or ()),
         )
 
 
@@ -312,6 +328,65 @@ def zip_folder(folder: str | Path) -> bytes:
             if path.is_file() and not path.is_symlink() and path.suffix.lower() in IMAGE_SUFFIXES:
                 archive.write(path, path.relative_to(folder).as_posix())
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Export:
+    """A background export (`create_export`): its progress, then where to download it."""
+
+    id: int
+    job_id: int | None
+    format: str
+    which: str
+    status: ExportStatus
+    rows_done: int
+    rows_total: int
+    progress: float  # percent of rows_total
+    size_bytes: int | None
+    file_name: str
+    content_type: str
+    download_url: str | None  # set once done
+    error: str | None  # why it failed
+    missing_images: int  # left out of an image archive: not in the object store
+    shards: int | None  # WebDataset shards in the tar
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (ExportStatus.DONE, ExportStatus.FAILED)
+
+    @classmethod
+    def from_api(cls, data: dict) -> Export:
+        return cls(
+            id=data["id"],
+            job_id=data.get("job_id"),
+            format=data["format"],
+            which=data["which"],
+            status=ExportStatus(data["status"]),
+            rows_done=data["rows_done"],
+            rows_total=data["rows_total"],
+            progress=data["progress"],
+            size_bytes=data.get("size_bytes"),
+            file_name=data["file_name"],
+            content_type=data["content_type"],
+            download_url=data.get("download_url"),
+            error=data.get("error"),
+            missing_images=data.get("missing_images") or 0,
+            shards=data.get("shards"),
+            created_at=datetime.fromisoformat(data["created_at"]),
+            started_at=_time(data.get("started_at")),
+            finished_at=_time(data.get("finished_at")),
+        )
+
+
+class ExportFailed(CaptionerError):
+    """`wait_export`: the export ended failed; `export` is its last state, `message` its error."""
+
+    def __init__(self, export: Export) -> None:
+        super().__init__(f"export {export.id} failed: {export.error or 'no reason given'}")
+        self.export = export
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -393,8 +468,11 @@ class CaptionerClient:
         archive = ("archive", (path.name, path.read_bytes(), "application/zip"))
         return self._upload([archive], options)
 
-    def submit_keys(self, keys: Iterable[str], options: SubmitOptions | None = None) -> Job:
-        """Submit object keys already in the store."""
+    def submit_keys(
+        self, keys: Iterable[str | dict[str, str]], options: SubmitOptions | None = None
+    ) -> Job:
+        """Submit object keys already in the store: each a key, or `{"key": ..., "external_id":
+        ...}` with your own id for the image (kept with it and exported)."""
         return self._create({"keys": list(keys)}, options)
 
     def submit_prefix(self, prefix: str, options: SubmitOptions | None = None) -> Job:
@@ -402,8 +480,11 @@ class CaptionerClient:
         the server lists it in the background."""
         return self._create({"prefix": prefix}, options)
 
-    def submit_urls(self, urls: Iterable[str], options: SubmitOptions | None = None) -> Job:
-        """Submit http(s) URLs; the server fetches them in the background."""
+    def submit_urls(
+        self, urls: Iterable[str | dict[str, str]], options: SubmitOptions | None = None
+    ) -> Job:
+        """Submit http(s) URLs, each a URL or `{"url": ..., "external_id": ...}`; the server
+        fetches them in the background."""
         return self._create({"urls": list(urls)}, options)
 
     def _upload(self, files: list, options: SubmitOptions | None) -> Job:
@@ -521,6 +602,35 @@ class CaptionerClient:
         items = self.request("GET", f"/images/{image_id}/reviews").json()["items"]
         return [Review.from_api(item) for item in items]
 
+    # --- import ----------------------------------------------------------------------------
+
+    def import_captions(
+        self,
+        path_or_rows: str | Path | Iterable[dict[str, Any]] | dict[str, Any],
+        format: str | None = None,
+        *,
+        name: str | None = None,
+        key_prefix: str = "",
+    ) -> Job:
+        """Import captions as a job whose images are already captioned: a file (JSONL, CSV or
+        COCO captions JSON; `format` defaults to what its suffix says), a list of rows
+        (`{"key" or "url", "caption", "score", "external_id", "review"}`) or a COCO document
+        (a dict with `images` and `annotations`). One bad row refuses the whole import:
+        `Refused`, its reasons naming each bad row's line."""
+        options = {"name": name, "key_prefix": key_prefix or None}
+        options = {k: v for k, v in options.items() if v is not None}
+        if isinstance(path_or_rows, str | Path):
+            path = Path(path_or_rows)
+            form = options | ({"format": format} if format else {})
+            upload = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+            response = self.request("POST", "/imports", data=form, files=upload)
+        elif isinstance(path_or_rows, dict):
+            response = self.request("POST", "/imports", json=options | {"coco": path_or_rows})
+        else:
+            rows = list(path_or_rows)
+            response = self.request("POST", "/imports", json=options | {"rows": rows})
+        return Job.from_api(response.json())
+
     # --- export ----------------------------------------------------------------------------
 
     def export(
@@ -543,6 +653,78 @@ class CaptionerClient:
                 with Path(to).open("wb") as out:
                     return _copy(response, out, chunk_size)
             return _copy(response, to, chunk_size)
+
+    # --- background exports ----------------------------------------------------------------
+
+    def create_export(
+        self, fmt: str = "jsonl", *, job_id: int | None = None, which: str = "both"
+    ) -> Export:
+        """Start a background export of a job (or of every job the user can see); returns it
+        queued. `fmt`: jsonl, csv, coco, parquet, imagefolder (a zip for `datasets`) or
+        webdataset (a tar of shards); `which`: model, reviewed or both."""
+        body: dict[str, Any] = {"format": fmt, "which": which}
+        if job_id is not None:
+            body["job_id"] = job_id
+        return Export.from_api(self.request("POST", "/exports", json=body).json())
+
+    def get_export(self, export_id: int) -> Export:
+        return Export.from_api(self.request("GET", f"/exports/{export_id}").json())
+
+    def exports(self, *, page_size: int = 20) -> Iterator[Export]:
+        """The user's exports, newest first, page after page."""
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = self.request("GET", "/exports", params=params).json()
+            yield from (Export.from_api(item) for item in page["items"])
+            if page.get("next_before") is None:
+                return
+            params["before"] = page["next_before"]
+
+    def wait_export(
+        self,
+        export_id: int,
+        *,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        progress: Callable[[Export], None] | None = None,
+    ) -> Export:
+        """Poll the export every `poll` seconds until it is done and return it; `progress` is
+        called with each state read. A failed export raises `ExportFailed` (with its error);
+        after `timeout` seconds, `WaitTimeout` (its `job` is the export's last state)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            export = self.get_export(export_id)
+            if progress is not None:
+                progress(export)
+            if export.status == ExportStatus.FAILED:
+                raise ExportFailed(export)
+            if export.status == ExportStatus.DONE:
+                return export
+            if deadline is not None and time.monotonic() + poll > deadline:
+                message = f"export {export_id} still {export.status} after {timeout} s"
+                raise WaitTimeout(message, export)  # type: ignore[arg-type]
+            time.sleep(poll)
+
+    def download_export(
+        self, export_id: int, to: str | Path | IO[bytes], *, chunk_size: int = 1024 * 1024
+    ) -> int:
+        """Download a done export's file into `to`: a binary file, a path, or a folder (the
+        file then keeps the export's name). Returns the bytes written."""
+        with self.request("GET", f"/exports/{export_id}/download", stream=True) as response:
+            if isinstance(to, str | Path):
+                path = Path(to)
+                if path.is_dir():
+                    path = path / _attachment_name(response, f"export-{export_id}")
+                with path.open("wb") as out:
+                    return _copy(response, out, chunk_size)
+            return _copy(response, to, chunk_size)
+
+
+def _attachment_name(response: requests.Response, default: str) -> str:
+    """The file name a download's Content-Disposition gives, cut to its last path segment."""
+    found = re.search(r'filename="([^"]+)"', response.headers.get("Content-Disposition", ""))
+    name = found.group(1).replace("\\", "/").rpartition("/")[2] if found else ""
+    return name if name not in ("", ".", "..") else default
 
 
 def _copy(response: requests.Response, out: IO[bytes], chunk_size: int) -> int:

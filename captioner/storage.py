@@ -8,6 +8,7 @@ bucket/prefix or root directory. `open_store(settings.storage_url)` picks the ba
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -87,6 +88,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
 
+    def put_file(
+        self, key: str, path: str | os.PathLike[str], content_type: str | None = None
+    ) -> None:
+        """Put a local file's contents under `key`, read from disk as it is sent (an export of
+        any size); the backends override this default, which reads the whole file."""
+        self.put(key, Path(path).read_bytes(), content_type)
+
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The object's bytes; ObjectNotFound if there is none."""
@@ -146,6 +154,20 @@ class LocalObjectStore(ObjectStore):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(
+        self, key: str, path: str | os.PathLike[str], content_type: str | None = None
+    ) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -304,6 +326,19 @@ class S3ObjectStore(ObjectStore):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, **extra)
         except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "put", key) from exc
+
+    def put_file(
+        self, key: str, path: str | os.PathLike[str], content_type: str | None = None
+    ) -> None:
+        """Through boto3's managed transfer: multipart for large files, read from disk."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        extra = {"ContentType": content_type} if content_type else None
+        try:
+            self.client.upload_file(str(path), self.bucket, self._full(key), ExtraArgs=extra)
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error(exc, "put", key) from exc
 
     def get(self, key: str) -> bytes:

@@ -31,6 +31,7 @@ TASK_FETCH_URLS = "captioner.fetch_urls"  # (job_id): fetch the job's URLs into 
 TASK_DELIVER_WEBHOOK = "captioner.deliver_webhook"  # (delivery_id): one webhook attempt
 TASK_MAYBE_RETRAIN = "captioner.maybe_retrain"  # (): start a due training run, dispatch runs
 TASK_TRAIN_RUN = "captioner.train_run"  # (run_id): fine-tune, evaluate, gate
+TASK_EXPORT = "captioner.export"  # (export_id): write an export file into the store
 
 QUEUE_INTERACTIVE = "caption.interactive"  # single images a person is waiting for: served first
 QUEUE_BULK = "caption"
@@ -50,6 +51,7 @@ TASK_QUEUES = {
     TASK_DELIVER_WEBHOOK: QUEUE_MAINTENANCE,
     TASK_MAYBE_RETRAIN: QUEUE_MAINTENANCE,
     TASK_TRAIN_RUN: QUEUE_TRAIN,
+    TASK_EXPORT: QUEUE_MAINTENANCE,
 }
 
 

@@ -38,6 +38,7 @@ WORKER_MODULES = (
     "workers.ingest",
     "workers.deliveries",
     "workers.training",
+    "workers.exports",
     "workers.lifecycle",
 )
 

@@ -20,14 +20,17 @@ import click
 from captioner.client import (
     CaptionerClient,
     CaptionerError,
+    Export,
     Job,
+    Refused,
     SubmitOptions,
     zip_folder,
 )
+from captioner.export import BACKGROUND_FORMATS, FORMATS
 from captioner.intake.uploads import IMAGE_SUFFIXES
 from captioner.state.models import JobStatus
 
-__all__ = ["Client", "export", "refused_lines", "submit", "user", "zip_folder"]
+__all__ = ["Client", "export", "import_captions", "refused_lines", "submit", "user", "zip_folder"]
 
 TOKEN_FILE = Path("~/.config/captioner/token")
 
@@ -74,10 +77,10 @@ class Client(CaptionerClient):
             return self.request(method, path, **kwargs)
 
 
-def refused_lines(job: dict) -> list[str]:
+def refused_lines(job: dict | Job) -> list[str]:
     """One line per item the server refused while accepting the rest (`refused` in a job)."""
     out = []
-    for item in job.get("refused") or []:
+    for item in (job.get("refused") if isinstance(job, dict) else job.refused) or []:
         if isinstance(item, dict):
             name = item.get("name") or item.get("file") or item.get("url") or "?"
             out.append(f"refused: {name}: {item.get('reason') or item.get('message') or ''}")
@@ -113,6 +116,8 @@ def submit(source, server, token, name, priority, num_beams, n_best, recaption, 
     )
     job = _submit(client, source, options)
     click.echo(f"job {job.id} submitted")
+    for line in refused_lines(job):
+        click.echo(line, err=True)
     if wait:
         job = _wait(client, job.id)
         p = job.progress
@@ -169,9 +174,11 @@ def _wait(client: CaptionerClient, job_id: int, poll_seconds: float = 1.0) -> Jo
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "csv", "coco"]),
+    type=click.Choice(list(BACKGROUND_FORMATS)),
     default="jsonl",
     show_default=True,
+    help="imagefolder: a zip for `datasets.load_dataset('imagefolder', ...)`; webdataset: a "
+    "tar of WebDataset shards.",
 )
 @click.option(
     "--which", type=click.Choice(["model", "reviewed", "both"]), default="both", show_default=True
@@ -179,18 +186,90 @@ def _wait(client: CaptionerClient, job_id: int, poll_seconds: float = 1.0) -> Jo
 @click.option(
     "--out",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path, allow_dash=True),
     default=None,
-    help="File (default: stdout).",
+    help="File or folder to write, - for stdout (default: the export's file name in the "
+    "current folder; with --stream, stdout).",
+)
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Stream it within one request instead (jsonl, csv, coco only; for small jobs).",
 )
 @click.option(
     "--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True
 )
 @click.option("--token", default=None)
-def export(job, fmt, which, out, server, token):
-    """Export captions of JOB (or of every job you can see)."""
+def export(job, fmt, which, out, stream, server, token):
+    """Export captions of JOB (or of every job you can see): the server writes the file in the
+    background (a progress bar meanwhile), then it is downloaded."""
     client = CaptionerClient(server, _token(token), timeout=CLI_TIMEOUT)
-    client.export(fmt, job_id=job or None, which=which, to=out or sys.stdout.buffer)
+    if stream:
+        if fmt not in FORMATS:
+            raise click.ClickException(f"--stream takes {', '.join(FORMATS)}, not {fmt}")
+        to = sys.stdout.buffer if out is None or str(out) == "-" else out
+        client.export(fmt, job_id=job or None, which=which, to=to)
+        return
+    started = client.create_export(fmt, job_id=job or None, which=which)
+    click.echo(f"export {started.id} started", err=True)
+    done = _wait_export(client, started.id)
+    if out is not None and str(out) == "-":
+        client.download_export(done.id, sys.stdout.buffer)
+        return
+    target = out if out is not None else Path(done.file_name)
+    if target.is_dir():
+        target = target / done.file_name
+    written = client.download_export(done.id, target)
+    click.echo(f"export {done.id}: {done.rows_done} rows, {written} bytes in {target}", err=True)
+    if done.missing_images:
+        click.echo(f"{done.missing_images} images were not in the object store: left out", err=True)
+
+
+def _wait_export(client: CaptionerClient, export_id: int, poll_seconds: float = 1.0) -> Export:
+    """The export once done, with a progress bar of its rows on stderr meanwhile; a failed one
+    raises `ExportFailed` (one readable line)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=f"export {export_id}", unit="row", file=sys.stderr, disable=None) as bar:
+
+        def show(export: Export) -> None:
+            bar.total = max(export.rows_total, export.rows_done) or None
+            bar.n = export.rows_done
+            bar.set_postfix(status=export.status.value)
+            bar.refresh()
+
+        return client.wait_export(export_id, poll=poll_seconds, progress=show)
+
+
+@click.command("import", cls=ClientCommand)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "coco"]),
+    default=None,
+    help="Default: from the file's suffix (.jsonl, .csv, .json = coco).",
+)
+@click.option("--name", default=None, help="Job name (default: the file's name).")
+@click.option("--key-prefix", default="", help="Put before every key (COCO file names).")
+@click.option(
+    "--server", envvar="CAPTIONER_SERVER", default="http://127.0.0.1:5000", show_default=True
+)
+@click.option("--token", default=None)
+def import_captions(file, fmt, name, key_prefix, server, token):
+    """Import the captions in FILE (JSONL, CSV or COCO captions) as a job whose images are
+    already captioned. Each row: key or url, caption, and optionally score, external_id and
+    review. One bad row refuses the whole file; every problem is listed with its line."""
+    client = CaptionerClient(server, _token(token), timeout=CLI_TIMEOUT)
+    try:
+        job = client.import_captions(file, fmt, name=name, key_prefix=key_prefix)
+    except Refused as exc:
+        # Each refused row on its own line, then the refusal itself as the error line.
+        for where, messages in exc.reasons.items():
+            for message in messages:
+                click.echo(f"{where}: {message}" if where else message, err=True)
+        raise click.ClickException(f"{exc.status}: {exc.message}") from None
+    click.echo(f"job {job.id} imported: {job.progress.captioned} captioned, {job.status}")
 
 
 @click.group("user")
