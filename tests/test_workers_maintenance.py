@@ -452,3 +452,67 @@ def test_sweeper_records_events_for_jobs_it_finishes_and_resends_overdue(
     assert again["jobs_finished"] == 0 and again["webhooks_recorded"] == 0
     assert again["webhooks_resent"] == 0
     assert len(_deliveries(stack, hook_id)) == 2
+
+
+def test_sweeper_resends_an_export_whose_message_was_lost_and_leaves_a_live_one(stack, worker, env):
+    from captioner.state import exports
+    from captioner.state.models import Export, ExportStatus, User
+    from workers.sweep import run_sweep
+
+    with session_scope(stack.sessions) as s:
+        owner = User(email="exporter@example.com", name="exporter")
+        s.add(owner)
+        s.flush()
+        job = jobs.create_job(s, "to export", owner_id=owner.id)
+        jobs.submit_images(s, job.id, ["e/1.png", "e/2.png"])
+        # Queued an hour ago, its message lost (Redis flushed before a worker took it).
+        lost = exports.create_export(s, owner_id=owner.id, fmt="jsonl", job_id=job.id)
+        lost.created_at = utcnow() - timedelta(hours=1)
+        # Being written right now by a live worker: not to be sent again.
+        live = exports.create_export(s, owner_id=owner.id, fmt="csv", job_id=job.id)
+        assert exports.start_export(s, live.id)
+        lost_id, live_id = lost.id, live.id
+
+    summary = run_sweep()
+    assert summary["exports_resent"] == 1
+
+    def written():
+        with stack.sessions() as s:
+            return s.get(Export, lost_id).status == ExportStatus.DONE
+
+    wait_for(written, 60, what="the lost export written")
+    with stack.sessions() as s:
+        assert s.get(Export, live_id).status == ExportStatus.RUNNING
+        # A duplicate message for the live export changes nothing while it runs.
+        assert not exports.start_export(s, live_id, restart_after=timedelta(minutes=30))
+    assert run_sweep()["exports_resent"] == 0
+
+
+def test_a_running_export_restarts_only_after_its_time_limit():
+    import tempfile
+    from datetime import datetime
+
+    from sqlalchemy import create_engine
+
+    from captioner.state import exports, migrate
+    from captioner.state.db import make_sessionmaker
+    from captioner.state.models import Export, ExportStatus, User
+
+    with tempfile.TemporaryDirectory() as root:
+        url = f"sqlite:///{root}/x.db"
+        migrate.upgrade(url)
+        sessions = make_sessionmaker(create_engine(url))
+        with session_scope(sessions) as s:
+            owner = User(email="r@example.com", name="r")
+            s.add(owner)
+            s.flush()
+            export_id = exports.create_export(s, owner_id=owner.id, fmt="jsonl").id
+        t0 = datetime(2026, 1, 1, tzinfo=utcnow().tzinfo)
+        limit = timedelta(minutes=30)
+        with session_scope(sessions) as s:
+            assert exports.start_export(s, export_id, now=t0, restart_after=limit)
+            assert not exports.start_export(s, export_id, now=t0 + limit / 2, restart_after=limit)
+            assert exports.start_export(s, export_id, now=t0 + 2 * limit, restart_after=limit)
+        with sessions() as s:
+            row = s.get(Export, export_id)
+            assert row.status == ExportStatus.RUNNING and row.started_at == t0 + 2 * limit

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,16 @@ def _plan(row: Export) -> ExportPlan:
     )
 
 
-def run_export(export_id: int, *, sessions, store: ObjectStore) -> dict[str, Any]:
+def run_export(
+    export_id: int, *, sessions, store: ObjectStore, restart_after: timedelta | None = None
+) -> dict[str, Any]:
     """Write export `export_id` from the database of `sessions` and upload it to `store`;
-    returns {"outcome": done | skipped, ...}. Errors are raised: `export_task` retries
-    transient database errors and fails the export for anything else."""
+    returns {"outcome": done | skipped, ...}. A running export is written again only when it
+    started more than `restart_after` ago (its worker was lost; None: always). Errors are
+    raised: `export_task` retries transient database errors and fails the export for anything
+    else."""
     with session_scope(sessions) as session:
-        if not exports.start_export(session, export_id):
+        if not exports.start_export(session, export_id, restart_after=restart_after):
             return {"outcome": "skipped", "export_id": export_id}
         plan = _plan(session.get_one(Export, export_id))
     if plan.fmt not in export.BACKGROUND_FORMATS:
@@ -168,7 +173,12 @@ def export_task(self, export_id: int) -> dict[str, Any]:
     res = resources(settings)
     retries = self.request.retries or 0
     try:
-        return run_export(int(export_id), sessions=res.sessions, store=res.store)
+        return run_export(
+            int(export_id),
+            sessions=res.sessions,
+            store=res.store,
+            restart_after=timedelta(seconds=settings.task_time_limit_seconds),
+        )
     except Exception as exc:
         if is_transient_db_error(exc) and retries < settings.task_max_retries:
             log.warning("retrying export %s, database error: %s", export_id, exc)

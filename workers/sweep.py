@@ -4,8 +4,8 @@ the safety net under the caption path.
 One sweep re-publishes images whose lease expired or that sat queued too long (their message
 was lost: Redis flushed, worker killed), fails images past the attempt cap, finishes jobs whose
 images are all done (recording their webhook events), and re-sends webhook deliveries that are
-overdue (their message was lost). SQL is the source of truth, so sweeping is always safe to
-repeat.
+overdue (their message was lost) and exports left queued too long or running past every time
+limit. SQL is the source of truth, so sweeping is always safe to repeat.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from captioner import webhooks
 from captioner.settings import Settings, get_settings
-from captioner.state import images, jobs, outbox
+from captioner.state import exports, images, jobs, outbox
 from captioner.state.db import session_scope
 from captioner.state.models import Job, utcnow
-from captioner.tasks import TASK_SWEEP, publish_caption_batches
+from captioner.tasks import TASK_EXPORT, TASK_SWEEP, publish_caption_batches, send_task
 from workers.deliveries import publish_committed_deliveries
 from workers.resources import resources
 
@@ -46,6 +46,12 @@ def run_sweep(settings: Settings | None = None) -> dict[str, int]:
         # merely waiting out its countdown is not sent twice): their message was lost.
         grace = timedelta(seconds=max(settings.sweep_interval_seconds, 30))
         overdue = webhooks.due_deliveries(s, now=utcnow() - grace)
+        # Exports whose message was lost: queued too long, or running past every time limit.
+        stalled = exports.stalled_exports(
+            s,
+            queued_before=utcnow() - timedelta(seconds=settings.queued_timeout_seconds),
+            running_before=utcnow() - timedelta(seconds=settings.task_time_limit_seconds) - grace,
+        )
     published = 0
     for job_id, ids in groups.items():
         published += publish_caption_batches(
@@ -53,6 +59,8 @@ def run_sweep(settings: Settings | None = None) -> dict[str, int]:
         )
     deliveries = sorted(set(recorded) | set(overdue))
     publish_committed_deliveries(deliveries, settings)
+    for export_id in stalled:
+        send_task(TASK_EXPORT, export_id, settings=settings)
     summary = {
         "expired": len(expired),
         "stale": len(stale),
@@ -61,6 +69,7 @@ def run_sweep(settings: Settings | None = None) -> dict[str, int]:
         "jobs_finished": len(finished),
         "webhooks_recorded": len(recorded),
         "webhooks_resent": len(set(overdue) - set(recorded)),
+        "exports_resent": len(stalled),
     }
     if any(summary.values()):
         log.info("sweep: %s", summary)

@@ -15,10 +15,10 @@ number).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from captioner.state.models import Export, ExportStatus, Job, utcnow
@@ -64,17 +64,52 @@ def create_export(
     return export
 
 
-def start_export(session: Session, export_id: int, *, now: datetime | None = None) -> bool:
-    """Move a queued export to running (a running one, redelivered after its worker was lost,
-    starts again from 0 rows). False, changing nothing, when it is done, failed or missing:
-    the task then has nothing to do."""
+def start_export(
+    session: Session,
+    export_id: int,
+    *,
+    now: datetime | None = None,
+    restart_after: timedelta | None = None,
+) -> bool:
+    """Move a queued export to running. A running one starts again from 0 rows (its worker
+    was lost) when it started more than `restart_after` ago, or always when that is None; a
+    duplicate message for an export that is still being written then changes nothing. False,
+    changing nothing, when it is done, failed, missing or still running: the task then has
+    nothing to do."""
+    now = now or utcnow()
+    startable = Export.status == ExportStatus.QUEUED
+    if restart_after is None:
+        startable = Export.status.in_(_OPEN)
+    else:
+        lost = and_(Export.status == ExportStatus.RUNNING, Export.started_at < now - restart_after)
+        startable = or_(startable, lost)
     started = session.execute(
         update(Export)
-        .where(Export.id == export_id, Export.status.in_(_OPEN))
-        .values(status=ExportStatus.RUNNING, started_at=now or utcnow(), rows_done=0, error=None)
+        .where(Export.id == export_id, startable)
+        .values(status=ExportStatus.RUNNING, started_at=now, rows_done=0, error=None)
         .execution_options(synchronize_session=False)
     )
     return started.rowcount == 1
+
+
+def stalled_exports(
+    session: Session, *, queued_before: datetime, running_before: datetime
+) -> list[int]:
+    """Exports whose message was lost: queued since before `queued_before`, or running since
+    before `running_before` (past every time limit: their worker is gone). The sweeper sends
+    them again; `start_export` makes a duplicate harmless."""
+    return list(
+        session.scalars(
+            select(Export.id)
+            .where(
+                or_(
+                    and_(Export.status == ExportStatus.QUEUED, Export.created_at < queued_before),
+                    and_(Export.status == ExportStatus.RUNNING, Export.started_at < running_before),
+                )
+            )
+            .order_by(Export.id)
+        )
+    )
 
 
 def record_progress(session: Session, export_id: int, rows_done: int) -> None:
