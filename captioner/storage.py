@@ -38,6 +38,14 @@ class InvalidKey(StorageError, ValueError):
     """A key that could escape the store or is otherwise malformed."""
 
 
+class ObjectTooLarge(StorageError):
+    """The object is larger than the caller will read; nothing of it was read."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        self.key, self.size, self.limit = key, size, limit
+        super().__init__(f"object {key!r} is {size} bytes, over the limit of {limit}")
+
+
 # The namespaces the system writes itself, never readable by submitting a key or a prefix (not
 # by admins either): uploads (`uploads/<owner id>/...`, captioner.intake.uploads), fetched URLs
 # (`urls/<owner id>/...`, captioner.intake.fetch), model checkpoints (`models/`,
@@ -102,6 +110,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
         """A streamed, read-only file object (close it, or use `with`)."""
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """The object's bytes if it is at most `limit` bytes long, else ObjectTooLarge without
+        reading it; ObjectNotFound if there is none. The backends do it in one request."""
+        size = self.size(key)
+        if size > limit:
+            raise ObjectTooLarge(key, size, limit)
+        return self.get(key)
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -182,6 +198,13 @@ class LocalObjectStore(ObjectStore):
             return path.open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key, repr(self)) from None
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        with self.open(key) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise ObjectTooLarge(key, size, limit)
+            return f.read(limit + 1)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -353,6 +376,26 @@ class S3ObjectStore(ObjectStore):
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "get", key) from exc
         return response["Body"]  # botocore StreamingBody: read(), iter_chunks(), close()
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """One GET: the length comes with the response headers, so an object over `limit` is
+        refused before its body is read (the connection is closed, not drained)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "get", key) from exc
+        body = response["Body"]
+        try:
+            size = int(response.get("ContentLength") or 0)
+            if size > limit:
+                raise ObjectTooLarge(key, size, limit)
+            return body.read(limit + 1)
+        except (BotoCoreError, OSError) as exc:
+            raise self._error(exc, "get", key) from exc
+        finally:
+            body.close()
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -234,3 +234,30 @@ def test_system_namespaces_name_every_prefix_the_system_writes():
     for key in written:
         assert key.startswith(SYSTEM_PREFIXES), key
     assert "exports/" in SYSTEM_PREFIXES
+
+
+def test_get_at_most_reads_within_the_limit_and_refuses_beyond_it(object_store):
+    from captioner.storage import ObjectTooLarge
+
+    object_store.put("a/small.bin", b"x" * 100)
+    assert object_store.get_at_most("a/small.bin", 100) == b"x" * 100
+    with pytest.raises(ObjectTooLarge) as refused:
+        object_store.get_at_most("a/small.bin", 99)
+    assert (refused.value.size, refused.value.limit) == (100, 99)
+    with pytest.raises(ObjectNotFound):
+        object_store.get_at_most("a/missing.bin", 100)
+
+
+def test_s3_get_at_most_is_one_get_request(s3_server, s3_bucket):
+    from captioner.storage import ObjectTooLarge
+
+    store = S3ObjectStore(s3_bucket, "", endpoint_url=s3_server, region="us-east-1")
+    store.put("k.bin", b"y" * 50)
+    calls = []
+    store.client.meta.events.register(
+        "before-call.s3", lambda model, **kw: calls.append(model.name)
+    )
+    assert store.get_at_most("k.bin", 64) == b"y" * 50
+    with pytest.raises(ObjectTooLarge):
+        store.get_at_most("k.bin", 10)
+    assert calls == ["GetObject", "GetObject"]  # no HEAD before either GET

@@ -27,7 +27,7 @@ import numpy as np
 
 from captioner.intake.decode import ImageRejected, decode_image, open_image
 from captioner.settings import Settings
-from captioner.storage import InvalidKey, ObjectNotFound
+from captioner.storage import InvalidKey, ObjectNotFound, ObjectTooLarge
 
 NOT_FOUND_REASON = "image file not found in storage"
 TOO_LARGE_REASON = "image file too large: {size} bytes > limit {limit} (not read)"
@@ -54,12 +54,11 @@ def prepare_image(
     """Fetch `key` and decode it: on the CPU, or (`device_jpeg`) kept for the device decoder
     if it is a JPEG nvJPEG decodes exactly as the CPU would."""
     try:
-        # The size first: an object over the limit is refused without being read.
-        size = store.size(key)
-        if size > settings.max_image_bytes:
-            reason = TOO_LARGE_REASON.format(size=size, limit=settings.max_image_bytes)
-            return Prepared(reason=reason, reason_kind="too_large")
-        data = store.get(key)
+        # An object over the limit is refused without being read (its length comes first).
+        data = store.get_at_most(key, settings.max_image_bytes)
+    except ObjectTooLarge as exc:
+        reason = TOO_LARGE_REASON.format(size=exc.size, limit=settings.max_image_bytes)
+        return Prepared(reason=reason, reason_kind="too_large")
     except (ObjectNotFound, InvalidKey) as exc:
         kind = "not_found" if isinstance(exc, ObjectNotFound) else "invalid_key"
         reason = NOT_FOUND_REASON if kind == "not_found" else f"invalid storage key: {exc}"
