@@ -49,8 +49,9 @@ class ObjectTooLarge(StorageError):
 # The namespaces the system writes itself, never readable by submitting a key or a prefix (not
 # by admins either): uploads (`uploads/<owner id>/...`, captioner.intake.uploads), fetched URLs
 # (`urls/<owner id>/...`, captioner.intake.fetch), model checkpoints (`models/`,
-# captioner.learning.registry) and exports (`exports/`).
-SYSTEM_PREFIXES = ("uploads/", "urls/", "models/", "exports/")
+# captioner.learning.registry), exports (`exports/`) and image previews (`previews/`,
+# captioner.intake.previews).
+SYSTEM_PREFIXES = ("uploads/", "urls/", "models/", "exports/", "previews/")
 
 # The longest key a database row can record (`Image.storage_key` is String(1024)).
 KEY_MAX_LENGTH = 1024

@@ -37,6 +37,7 @@ from captioner.accounts import (
     find_user,
     revoke_tokens,
 )
+from captioner.intake import previews
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.prefixes import check_grants
@@ -52,7 +53,7 @@ from captioner.state.models import (
     Webhook,
     utcnow,
 )
-from captioner.storage import ObjectNotFound, StorageError
+from captioner.storage import ObjectNotFound, ObjectTooLarge, StorageError
 from dashboard import services
 from dashboard.auth import (
     api_auth,
@@ -160,7 +161,11 @@ class ImageOut(Schema):
     failure_reason = String(allow_none=True)
     width = Integer(allow_none=True)
     height = Integer(allow_none=True)
-    content_url = String()
+    content_url = String(metadata={"description": "The original image"})
+    preview_url = String(
+        metadata={"description": "The image fitted within 1024 px (a stored JPEG preview)"}
+    )
+    thumbnail_url = String(metadata={"description": "The image fitted within 256 px"})
     caption = Nested(CaptionOut, allow_none=True)
     review = Nested(ReviewOut, allow_none=True)
 
@@ -606,6 +611,8 @@ def image_dict(session, image: Image, caption=..., review=...) -> dict:
         "width": image.width,
         "height": image.height,
         "content_url": f"/api/v1/images/{image.id}/content",
+        "preview_url": f"/api/v1/images/{image.id}/preview?side={previews.PREVIEW_SIDE}",
+        "thumbnail_url": f"/api/v1/images/{image.id}/preview?side={previews.THUMBNAIL_SIDE}",
         "caption": caption_dict(caption),
         "review": review_dict(review),
     }
@@ -856,11 +863,10 @@ def image_content(image_id):
     ext = current_app.extensions["captioner"]
     limit = ext.settings.max_image_bytes
     try:
-        # The size first: an object over the limit is refused without being read.
-        size = ext.store.size(image.storage_key)
-        if size > limit:
-            abort(413, f"the image's stored object is {size} bytes > limit {limit}")
-        data = ext.store.get(image.storage_key)
+        # An object over the limit is refused without being read (its length comes first).
+        data = ext.store.get_at_most(image.storage_key, limit)
+    except ObjectTooLarge as exc:
+        abort(413, f"the image's stored object is {exc.size} bytes > limit {limit}")
     except (ObjectNotFound, StorageError):
         abort(404, "the image's bytes are not in storage")
     try:
@@ -871,6 +877,52 @@ def image_content(image_id):
     if not mime or not mime.startswith("image/"):
         mime = "application/octet-stream"
     response = Response(data, mimetype=mime)
+    response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+class PreviewIn(Schema):
+    side = Integer(
+        load_default=previews.PREVIEW_SIDE,
+        validate=OneOf(previews.SIDES),
+        metadata={"description": "Longest side in pixels"},
+    )
+
+
+@bp.get("/images/<int:image_id>/preview")
+@api_auth()
+@bp.input(PreviewIn, location="query", arg_name="query")
+@bp.doc(
+    summary="The image fitted within `side` pixels: a JPEG made once and kept in the store "
+    "(the original when it is already that small)",
+    responses={200: {"description": "The preview", "content": {"image/*": {}}}}
+    | E401
+    | E404
+    | E422
+    | {413: "The stored object is larger than `CAPTIONER_MAX_IMAGE_BYTES`"},
+    **AUTH,
+)
+def image_preview(image_id, query):
+    image = _image_or_404(image_id)
+    ext = current_app.extensions["captioner"]
+    try:
+        made = previews.preview(
+            ext.store,
+            image.storage_key,
+            query["side"],
+            max_pixels=ext.settings.max_image_pixels,
+            max_bytes=ext.settings.max_image_bytes,
+        )
+    except ObjectTooLarge as exc:
+        abort(413, f"the image's stored object is {exc.size} bytes > limit {exc.limit}")
+    except (ObjectNotFound, StorageError):
+        abort(404, "the image's bytes are not in storage")
+    except ImageRejected as exc:
+        abort(404, f"the image cannot be shown: {exc}")
+    if made is None:
+        return image_content(image_id)
+    response = Response(made, mimetype="image/jpeg")
     response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response

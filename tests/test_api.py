@@ -1323,13 +1323,32 @@ def test_an_oversize_object_is_refused_without_being_read(app, client, users):
     from captioner.storage import LocalObjectStore
 
     class CountingStore(LocalObjectStore):
-        """The app's store, counting the objects it opens for reading."""
+        """The app's store, counting the bytes it reads from each object."""
 
-        opened: list[str] = []
+        bytes_read: dict[str, int] = {}
 
         def open(self, key):
-            self.opened.append(key)
-            return super().open(key)
+            store, f = self, super().open(key)
+
+            class Counted:
+                def read(self, n=-1):
+                    data = f.read(n)
+                    store.bytes_read[key] = store.bytes_read.get(key, 0) + len(data)
+                    return data
+
+                def fileno(self):
+                    return f.fileno()
+
+                def close(self):
+                    f.close()
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    f.close()
+
+            return Counted()
 
     ext = app.extensions["captioner"]
     limit = 2000
@@ -1345,9 +1364,11 @@ def test_an_oversize_object_is_refused_without_being_read(app, client, users):
     too_big, fine = image_ids(app, r.json["id"])
     r = client.get(f"/api/v1/images/{too_big}/content", headers=admin)
     assert r.status_code == 413 and f"limit {limit}" in r.json["message"]
-    assert store.opened == []
+    assert store.bytes_read == {}
     r = client.get(f"/api/v1/images/{fine}/content", headers=admin)
-    assert r.status_code == 200 and r.data == small and store.opened == ["big/b.png"]
+    assert (
+        r.status_code == 200 and r.data == small and store.bytes_read == {"big/b.png": len(small)}
+    )
 
 
 @pytest.mark.parametrize(

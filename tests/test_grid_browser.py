@@ -174,7 +174,7 @@ def test_threshold_approval_previews_confirms_and_undoes(live, page, tmp_path):
     ]
     assert sample == ids[3:]
     expect(page.locator("#approve-sample .tile img").first).to_have_attribute(
-        "src", f"/api/v1/images/{ids[3]}/content"
+        "src", f"/api/v1/images/{ids[3]}/preview?side=256"
     )
     expect(page.locator("#approve-confirm")).to_have_text("Approve 2 captions")
     page.screenshot(path=str(tmp_path / "job-approve-preview.png"), full_page=True)
@@ -218,7 +218,9 @@ def test_job_page_rows_update_live_and_cancel_goes_when_finished(live, page, tmp
     expect(row.locator(".image-status")).to_have_text("captioned")
     expect(row.locator(".image-caption")).to_contain_text(examples[0].caption)
     expect(row.locator(".image-review")).to_have_text("unreviewed")
-    expect(row.locator("img.thumb")).to_have_attribute("src", f"/api/v1/images/{ids[0]}/content")
+    expect(row.locator("img.thumb")).to_have_attribute(
+        "src", f"/api/v1/images/{ids[0]}/preview?side=256"
+    )
     expect(page.locator("#job-status")).to_have_text("running")
     expect(page.locator("#job-cancel")).to_be_visible()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 
 import pytest
@@ -164,7 +165,10 @@ def test_small_image_shown_large_zoom_and_pan(live, page, tmp_path):
 
     stage = page.locator("#review-stage")
     expect(stage).to_have_attribute("data-zoom", "1")
+    # Fitted, the page shows the stored preview; zoomed in, the original.
+    expect(img).to_have_attribute("src", re.compile(r"/preview\?side=1024$"))
     page.keyboard.press("+")
+    expect(img).to_have_attribute("src", re.compile(r"/content$"))
     page.keyboard.press("+")
     expect(stage).to_have_attribute("data-zoom", "1.56")
     page.keyboard.press("-")

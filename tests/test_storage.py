@@ -222,6 +222,7 @@ def test_s3_size_comes_from_a_head_request_not_the_body(s3_server, s3_bucket):
 
 def test_system_namespaces_name_every_prefix_the_system_writes():
     from captioner.intake.fetch import fetched_key
+    from captioner.intake.previews import preview_key
     from captioner.intake.uploads import upload_key
     from captioner.learning.registry import MODELS_PREFIX
     from captioner.storage import SYSTEM_PREFIXES
@@ -230,6 +231,7 @@ def test_system_namespaces_name_every_prefix_the_system_writes():
         upload_key("ab" * 32, "a.png", owner_id=7),
         fetched_key("ab" * 32, "https://example.com/a.png", owner_id=7),
         f"{MODELS_PREFIX}/v1/model.safetensors",
+        preview_key("photos/a.png", 256),
     ]
     for key in written:
         assert key.startswith(SYSTEM_PREFIXES), key

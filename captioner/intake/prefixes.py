@@ -4,7 +4,7 @@ The dashboard checks keys (`check_keys`) and a prefix (`prefix_within_store`) wh
 the request, and that the user may read them (`check_readable`): a submitter only within the
 source locations an admin grants (`Settings.source_prefixes` for everyone, `User.source_prefixes`
 per user), an admin anywhere; nobody in the namespaces the system writes (`SYSTEM_PREFIXES`:
-every user's uploads, fetched URLs, model checkpoints, exports). The prefix is then listed by a
+every user's uploads, fetched URLs, model checkpoints, exports, previews). The prefix is then listed by a
 worker (`run_enumerate_prefix`, sent by task name), page by page, each page queued and published
 in its own transaction.
 """
@@ -92,7 +92,7 @@ def check_readable(location: str, locations: Sequence[str], *, is_prefix: bool) 
     if namespace is not None:
         raise SourceRefused(
             f"{what} refused: {namespace} is written by the system (uploads, fetched URLs, "
-            "model checkpoints, exports) and is never read by key or prefix, not even by admins"
+            "model checkpoints, exports, previews) and is never read by key or prefix, not even by admins"
         )
     if not any(location.startswith(allowed) for allowed in locations):
         granted = ", ".join(repr(p) for p in locations) or "none"

@@ -49,7 +49,7 @@
     li.setAttribute("role", "option");
     li.dataset.index = String(index); li.dataset.imageId = String(item.id);
     const img = document.createElement("img");
-    img.loading = "lazy"; img.alt = item.original_name; img.src = item.content_url; img.draggable = false;
+    img.loading = "lazy"; img.alt = item.original_name; img.src = item.thumbnail_url || item.content_url; img.draggable = false;
     img.addEventListener("load", () => { if (img.naturalWidth && img.naturalWidth < TINY) img.classList.add("pixelated"); });
     const meta = C.el("p", undefined, "tile-meta");
     const score = item.caption && item.caption.score !== null ? Number(item.caption.score).toFixed(3) : "";

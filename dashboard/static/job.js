@@ -20,7 +20,7 @@
 
   function thumbnail(image) {
     const img = document.createElement("img");
-    img.className = "thumb"; img.loading = "lazy"; img.alt = image.original_name; img.src = image.content_url;
+    img.className = "thumb"; img.loading = "lazy"; img.alt = image.original_name; img.src = image.thumbnail_url || image.content_url;
     img.addEventListener("load", () => { if (img.naturalWidth && img.naturalWidth < 64) img.classList.add("pixelated"); });
     return img;
   }
@@ -126,7 +126,7 @@
     const li = C.el("li", undefined, "tile");
     li.dataset.imageId = image.id;
     const img = document.createElement("img");
-    img.loading = "lazy"; img.alt = image.original_name; img.src = image.content_url;
+    img.loading = "lazy"; img.alt = image.original_name; img.src = image.thumbnail_url || image.content_url;
     img.addEventListener("load", () => { if (img.naturalWidth && img.naturalWidth < 128) img.classList.add("pixelated"); });
     const meta = C.el("p", undefined, "tile-meta");
     meta.append(C.el("span", image.original_name), C.el("span", scoreText(image.caption && image.caption.score), "score"));

@@ -157,6 +157,9 @@
     const k = zoom / view.zoom;
     view.x = px - (px - view.x) * k; view.y = py - (py - view.y) * k; view.zoom = zoom;
     if (zoom === MIN_ZOOM) { view.x = 0; view.y = 0; }
+    if (zoom > 1 && img.dataset.original && !img.src.endsWith(img.dataset.original)) {
+      img.src = img.dataset.original;  // same aspect: the fit and the zoom stay as they are
+    }
     placeImage();
   }
 
@@ -287,7 +290,9 @@
       shownId = item.id;
       view.zoom = 1; view.x = 0; view.y = 0;
       img.removeAttribute("style");
-      img.src = item.content_url;
+      // The stored preview (fitted within 1024 px) first; the original only once zoomed in.
+      img.dataset.original = item.content_url;
+      img.src = item.preview_url || item.content_url;
     }
     img.alt = item.original_name;
     $("review-name").textContent = `${item.original_name} (image ${item.id}, job ${item.job_id})`;
