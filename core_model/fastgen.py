@@ -176,10 +176,7 @@ class FastGenerator:
                 handed_over = torch.cuda.Event()
                 handed_over.record(dec_s)
                 g.decode.replay()
-                st = g.state
-                out = BeamState(
-                    st.tokens.clone(), st.beam_sum.clone(), st.length.clone(), st.finished.clone()
-                )
+                out = g.state.copy()
                 done = torch.cuda.Event()
                 done.record(dec_s)
             if previous is not None:  # hand back batch i-1 while batch i decodes

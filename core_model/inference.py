@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import load_checkpoint
+from .confidence import Calibration, Signals
 from .preprocess import Preprocessor, open_image
 from .tokenizer import CaptionTokenizer
 
@@ -34,6 +35,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class Candidate:
     text: str
     score: float  # mean log-probability per token: higher is more confident, 0 is the maximum
+    confidence: float = float("nan")  # probability in [0, 1] that the text is right
+    min_token_logprob: float = 0.0  # the least likely token's log-probability
+    min_token_margin: float = float("inf")  # least log-prob lead of a token over its runner-up
+    tokens: int = 0  # generated tokens, EOS excluded
 
 
 @dataclass
@@ -106,6 +111,7 @@ class ImageCaptioner:
         self.batch_size = batch_size
         self.preprocess = Preprocessor.for_encoder(model.encoder)
         self.tokenizer = CaptionTokenizer(model.cfg.decoder_config.vocab_size)
+        self.calibration = Calibration.from_meta(self.meta)  # signals -> confidence
         self.fast = None
         if fast or (fast is None and self.device.type == "cuda"):
             from .fastgen import FastGenerator
@@ -212,6 +218,16 @@ class ImageCaptioner:
                 text = self.tokenizer.decode(h.tokens)
                 if text not in seen:  # two token sequences can spell the same text
                     seen.add(text)
-                    cands.append(Candidate(text, h.score))
+                    signals = Signals.of(h)
+                    cands.append(
+                        Candidate(
+                            text,
+                            h.score,
+                            self.calibration.confidence(signals),
+                            h.min_token_logprob,
+                            h.min_token_margin,
+                            len(h.tokens),
+                        )
+                    )
             out.append(cands)
         return out

@@ -258,6 +258,12 @@ class PrefixMapper(nn.Module):
 class Hypothesis:
     tokens: list[int]  # generated ids, EOS excluded
     score: float  # mean log-probability per generated token (EOS included when reached)
+    # The least likely token the hypothesis chose (EOS included when reached): one doubtful
+    # word in an otherwise sure caption shows here, not in the mean.
+    min_token_logprob: float = 0.0
+    # Smallest log-probability lead of a chosen token over the best other token at its step
+    # (log p(chosen) - max log p(other)); negative where beam search kept a runner-up token.
+    min_token_margin: float = float("inf")
 
 
 class CaptionModel(nn.Module):
@@ -453,12 +459,18 @@ class CaptionModel(nn.Module):
         tokens = torch.full((rows, max_new), self.eos_id, dtype=torch.long, device=dev)
         total = torch.zeros(rows, device=dev)
         count = torch.zeros(rows, device=dev)
+        least = torch.zeros(rows, device=dev)  # min token log-probability so far
+        margin = torch.full((rows,), float("inf"), device=dev)  # min lead over the runner-up
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         for t in range(max_new):
             probs = F.softmax(filter_logits(logp / max(temperature, 1e-6), top_k, top_p), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
             nxt = nxt.masked_fill(done, self.eos_id)
-            total += logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
+            chosen = logp.gather(1, nxt[:, None]).squeeze(1)  # (B*n,)
+            lead = chosen - best_other(logp, nxt[:, None]).squeeze(1)
+            total += chosen.masked_fill(done, 0.0)
+            least = torch.where(done, least, torch.minimum(least, chosen))
+            margin = torch.where(done, margin, torch.minimum(margin, lead))
             count += (~done).float()
             tokens[:, t] = nxt
             done |= nxt == self.eos_id
@@ -467,9 +479,14 @@ class CaptionModel(nn.Module):
             logp = F.log_softmax(self._step(nxt, cache).float(), dim=-1)
         scores = (total / count.clamp(min=1)).view(B, n).tolist()
         toks = tokens.view(B, n, max_new).tolist()
+        leasts, margins = least.view(B, n).tolist(), margin.view(B, n).tolist()
         return [
             self._best(
-                [Hypothesis(self._strip(r), s) for r, s in zip(toks[b], scores[b], strict=False)], n
+                [
+                    Hypothesis(self._strip(toks[b][i]), scores[b][i], leasts[b][i], margins[b][i])
+                    for i in range(n)
+                ],
+                n,
             )
             for b in range(B)
         ]
@@ -481,13 +498,28 @@ class BeamState:
     K beams per image. A beam that emits EOS is finished: from then on its only extension is
     EOS at no cost, so it keeps its place while its score stays fixed. Beams are chosen by
     summed log-probability; the survivors are ranked by mean log-probability per token.
+    Each beam also carries its least likely token and its smallest lead over a runner-up
+    token (`Hypothesis.min_token_logprob`, `.min_token_margin`), the signals of a confidence.
     """
 
-    def __init__(self, tokens, beam_sum, length, finished):
+    def __init__(self, tokens, beam_sum, length, finished, min_logprob, min_margin):
         self.tokens = tokens  # (B, K, max_new) ids so far (EOS after the end)
         self.beam_sum = beam_sum  # (B, K) summed log-probabilities
         self.length = length  # (B, K) tokens counted in the score (EOS included)
         self.finished = finished  # (B, K) bool
+        self.min_logprob = min_logprob  # (B, K) least token log-probability (0 before any)
+        self.min_margin = min_margin  # (B, K) least lead over the runner-up (inf before any)
+
+    def copy(self) -> BeamState:
+        """Private copies of every tensor (the fast path's static outputs are rewritten)."""
+        return BeamState(
+            self.tokens.clone(),
+            self.beam_sum.clone(),
+            self.length.clone(),
+            self.finished.clone(),
+            self.min_logprob.clone(),
+            self.min_margin.clone(),
+        )
 
     @classmethod
     def start(cls, B: int, K: int, max_new: int, device) -> BeamState:
@@ -498,6 +530,8 @@ class BeamState:
             beam_sum,
             torch.zeros(B, K, device=device),
             torch.zeros(B, K, dtype=torch.bool, device=device),
+            torch.zeros(B, K, device=device),
+            torch.full((B, K), float("inf"), device=device),
         )
 
     def advance(self, logits: torch.Tensor, t: int, eos_id: int) -> torch.Tensor:
@@ -507,6 +541,7 @@ class BeamState:
             return self._advance_greedy(logits, t, eos_id)
         V = logits.shape[-1]
         logp = F.log_softmax(logits.float(), dim=-1)
+        top2, top2_ids = logp.topk(2, dim=-1)  # (B*K, 2): each row's best and runner-up
         done = self.finished.view(-1)
         logp.masked_fill_(done[:, None], float("-inf"))  # a finished beam's only extension:
         logp[:, eos_id] = torch.where(done, 0.0, logp[:, eos_id])  # EOS, at no cost
@@ -514,24 +549,37 @@ class BeamState:
         top_sum, top_idx = cand.topk(K, dim=-1)  # (B, K)
         parent = torch.div(top_idx, V, rounding_mode="floor")
         token = top_idx % V
+        rows = (torch.arange(B, device=parent.device)[:, None] * K + parent).view(-1)  # (B*K,)
+        chosen = logp.view(B, K * V).gather(1, top_idx)  # (B, K) the new token's log-prob
+        best, second = top2[rows].unbind(-1)
+        other = torch.where(top2_ids[rows, 0] == token.view(-1), second, best).view(B, K)
         parent_done = self.finished.gather(1, parent)
         self.tokens = self.tokens.gather(1, parent[:, :, None].expand_as(self.tokens)).clone()
         self.tokens[:, :, t] = token
         self.length = self.length.gather(1, parent) + (~parent_done).float()
+        least, margin = self.min_logprob.gather(1, parent), self.min_margin.gather(1, parent)
+        self.min_logprob = torch.where(parent_done, least, torch.minimum(least, chosen))
+        self.min_margin = torch.where(parent_done, margin, torch.minimum(margin, chosen - other))
         self.finished = parent_done | (token == eos_id)
         self.beam_sum = top_sum
-        return (torch.arange(B, device=parent.device)[:, None] * K + parent).view(-1)
+        return rows
 
     def _advance_greedy(self, logits: torch.Tensor, t: int, eos_id: int) -> torch.Tensor:
         """K = 1: argmax and its log-probability, without materialising log-softmax (B, V)."""
         lf = logits.float()
-        best, token = lf.max(dim=-1)  # (B,)
+        top2, top2_ids = lf.topk(2, dim=-1)  # (B, 2)
+        best, token = top2[:, 0], top2_ids[:, 0]
         logp = -(lf - best[:, None]).exp().sum(dim=-1).log()  # log-softmax at the argmax, stably
         done = self.finished[:, 0]
         token = token.masked_fill(done, eos_id)
         self.tokens[:, 0, t] = token
         self.beam_sum += logp.masked_fill(done, 0.0)[:, None]
         self.length += (~done).float()[:, None]
+        live = (~done)[:, None]
+        least = torch.minimum(self.min_logprob, logp[:, None])
+        lead = torch.minimum(self.min_margin, (best - top2[:, 1])[:, None])  # over the runner-up
+        self.min_logprob = torch.where(live, least, self.min_logprob)
+        self.min_margin = torch.where(live, lead, self.min_margin)
         self.finished |= (token == eos_id)[:, None]
         return torch.arange(token.shape[0], device=token.device)
 
@@ -541,18 +589,22 @@ class BeamState:
     def results(self, n_best: int, eos_id: int) -> list[list[Hypothesis]]:
         score = (self.beam_sum / self.length.clamp(min=1)).tolist()
         tokens = self.tokens.tolist()
+        least, margin = self.min_logprob.tolist(), self.min_margin.tolist()
         out = []
         for b in range(len(tokens)):
             hyps = []
             for k, toks in enumerate(tokens[b]):
                 if score[b][k] != float("-inf"):
-                    hyps.append(
-                        Hypothesis(
-                            toks[: toks.index(eos_id)] if eos_id in toks else toks, score[b][k]
-                        )
-                    )
+                    ids = toks[: toks.index(eos_id)] if eos_id in toks else toks
+                    hyps.append(Hypothesis(ids, score[b][k], least[b][k], margin[b][k]))
             out.append(CaptionModel._best(hyps, n_best))
         return out
+
+
+def best_other(logp: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The largest value of each row of `logp` (R, V) outside column `chosen` (R, 1) -> (R, 1)."""
+    top2, ids = logp.topk(2, dim=-1)
+    return torch.where(ids[:, :1] == chosen, top2[:, 1:], top2[:, :1])
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ made, and each way out is named and logged by the task:
    one pinned buffer and a non-blocking copy) -- a model error gives the batch back for a retry;
 5. `_save`, in one transaction: keep only images whose lease this worker still holds (`lost
    lease` otherwise: the sweeper handed them to someone else), upsert captions (never over a
-   reviewed one), mark images captioned / failed, finish the job if it is done -- `batch done`;
+   reviewed one; `Caption.score` is the best candidate's confidence in [0, 1]), mark images captioned / failed, finish the job if it is done -- `batch done`;
    then publish the webhook deliveries of the jobs it finished;
 6. transient errors (database, storage, model) retry with exponential backoff up to
    `Settings.task_max_retries` -- `gave up` after that, leaving the images to the sweeper; every
@@ -41,6 +41,7 @@ torch is imported only when a batch first needs the model (`workers.model_runtim
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,14 +298,44 @@ def _caption(
     return run
 
 
+def _finite(value: Any) -> float | None:
+    """A number for the candidates JSON, or None where there is none (JSON has no inf/NaN)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _confidence(candidate: Any) -> float:
+    """The candidate's confidence in [0, 1]; 0 (reviewed first) when the captioner gave none."""
+    value = _finite(getattr(candidate, "confidence", None))
+    return 0.0 if value is None else min(1.0, max(0.0, value))
+
+
+def candidate_json(candidate: Any) -> dict[str, Any]:
+    """One alternative as `Caption.candidates` keeps it: its text, its mean token log-probability
+    ("score", as the decoder ranks alternatives), its confidence in [0, 1] and the decoder's
+    signals behind it."""
+    return {
+        "text": candidate.text,
+        "score": float(candidate.score),
+        "confidence": _confidence(candidate),
+        "min_token_logprob": _finite(getattr(candidate, "min_token_logprob", None)),
+        "min_token_margin": _finite(getattr(candidate, "min_token_margin", None)),
+        "tokens": getattr(candidate, "tokens", None),
+    }
+
+
 def _caption_row(image_id: int, prepared: Prepared, candidates: list) -> images.CaptionRow:
-    """The caption of one image: the best candidate, with all of them kept."""
+    """The caption of one image: the best candidate, scored by its confidence in [0, 1] (the
+    review queue's key: least confident first), with every alternative kept."""
     best = candidates[0]
     return images.CaptionRow(
         image_id=image_id,
         text=best.text,
-        score=float(best.score),
-        candidates=[{"text": c.text, "score": float(c.score)} for c in candidates],
+        score=_confidence(best),
+        candidates=[candidate_json(c) for c in candidates],
         width=prepared.width,
         height=prepared.height,
     )
