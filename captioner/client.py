@@ -174,7 +174,8 @@ class Progress:
 @dataclass(frozen=True)
 class Candidate:
     text: str
-    score: float | None
+    score: float | None  # mean token log-probability
+    confidence: float | None = None  # in [0, 1]; None for imported or older captions
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,10 @@ class Caption:
             id=data["id"],
             text=data["text"],
             score=data["score"],
-            candidates=tuple(Candidate(c["text"], c.get("score")) for c in data["candidates"]),
+            candidates=tuple(
+                Candidate(c["text"], c.get("score"), c.get("confidence"))
+                for c in data["candidates"]
+            ),
             model_version_id=data.get("model_version_id"),
             source=data.get("source") or "model",
         )

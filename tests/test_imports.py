@@ -303,7 +303,7 @@ def test_jsonl_and_csv_imports_carry_scores_external_ids_and_reviews(app, client
     assert items["e.png"]["external_id"] == "E-1" and items["f.png"]["external_id"] is None
     assert items["f.png"]["review"]["text"] == "a cat on a mat"
     assert items["g.png"]["caption"]["text"] == 'a "quoted" dog'
-    # Least confident first: g (-1), then e (unscored: 0.0).
+    # Least confident first: g (-1), then e (unscored: 1.0, after every model confidence).
     assert [i["original_name"] for i in queue(client, reviewer, csv_job["id"])["items"]] == [
         "g.png",
         "e.png",

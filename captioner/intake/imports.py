@@ -51,9 +51,9 @@ MAX_ERRORS = 20
 # The longest caption or review text an import takes (as a review in the dashboard).
 TEXT_MAX_LENGTH = 2000
 # The score of an imported caption that comes without one. The review queue shows the least
-# confident captions first, by score; a model's scores are mean token log-probabilities, all
-# at most 0. So unscored imports come after every model caption, in the order of the file.
-UNSCORED = 0.0
+# confident captions first, by score; a model's scores are confidences in [0, 1]. So unscored
+# imports come after every model caption, in the order of the file.
+UNSCORED = 1.0
 # Each field and the other names it is read under: the columns of `captioner export` too, so an
 # export can be imported again.
 ALIASES = {

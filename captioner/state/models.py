@@ -353,7 +353,8 @@ class Caption(Base):
         server_default=CaptionSource.MODEL.value,
     )
     text: Mapped[str] = mapped_column(Text)
-    # Mean token log-probability of `text` (higher is more confident).
+    # The confidence that `text` is right, in [0, 1] (core_model.confidence; captions saved
+    # before it existed hold their mean token log-probability, at most 0). Imports: as given.
     score: Mapped[float] = mapped_column(Float)
     # The n-best list: [{"text": ..., "score": ...}, ...], best first.
     candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

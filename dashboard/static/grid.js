@@ -52,7 +52,8 @@
     img.loading = "lazy"; img.alt = item.original_name; img.src = item.thumbnail_url || item.content_url; img.draggable = false;
     img.addEventListener("load", () => { if (img.naturalWidth && img.naturalWidth < TINY) img.classList.add("pixelated"); });
     const meta = C.el("p", undefined, "tile-meta");
-    const score = item.caption && item.caption.score !== null ? Number(item.caption.score).toFixed(3) : "";
+    const raw = item.caption && item.caption.score !== null ? Number(item.caption.score) : null;
+    const score = raw === null ? "" : raw >= 0 && raw <= 1 ? `${Math.round(raw * 100)}%` : raw.toFixed(3);
     meta.append(C.el("span", score, "score"), C.el("span", "", "tile-state"));
     li.title = item.original_name;
     li.append(img, C.el("p", item.caption ? item.caption.text : "", "tile-caption"), meta);

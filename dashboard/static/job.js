@@ -14,8 +14,11 @@
   const ENDED = ["finished", "cancelled"];
   const POLL_MS = 1500;
 
+  // A model's confidence in [0, 1] as a percentage; older log-probability scores as they are.
   function scoreText(score) {
-    return score === null || score === undefined ? "" : Number(score).toFixed(3);
+    if (score === null || score === undefined) return "";
+    const s = Number(score);
+    return s >= 0 && s <= 1 ? `${Math.round(s * 100)}%` : s.toFixed(3);
   }
 
   function thumbnail(image) {
