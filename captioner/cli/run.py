@@ -49,7 +49,8 @@ def _override(name: str, value) -> None:
 @click.pass_context
 def run(ctx, data_dir, host, port, redis_port, model_checkpoint, untrained, no_sample):
     """Run everything on this machine: a private Redis, SQLite, a local object store, the
-    dashboard, one worker and beat. Prints the admin login and the URL; Ctrl-C stops it all."""
+    dashboard, a caption worker, a maintenance worker and beat. Prints the admin login and the
+    URL; Ctrl-C stops it all."""
     _override("CAPTIONER_DATA_DIR", data_dir)
     _override("CAPTIONER_DASHBOARD_HOST", host)
     _override("CAPTIONER_DASHBOARD_PORT", port)
