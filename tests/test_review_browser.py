@@ -11,9 +11,7 @@ opens the queue filtered to it. Assertions look at the page and the database, ne
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 
 import pytest
 from sqlalchemy import select
@@ -23,7 +21,7 @@ from captioner.state.db import session_scope
 from captioner.state.models import Caption, Review, ReviewDecision
 from core_model.synthetic import SyntheticWorld
 from tests.dashboard_helpers import active_version
-from tests.live_server import REPO, DashboardProcess
+from tests.live_server import DashboardProcess
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, PASSWORD
 from tests.workers_fixtures import Stack
 
@@ -157,12 +155,6 @@ def test_small_image_shown_large_zoom_and_pan(live, page, tmp_path):
     box = img.bounding_box()
     assert box["width"] >= 384 and box["height"] >= 384
     assert page.evaluate("document.getElementById('review-image').naturalWidth") == 64
-    # Saved for the README when asked: a 64 px demo image shown large, its alternatives.
-    shot = tmp_path / "review-page.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("CAPTIONER_TEST_UPDATE_SCREENSHOT"):
-        shutil.copyfile(shot, REPO / "docs" / "review-page.png")
-
     stage = page.locator("#review-stage")
     expect(stage).to_have_attribute("data-zoom", "1")
     # Fitted, the page shows the stored preview; zoomed in, the original.
