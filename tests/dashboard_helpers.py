@@ -16,6 +16,7 @@ from sqlalchemy import select
 from captioner.state import images, jobs
 from captioner.state.db import session_scope
 from captioner.state.models import ApiToken, Image, ImageStatus, ModelStatus, ModelVersion
+from captioner.storage import LocalObjectStore
 
 PASSWORD = "correct horse battery"
 
@@ -112,3 +113,34 @@ def login(client, email: str, password: str = PASSWORD):
 def csrf(client) -> str:
     with client.session_transaction() as s:
         return s["csrf"]
+
+
+class ReadCountingStore(LocalObjectStore):
+    """A local object store counting the bytes read from each object (`bytes_read`)."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.bytes_read: dict[str, int] = {}
+
+    def open(self, key):
+        store, f = self, super().open(key)
+
+        class Counted:
+            def read(self, n=-1):
+                data = f.read(n)
+                store.bytes_read[key] = store.bytes_read.get(key, 0) + len(data)
+                return data
+
+            def fileno(self):
+                return f.fileno()
+
+            def close(self):
+                f.close()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return Counted()

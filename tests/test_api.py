@@ -1320,40 +1320,12 @@ def test_checkpoint_locations_for_admins_only(app, client, users):
 
 
 def test_an_oversize_object_is_refused_without_being_read(app, client, users):
-    from captioner.storage import LocalObjectStore
-
-    class CountingStore(LocalObjectStore):
-        """The app's store, counting the bytes it reads from each object."""
-
-        bytes_read: dict[str, int] = {}
-
-        def open(self, key):
-            store, f = self, super().open(key)
-
-            class Counted:
-                def read(self, n=-1):
-                    data = f.read(n)
-                    store.bytes_read[key] = store.bytes_read.get(key, 0) + len(data)
-                    return data
-
-                def fileno(self):
-                    return f.fileno()
-
-                def close(self):
-                    f.close()
-
-                def __enter__(self):
-                    return self
-
-                def __exit__(self, *exc):
-                    f.close()
-
-            return Counted()
+    from dashboard_helpers import ReadCountingStore
 
     ext = app.extensions["captioner"]
     limit = 2000
     ext.settings = ext.settings.model_copy(update={"max_image_bytes": limit})
-    store = ext._store = CountingStore(ext.store.root)
+    store = ext._store = ReadCountingStore(ext.store.root)
     big, small = png() + b"\0" * limit, png()
     assert len(big) > limit >= len(small)
     store.put("big/a.png", big)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import PUBLIC_IP
-from dashboard_helpers import make_zip, png
+from dashboard_helpers import ReadCountingStore, make_zip, png
 
 from captioner import webhooks
 from captioner.intake import errors, fetch, prefixes, uploads, urls
@@ -695,22 +695,15 @@ def test_zip_ratio_checked_on_members_under_a_mebibyte():
 def test_the_worker_refuses_an_oversize_object_without_reading_it(tmp_path):
     from workers.pixels import prepare_image
 
-    class CountingStore(LocalObjectStore):
-        opened: list[str] = []
-
-        def open(self, key):
-            self.opened.append(key)
-            return super().open(key)
-
-    store = CountingStore(tmp_path / "objects")
+    store = ReadCountingStore(tmp_path / "objects")
     s = settings(max_image_bytes=2000)
     store.put("big.png", png() + b"\0" * 2000)
     prepared = prepare_image(store, "big.png", s, preprocess=lambda image: image)
     assert prepared.reason_kind == "too_large" and "> limit 2000" in prepared.reason
-    assert prepared.transient is None and store.opened == []
+    assert prepared.transient is None and store.bytes_read == {}
     store.put("small.png", png())
     prepared = prepare_image(store, "small.png", s, preprocess=lambda image: image)
-    assert prepared.reason is None and store.opened == ["small.png"]
+    assert prepared.reason is None and store.bytes_read == {"small.png": len(png())}
 
 
 def test_uploads_and_fetched_urls_live_in_their_owners_namespace(session, tmp_path, http_server):
