@@ -84,7 +84,10 @@ def model_alone(checkpoint: Path, jpegs: list[bytes], args) -> float:
         checkpoint, device=args.device, batch_size=args.batch_size
     )
     pixels = torch.stack([captioner.preprocess(decode_image(j)) for j in jpegs])
-    opts = DecodeOptions(max_new_tokens=args.max_new_tokens)
+    # The same decoding as the worker's (the settings' default for a job: beam 3, 3 alternatives).
+    opts = DecodeOptions(
+        num_beams=args.num_beams, n_best=args.n_best, max_new_tokens=args.max_new_tokens
+    )
     bs = args.batch_size
     captioner.caption_tensors(pixels[:bs].to(captioner.device), opts)  # warm-up
     sync = torch.cuda.synchronize if captioner.device.type == "cuda" else (lambda: None)
@@ -257,7 +260,8 @@ class Pipeline:
             CAPTIONER_DEVICE=args.device,
             CAPTIONER_BATCH_SIZE=str(args.batch_size),
             CAPTIONER_CAPTION_MAX_NEW_TOKENS=str(args.max_new_tokens),
-            CAPTIONER_CAPTION_N_BEST="1",
+            CAPTIONER_CAPTION_NUM_BEAMS=str(args.num_beams),
+            CAPTIONER_CAPTION_N_BEST=str(args.n_best),
         )
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -489,6 +493,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument(
+        "--num-beams", type=int, default=3, help="Beams, in both measurements (a job's default)."
+    )
+    parser.add_argument(
+        "--n-best", type=int, default=3, help="Alternatives kept, in both (a job's default)."
+    )
+    parser.add_argument(
         "--redis-url",
         default="",
         help="Default: a private redis-server started for this run (and stopped).",
@@ -607,7 +617,8 @@ def main() -> None:
             server.shutdown()
         print(
             f"model: {label}; device {args.device}; batch {args.batch_size}; "
-            f"{args.images} JPEGs {args.image_size}px; {args.max_new_tokens} new tokens; "
+            f"{args.images} JPEGs {args.image_size}px; {args.max_new_tokens} new tokens, "
+            f"beam {args.num_beams}, {args.n_best} alternatives; "
             f"torch threads {args.threads or 'default'}; {database}"
         )
         if args.plumbing:
