@@ -254,9 +254,11 @@
   }
 
   // After a page arrives in the background: the count only, leaving any status text after it.
+  // Not while a move or decision is under way: its index is not on screen yet, and its own
+  // render writes the position when it is.
   function showPosition() {
     const box = $("review-position");
-    if (!current()) return;
+    if (!current() || state.busy) return;
     const rest = box.textContent.includes(" · ") ? box.textContent.slice(box.textContent.indexOf(" · ")) : "";
     box.textContent = position() + rest;
   }
