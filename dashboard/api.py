@@ -37,7 +37,7 @@ from captioner.accounts import (
     find_user,
     revoke_tokens,
 )
-from captioner.intake import previews
+from captioner.intake import previews, submit
 from captioner.intake.decode import ImageRejected, open_image
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.prefixes import check_grants
@@ -214,7 +214,7 @@ class DecodingFields(Schema):
     )
 
 
-EXTERNAL_ID_MAX = 512  # `images.external_id`
+EXTERNAL_ID_MAX = submit.EXTERNAL_ID_MAX_LENGTH  # `images.external_id`
 
 
 class SourceItem(Field):

@@ -32,8 +32,8 @@ from captioner.state.models import Export, ExportStatus, User, UserRole
 from captioner.storage import ObjectNotFound
 from captioner.tasks import TASK_EXPORT
 from dashboard import services
-from dashboard.api import AUTH, E401, E404, E409, E422, E429
-from dashboard.auth import api_auth, current_user, db, limiter, submit_limit
+from dashboard.api import AUTH, E401, E404, E409, E422, E429, _user
+from dashboard.auth import api_auth, db, limiter, submit_limit
 
 bp = APIBlueprint("exports", __name__, url_prefix="/api/v1", tag="Exports")
 
@@ -145,12 +145,6 @@ def _percent(rows_done: int, rows_total: int, done: bool) -> float:
     if done:
         return 100.0
     return round(min(100.0, 100.0 * rows_done / rows_total), 1) if rows_total else 0.0
-
-
-def _user() -> User:
-    user = current_user()
-    assert user is not None  # api_auth ran first
-    return user
 
 
 def _visible(user: User):

@@ -31,6 +31,7 @@ from dashboard.api import (
     ImageOut,
     JobOut,
     ReviewOut,
+    _job_or_404,
     image_dict,
     job_dict,
     review_dict,
@@ -98,13 +99,6 @@ class ApproveImagesOut(Schema):
 
 class TryIn(Schema):
     file = File(required=True, metadata={"description": "One image"})
-
-
-def _job_or_404(job_id: int):
-    try:
-        return services.get_job(db(), current_user(), job_id)
-    except services.NotFound:
-        abort(404, f"no job {job_id}")
 
 
 @bp.get("/jobs/<int:job_id>/approve-above")

@@ -449,11 +449,10 @@ def preview_bulk_approve(
     keys = select(Image.id).where(
         Image.job_id == job_id, Image.review_score.is_not(None), Image.review_score >= min_score
     )
-    capped = keys.limit(BULK_APPROVE_LIMIT + 1).subquery()
-    n = session.scalar(select(func.count()).select_from(capped)) or 0
+    count, exact = _capped_count(session, keys, BULK_APPROVE_LIMIT)
     first = session.scalars(keys.order_by(Image.review_score, Image.id).limit(sample))
     rows = [(image, caption) for image, caption, _ in _queue_rows(session, list(first))]
-    return ApprovalPreview(min(n, BULK_APPROVE_LIMIT), n <= BULK_APPROVE_LIMIT, rows)
+    return ApprovalPreview(count, exact, rows)
 
 
 def undo_approval_batch(
@@ -854,11 +853,12 @@ def _unreviewed_total(session: Session, filters: QueueFilter) -> int:
     return int(session.scalar(query) or 0)
 
 
-def _capped_count(session: Session, query: Select) -> tuple[int, bool]:
-    """(rows `query` matches, up to `QUEUE_COUNT_CAP`; whether that is all of them)."""
-    capped = query.order_by(None).limit(QUEUE_COUNT_CAP + 1).subquery()
+def _capped_count(session: Session, query: Select, cap: int = QUEUE_COUNT_CAP) -> tuple[int, bool]:
+    """(rows `query` matches, up to `cap`; whether that is all of them): at most `cap` + 1 rows
+    (index entries) read, whatever the table's size."""
+    capped = query.order_by(None).limit(cap + 1).subquery()
     n = session.scalar(select(func.count()).select_from(capped)) or 0
-    return min(n, QUEUE_COUNT_CAP), n <= QUEUE_COUNT_CAP
+    return min(n, cap), n <= cap
 
 
 def _queue_rows(session: Session, image_ids: list[int]) -> list[tuple[Image, Caption, Any]]:
