@@ -31,13 +31,12 @@ from captioner.state import exports
 from captioner.state.models import Export, ExportStatus, User, UserRole
 from captioner.storage import ObjectNotFound
 from captioner.tasks import TASK_EXPORT
-from dashboard import services
+from dashboard import MAX_ID, services
 from dashboard.api import AUTH, E401, E404, E409, E422, E429, _user
 from dashboard.auth import api_auth, db, limiter, submit_limit
 
 bp = APIBlueprint("exports", __name__, url_prefix="/api/v1", tag="Exports")
 
-MAX_ID = 2**31 - 1
 # Bytes per read while a download streams from the store.
 DOWNLOAD_CHUNK = 1024 * 1024
 

@@ -19,7 +19,7 @@ from flask import current_app
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import check_uploads
 from captioner.state import jobs, reviews
-from dashboard import services
+from dashboard import MAX_ID, services
 from dashboard.api import (
     AUTH,
     E401,
@@ -39,8 +39,6 @@ from dashboard.api import (
 from dashboard.auth import api_auth, current_user, db, limiter, submit_limit
 
 bp = APIBlueprint("grid", __name__, url_prefix="/api/v1", tag="Captioner")
-
-MAX_ID = 2**31 - 1
 
 
 class ApprovalPreviewIn(Schema):
