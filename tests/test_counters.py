@@ -5,6 +5,8 @@ and the review queue pages by cursor without repeating or skipping an image."""
 from __future__ import annotations
 
 import random
+import re
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -358,6 +360,69 @@ def test_a_batch_save_issues_the_same_statements_for_100_and_5000_images(session
     small = _statements_of_one_batch_save(session, engine, 100)
     large = _statements_of_one_batch_save(session, engine, 5_000)
     assert small == large and small > 0
+
+
+def _sqlite_plans_of_images_by_id(engine, run) -> dict[str, list[str]]:
+    """{statement: its SQLite query plan's steps over `images`} of each statement `run()`
+    issues that picks images by id."""
+    issued: dict[str, tuple] = {}
+
+    def keep(_conn, _cursor, statement, parameters, _context, executemany):
+        if not executemany and re.search(r"\bimages\.id (IN \(|= \?)", statement):
+            issued.setdefault(statement, tuple(parameters))
+
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        run()
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    with engine.connect() as conn:
+        return {
+            statement: [
+                step
+                for *_, step in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+                if re.match(r"(SEARCH|SCAN) images\b", step)
+            ]
+            for statement, params in issued.items()
+        }
+
+
+def test_a_batch_on_sqlite_looks_its_images_up_by_id_not_by_status(_sqlite_template, tmp_path):
+    """A batch's statements find its images by id whatever else the table holds. Without
+    statistics SQLite took `status = ?` beside a list of ids for the better index and walked
+    every image in that status -- each save walked every captioned image of every job, each
+    claim every queued one -- so a batch cost more the bigger the jobs."""
+    path = tmp_path / "plans.db"
+    shutil.copyfile(_sqlite_template, path)
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            mv = _model(session)
+            job_id, ids = _job(session, 200)
+            done, batch, spare = ids[:100], ids[100:132], ids[132:164]
+            images.claim_images(session, worker_id="w", lease_seconds=600, image_ids=done)
+            images.complete_images(session, mv.id, [images.CaptionRow(i, "a", -1.0) for i in done])
+
+            def one_batch():
+                claim = {"lease_seconds": 600, "job_id": job_id, "max_attempts": 3}
+                images.claim_images(session, worker_id="w", image_ids=batch, **claim)
+                held = images.extend_lease(session, batch, worker_id="w", lease_seconds=600)
+                rows = [images.CaptionRow(i, f"c{i}", -0.5, [], 16, 16) for i in held]
+                images.complete_images(session, mv.id, rows)
+                images.claim_images(session, worker_id="w", image_ids=spare, **claim)
+                images.requeue_images(session, spare[:16], worker_id="w")
+                images.fail_image(session, spare[16], "broken")
+
+            plans = _sqlite_plans_of_images_by_id(engine, one_batch)
+            assert len(plans) >= 5
+            for statement, steps in plans.items():
+                assert steps, statement
+                for step in steps:
+                    # The primary key (rowid=?), or an index on (job_id, id) walked by the ids.
+                    assert re.search(r"\b(rowid|id)=\?", step), (step, statement)
+            assert jobs.recount(session) == []
+    finally:
+        engine.dispose()
 
 
 # --- submit ---------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from captioner.state.jobs import CounterDeltas, dialect_insert
 from captioner.state.models import (
@@ -49,14 +51,54 @@ from captioner.state.models import (
 LEASE_EXHAUSTED_REASON = "gave up after {attempts} attempts (worker lost or timed out each time)"
 
 
+# --- statements keyed by id -----------------------------------------------------------------
+
+
+class _NotIndexed(ColumnElement[Any]):
+    """`column`, kept out of SQLite's index choice: rendered `+column` there (SQLite's own way
+    to take a term out of index selection), plain elsewhere.
+
+    For statements that pick images by id (`id IN (...)`, a batch): SQLite without statistics
+    (nothing runs ANALYZE) guesses that an equality on an index's first column matches about
+    ten rows, so beside a list of more ids it chose `status = ?` on a status index and walked
+    every image in that status in the whole table -- every captioned image of every job, for
+    each caption save -- instead of looking up the ids. The cost of a batch then grew with the
+    table. PostgreSQL keeps statistics and is left as it is.
+    """
+
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_NotIndexed)
+def _render_plain(element: _NotIndexed, compiler, **kw) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(_NotIndexed, "sqlite")
+def _render_unary_plus(element: _NotIndexed, compiler, **kw) -> str:
+    return "+" + compiler.process(element.column, **kw)
+
+
+def _status(by_id: bool) -> ColumnElement[Any]:
+    """`Image.status` for a WHERE clause; `by_id`: the statement picks its rows by id, and the
+    status only filters them (see `_NotIndexed`)."""
+    return _NotIndexed(Image.status) if by_id else Image.status
+
+
 # --- claim ----------------------------------------------------------------------------------
 
 
-def _claimable(now: datetime, max_attempts: int | None):
+def _claimable(now: datetime, max_attempts: int | None, by_id: bool = False):
     """Queued, or running with a lease that has run out (its worker is presumed lost)."""
+    status = _status(by_id)
     condition = or_(
-        Image.status == ImageStatus.QUEUED,
-        and_(Image.status == ImageStatus.RUNNING, Image.lease_until < now),
+        status == ImageStatus.QUEUED,
+        and_(status == ImageStatus.RUNNING, Image.lease_until < now),
     )
     if max_attempts is not None:
         condition = and_(condition, Image.attempts < max_attempts)
@@ -100,7 +142,8 @@ def claim_images(
         "attempts": Image.attempts + 1,
         "failure_reason": None,
     }
-    claimable = [_claimable(now, max_attempts), *scope]
+    by_id = image_ids is not None
+    claimable = [_claimable(now, max_attempts, by_id), *scope]
     if _dialect(session) == "postgresql":
         candidates = (
             select(Image.id, Image.job_id, Image.status)
@@ -111,7 +154,7 @@ def claim_images(
         )
         rows = session.execute(_update_locked(candidates, values, claimable)).all()
     else:
-        rows = _claim_sqlite(session, claimable, scope, values, limit, max_attempts)
+        rows = _claim_sqlite(session, claimable, scope, values, limit, max_attempts, by_id)
     deltas = CounterDeltas()
     for _, job, old in rows:
         deltas.move(job, old, ImageStatus.RUNNING)
@@ -127,13 +170,15 @@ def _claim_sqlite(
     values: dict[str, Any],
     limit: int | None,
     max_attempts: int | None,
+    by_id: bool,
 ) -> list[tuple[int, int, ImageStatus]]:
     """(id, job, status before) of each image claimed, in two UPDATEs (see `claim_images`)."""
+    status = _status(by_id)
     first = select(Image.id).where(*claimable).order_by(Image.id).limit(limit)
     rows = _returning(
         session,
         update(Image).where(
-            Image.id.in_(first.scalar_subquery()), *claimable, Image.status == ImageStatus.RUNNING
+            Image.id.in_(first.scalar_subquery()), *claimable, status == ImageStatus.RUNNING
         ),
         values,
         ImageStatus.RUNNING,
@@ -141,7 +186,7 @@ def _claim_sqlite(
     left = None if limit is None else limit - len(rows)
     if left is not None and left <= 0:
         return rows
-    queued = [Image.status == ImageStatus.QUEUED, *scope]
+    queued = [status == ImageStatus.QUEUED, *scope]
     if max_attempts is not None:
         queued.append(Image.attempts < max_attempts)
     rest = select(Image.id).where(*queued).order_by(Image.id).limit(left)
@@ -180,9 +225,12 @@ def _move_images(
     values: dict[str, Any],
     old: Sequence[ImageStatus],
     deltas: CounterDeltas,
+    *,
+    by_id: bool = False,
 ) -> list[int]:
     """Set `values` (a new `status` among them) on the images matching `where` whose status is
-    one of `old`; counts each move in `deltas` and returns the ids changed.
+    one of `old`; counts each move in `deltas` and returns the ids changed. `by_id`: `where`
+    picks the images by id, and the status only filters them (see `_NotIndexed`).
 
     The counters need each row's status before the change. With one `old` status the
     conditional UPDATE says it. With several: on PostgreSQL one UPDATE locks the rows in a CTE
@@ -191,16 +239,19 @@ def _move_images(
     """
     new = values["status"]
     if len(old) > 1 and _dialect(session) == "postgresql":
+        # From every status (a caption save): no status term, which only offered the planner a
+        # status index to walk beside the ids.
+        every = set(old) == set(ImageStatus)
         candidates = (
             select(Image.id, Image.job_id, Image.status)
-            .where(*where, Image.status.in_(old))
+            .where(*where, *([] if every else [Image.status.in_(old)]))
             .with_for_update()
         )
         rows = session.execute(_update_locked(candidates, values, [])).all()
     else:
         rows = []
         for status in sorted(old, key=lambda s: s != new):
-            statement = update(Image).where(*where, Image.status == status)
+            statement = update(Image).where(*where, _status(by_id) == status)
             rows += _returning(session, statement, values, status)
     for _, job, before in rows:
         deltas.move(job, before, new)
@@ -230,7 +281,7 @@ def extend_lease(
         update(Image)
         .where(
             Image.id.in_(list(image_ids)),
-            Image.status == ImageStatus.RUNNING,
+            _status(by_id=True) == ImageStatus.RUNNING,
             Image.lease_owner == worker_id,
         )
         .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
@@ -403,7 +454,7 @@ def complete_images(session: Session, model_version_id: int, rows: Sequence[Capt
         "finished_at": now,
     }
     deltas = CounterDeltas()
-    _move_images(session, [Image.id.in_(ids)], done, list(ImageStatus), deltas)
+    _move_images(session, [Image.id.in_(ids)], done, list(ImageStatus), deltas, by_id=True)
     _save_sizes(session, rows)
     _keep_review_scores(session, ids, deltas)
     deltas.apply(session)
@@ -432,7 +483,8 @@ def import_captions(session: Session, rows: Sequence[CaptionRow]) -> dict[int, i
     }
     deltas = CounterDeltas()
     ids = [r.image_id for r in rows]
-    moved = set(_move_images(session, [Image.id.in_(ids)], done, [ImageStatus.QUEUED], deltas))
+    queued = [ImageStatus.QUEUED]
+    moved = set(_move_images(session, [Image.id.in_(ids)], done, queued, deltas, by_id=True))
     values = [
         {
             "image_id": r.image_id,
@@ -514,13 +566,16 @@ def fail_image(session: Session, image_id: int, reason: str) -> bool:
     }
     deltas = CounterDeltas()
     not_captioned = [ImageStatus.QUEUED, ImageStatus.RUNNING, ImageStatus.FAILED]
-    changed = _move_images(session, [Image.id == image_id], values, not_captioned, deltas)
+    changed = _move_images(
+        session, [Image.id == image_id], values, not_captioned, deltas, by_id=True
+    )
     deltas.apply(session)
     return bool(changed)
 
 
-def _back_to_queue(session: Session, *where, now: datetime) -> list[int]:
-    """Running images matching `where` go back to queued, lease cleared; their sorted ids."""
+def _back_to_queue(session: Session, *where, now: datetime, by_id: bool = False) -> list[int]:
+    """Running images matching `where` go back to queued, lease cleared; their sorted ids.
+    `by_id`: `where` picks the images by id (see `_move_images`)."""
     values = {
         "status": ImageStatus.QUEUED,
         "lease_owner": None,
@@ -528,7 +583,7 @@ def _back_to_queue(session: Session, *where, now: datetime) -> list[int]:
         "queued_at": now,
     }
     deltas = CounterDeltas()
-    ids = _move_images(session, where, values, [ImageStatus.RUNNING], deltas)
+    ids = _move_images(session, where, values, [ImageStatus.RUNNING], deltas, by_id=by_id)
     deltas.apply(session)
     return ids
 
@@ -540,6 +595,7 @@ def requeue_images(session: Session, image_ids: Sequence[int], *, worker_id: str
         Image.id.in_(list(image_ids)),
         Image.lease_owner == worker_id,
         now=utcnow(),
+        by_id=True,
     )
 
 
