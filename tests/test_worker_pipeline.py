@@ -178,6 +178,50 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
     assert {im.attempts for im in stack.images(ids).values()} == {1}
 
 
+def test_a_batch_slower_than_its_lease_keeps_its_images_while_its_worker_lives(
+    stack, monkeypatch
+):
+    """The worker renews its lease while a batch runs: a sweep after the first lease ran out
+    finds it renewed and leaves the batch alone, which then saves every caption on its first
+    attempt. (Without renewals the sweep takes the images back and the save loses them.)"""
+    from captioner.state.models import ImageStatus, utcnow
+    from core_model.inference import ImageCaptioner
+    from workers.caption import run_caption_batch
+    from workers.sweep import run_sweep
+
+    settings = stack.settings().model_copy(update={"lease_seconds": 2})
+    job_id, ids = stack.submit_pngs(4, name="slow", publish=False)
+    problems: list[str] = []
+    swept: list[dict] = []
+    original_caption = ImageCaptioner.caption_tensors
+
+    def slow_caption(self, pixels, options=None):
+        first = {i: im.lease_until for i, im in stack.images(ids).items()}
+        if {im.status for im in stack.images(ids).values()} != {ImageStatus.RUNNING}:
+            problems.append("the batch's images were not claimed")
+
+        def renewed_past_the_first_lease() -> bool:
+            now = utcnow()
+            held = stack.images(ids)
+            return all(now > first[i] and held[i].lease_until > first[i] for i in ids)
+
+        try:
+            wait_for(renewed_past_the_first_lease, EVENT_WAIT, interval=0.1, what="a renewal")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        swept.append(run_sweep(settings))
+        return original_caption(self, pixels, options)
+
+    monkeypatch.setattr(ImageCaptioner, "caption_tensors", slow_caption)
+    outcome = run_caption_batch(job_id, ids, worker_id="slow/1", settings=settings, retrying=False)
+    assert not problems, problems
+    assert swept and swept[0].get("expired", 0) == 0, swept
+    assert sorted(outcome.captioned) == sorted(ids) and not outcome.lost
+    assert {im.attempts for im in stack.images(ids).values()} == {1}
+    counts = stack.caption_counts(ids)
+    assert len(counts) == 4 and set(counts.values()) == {1}
+
+
 # --- ModelRuntime.use: switching models while batches are in flight ------------------------------
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -428,6 +429,44 @@ def give_back(res: WorkerResources, image_ids: list[int], worker_id: str) -> Non
         log.warning("could not give back %d images; their leases will expire", len(image_ids))
 
 
+class LeaseKeeper:
+    """Renews this worker's lease on its claimed images every third of the lease while the
+    batch is fetched and captioned, so a batch slower than the lease (a busy machine, a big
+    model) keeps its images as long as its worker lives; a killed worker stops renewing and
+    the sweeper hands its images out once the lease runs out. Best effort: a renewal the
+    database refuses is logged and tried again at the next tick (the save is fenced by the
+    lease either way)."""
+
+    def __init__(self, res: WorkerResources, batch: Batch, image_ids: list[int]) -> None:
+        self.res, self.batch, self.image_ids = res, batch, image_ids
+        self.every = max(0.5, batch.settings.lease_seconds / 3)
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with session_scope(self.res.sessions) as s:
+                    images.extend_lease(
+                        s,
+                        self.image_ids,
+                        worker_id=self.batch.worker_id,
+                        lease_seconds=self.batch.settings.lease_seconds,
+                    )
+                self.renewals += 1
+            except OperationalError as exc:
+                log.warning("could not renew the lease on %d images: %s", len(self.image_ids), exc)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_caption_batch(
     job_id: int, image_ids: list[int], *, worker_id: str, settings: Settings, retrying: bool
 ) -> BatchOutcome:
@@ -450,8 +489,9 @@ def run_caption_batch(
         claimed = _claim(res, batch)
         if not claimed.image_ids:
             return BatchOutcome(model_version_id=loaded.version_id)
-        fetched = _fetch_and_decode(res, batch, claimed, loaded)
-        run = _caption(res, batch, claimed, fetched, loaded)
+        with LeaseKeeper(res, batch, claimed.image_ids):
+            fetched = _fetch_and_decode(res, batch, claimed, loaded)
+            run = _caption(res, batch, claimed, fetched, loaded)
     saved = _save(res, batch, claimed, run, loaded.version_id)
     publish_committed_deliveries(saved.finished.deliveries, settings)
     metrics.IMAGES_CAPTIONED.inc(len(saved.captioned))
