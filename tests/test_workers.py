@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import sys
-import time
 
 import pytest
 from sqlalchemy import select, update
@@ -346,11 +345,25 @@ def test_redis_wiped_midway_sweeper_recovers(tmp_path, checkpoints, monkeypatch,
             lambda: stack.progress(job_id).captioned >= 16, 60, interval=0.05, what="first batches"
         )
         stack.redis.flushdb()  # every key of this Redis db, as FLUSHALL would
-        time.sleep(3)
+        # The batch in flight at the wipe finishes; then the worker holds nothing and nothing
+        # is left in Redis to wake it (asked of the worker itself, not guessed from a pause).
+        from captioner.tasks import publisher
+
+        control = publisher(stack.settings()).control
+
+        def idle() -> bool:
+            inspect = control.inspect(destination=["wipe@test"], timeout=2)
+            active, reserved = inspect.active() or {}, inspect.reserved() or {}
+            return (
+                active.get("wipe@test") == []
+                and reserved.get("wipe@test") == []
+                and stack.statuses(job_id).get("running", 0) == 0
+            )
+
+        wait_for(idle, 60, interval=0.2, what="the worker idle after the wipe")
         stalled = stack.progress(job_id)
         assert not stalled.is_complete, "the wipe should have lost the queued messages"
-        time.sleep(1)
-        assert stack.progress(job_id).captioned == stalled.captioned  # nothing left to wake it
+        assert idle() and stack.progress(job_id).captioned == stalled.captioned
 
         from workers.sweep import run_sweep
 
