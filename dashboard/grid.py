@@ -93,6 +93,13 @@ class ApproveImagesOut(Schema):
         Integer(),
         metadata={"description": "Images that no longer awaited review (reviewed meanwhile)"},
     )
+    shared = List(
+        Integer(),
+        metadata={
+            "description": "Other images of the same content (the same bytes in another of "
+            "the owner's jobs) that got the approval too"
+        },
+    )
 
 
 class TryIn(Schema):
@@ -163,14 +170,18 @@ def approve_images(data):
     session = db()
     picks = [(item["image_id"], item["caption_id"]) for item in data["items"]]
     try:
-        added, skipped = services.approve_images(session, current_user(), picks)
+        done = services.approve_images(session, current_user(), picks)
     except services.NotFound as exc:
         session.rollback()
         abort(404, str(exc))
     except jobs.LifecycleError as exc:
         session.rollback()
         abort(422, str(exc))
-    return {"items": [review_dict(review) for review in added], "skipped": skipped}
+    return {
+        "items": [review_dict(review) for review in done.added],
+        "skipped": done.skipped,
+        "shared": done.shared,
+    }
 
 
 @bp.post("/try")

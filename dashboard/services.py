@@ -368,12 +368,11 @@ def undo_approval(session, user: User, job: Job, token: str) -> int:
     return count
 
 
-def approve_images(
-    session, user: User, picks: Sequence[tuple[int, int]]
-) -> tuple[list[Review], list[int]]:
+def approve_images(session, user: User, picks: Sequence[tuple[int, int]]) -> reviews.ApprovedPicks:
     """Approve the caption shown for each (image id, caption id) the user picked; returns the
-    approvals and the images skipped (reviewed meanwhile). NotFound for an image the user
-    cannot see; `jobs.LifecycleError` for a caption that is not the image's."""
+    approvals, the images skipped (reviewed meanwhile) and those of the same content that got
+    the approval too. NotFound for an image the user cannot see; `jobs.LifecycleError` for a
+    caption that is not the image's."""
     ids = {image_id for image_id, _ in picks}
     seen = select(Image.id).join(Job, Job.id == Image.job_id).where(Image.id.in_(ids))
     if not sees_all_jobs(user):
@@ -381,10 +380,10 @@ def approve_images(
     missing = ids - set(session.scalars(seen))
     if missing:
         raise NotFound(f"no image {min(missing)}")
-    added, skipped = reviews.approve_images(session, picks, reviewer_id=user.id)
+    done = reviews.approve_images(session, picks, reviewer_id=user.id)
     session.commit()
-    preload_reviewers(session, added)
-    return added, skipped
+    preload_reviewers(session, done.added)
+    return done
 
 
 def review_queue(

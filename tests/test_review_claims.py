@@ -26,7 +26,14 @@ from sqlalchemy import select
 from captioner.accounts import create_user
 from captioner.state import images, jobs, reviews
 from captioner.state.db import session_scope
-from captioner.state.models import Image, ImageStatus, Job, Review, ReviewDecision
+from captioner.state.models import (
+    Caption,
+    Image,
+    ImageStatus,
+    Job,
+    Review,
+    ReviewDecision,
+)
 from tests.conftest import free_port
 
 
@@ -415,6 +422,37 @@ def test_sharing_rules_in_state(session):
     assert jobs.recount(session) == []
     keys = session.scalars(select(Image.id).where(Image.review_score.is_not(None))).all()
     assert {x, y, z, b, n2} <= set(keys)
+
+
+def test_grid_approvals_are_shared_with_the_same_content(session):
+    alice = create_user(session, "alice@example.com", "pw-123456789", role="submitter")
+    bob = create_user(session, "bob@example.com", "pw-123456789", role="submitter")
+    version = active_version(session)
+    sha = "cd" * 32
+    [x] = _captioned(session, alice.id, [(sha, "a blue circle")], version)
+    [y, other] = _captioned(
+        session, alice.id, [(sha, "a blue circle"), ("ef" * 32, "a box")], version
+    )
+    [b] = _captioned(session, bob.id, [(sha, "a blue circle")], version)
+
+    def pick(image_id: int) -> tuple[int, int]:
+        return image_id, session.scalar(select(Caption.id).where(Caption.image_id == image_id))
+
+    # y is picked too, after x: it got x's approval already, and is not approved twice
+    done = reviews.approve_images(session, [pick(x), pick(y), pick(other)], reviewer_id=alice.id)
+    assert [r.image_id for r in done.added] == [x, other]
+    assert done.shared == [y] and done.skipped == []
+    shared = reviews.current_review(session, y)
+    assert (shared.decision, shared.reviewer_id) == (ReviewDecision.APPROVED, alice.id)
+    assert len(reviews.review_history(session, y)) == 1
+    assert reviews.current_review(session, b) is None  # never across owners
+    assert jobs.recount(session) == []
+
+    # Undoing the approval on x takes back the one it gave y.
+    _, undone = reviews.undo_content_review(session, x)
+    assert undone == [y]
+    assert reviews.current_review(session, y).decision == ReviewDecision.UNDONE
+    assert jobs.recount(session) == []
 
 
 def test_the_queue_walk_skips_keys_and_still_visits_every_other_once(session):

@@ -16,7 +16,7 @@ import math
 import struct
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -536,17 +536,27 @@ def _undo_if_current(
     return [r.image_id for r in rows]
 
 
+@dataclass
+class ApprovedPicks:
+    """What `approve_images` did: the approvals added, the picks skipped (reviewed meanwhile)
+    and the other images of the same content that got the decision too."""
+
+    added: list[Review] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    shared: list[int] = field(default_factory=list)
+
+
 def approve_images(
     session: Session, picks: Sequence[tuple[int, int]], *, reviewer_id: int | None = None
-) -> tuple[list[Review], list[int]]:
-    """Approve the caption shown for each (image id, caption id) pick, in order: returns the
-    approvals added and the ids of the images skipped because they no longer await review
-    (reviewed by someone meanwhile: skipped, not overruled). `LifecycleError` for an image
-    that does not exist or a caption that is not the image's."""
+) -> ApprovedPicks:
+    """Approve the caption shown for each (image id, caption id) pick, in order, each shared
+    with the other images of its content as a single review is (`add_content_review`).
+    An image that no longer awaits review (reviewed by someone meanwhile, or just now by
+    sharing) is skipped, not overruled. `LifecycleError` for an image that does not exist or a
+    caption that is not the image's."""
     if len(picks) > APPROVE_IMAGES_LIMIT:
         raise LifecycleError(f"at most {APPROVE_IMAGES_LIMIT} images per call")
-    added: list[Review] = []
-    skipped: list[int] = []
+    done = ApprovedPicks()
     seen: set[int] = set()
     for image_id, caption_id in picks:
         if image_id in seen:
@@ -555,18 +565,19 @@ def approve_images(
         _lock_image(session, image_id)
         current = current_review(session, image_id)
         if current is not None and current.decision != ReviewDecision.UNDONE:
-            skipped.append(image_id)
+            done.skipped.append(image_id)
             continue
-        added.append(
-            add_review(
-                session,
-                image_id=image_id,
-                decision=ReviewDecision.APPROVED,
-                caption_id=caption_id,
-                reviewer_id=reviewer_id,
-            )
+        review, shared = add_content_review(
+            session,
+            image_id=image_id,
+            decision=ReviewDecision.APPROVED,
+            caption_id=caption_id,
+            reviewer_id=reviewer_id,
         )
-    return added, skipped
+        done.added.append(review)
+        done.shared += shared
+        seen.update(shared)  # a pick of the same content got its approval just now
+    return done
 
 
 # --- one review per image content -----------------------------------------------------------

@@ -136,10 +136,13 @@
       const data = await C.api("POST", "/api/v1/review/approve", { items: picks });
       for (const review of data.items) state.done.set(review.image_id, "approved");
       for (const id of data.skipped) state.done.set(id, "skipped");
+      const shared = data.shared || [];
+      for (const id of shared) state.done.set(id, "approved");  // same content, approved with it
       state.selected.clear(); state.anchor = null;
-      state.total = Math.max(0, state.total - data.items.length);
+      state.total = Math.max(0, state.total - data.items.length - shared.length);
       const skipped = data.skipped.length ? `; ${data.skipped.length} skipped (reviewed meanwhile)` : "";
-      message(`Approved ${data.items.length} caption${data.items.length === 1 ? "" : "s"}${skipped}.`);
+      const copies = shared.length ? `; ${shared.length} identical image${shared.length === 1 ? "" : "s"} too` : "";
+      message(`Approved ${data.items.length} caption${data.items.length === 1 ? "" : "s"}${copies}${skipped}.`);
     } catch (e) {
       message("Not approved: " + e.message);
     } finally {
