@@ -7,13 +7,14 @@ bucket/prefix or root directory. `open_store(settings.storage_url)` picks the ba
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from captioner.settings import Settings
@@ -135,6 +136,13 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with `prefix` (a plain string prefix, as in S3), in sorted order."""
 
+    def for_child_process(self) -> ObjectStore | None:
+        """Called in a forked child process: this store as the child may use it without
+        disturbing its parent (no connection shared with it), or None where that cannot be
+        made. A prefix is listed in a child (`captioner.intake.prefixes`). A plain directory
+        shares nothing."""
+        return self
+
     @abstractmethod
     def url(self, key: str, expires_in: int = 3600) -> str:
         """A URL a client can read the object from (presigned on S3)."""
@@ -255,6 +263,25 @@ class LocalObjectStore(ObjectStore):
         return self._path(key).as_uri()
 
 
+def _botocore_200_error_check():
+    """botocore's handler that turns a 200 response whose body is an error, or no XML document
+    at all (cut short), into a 500 that is retried; None if this botocore has none."""
+    from botocore import handlers
+
+    return getattr(handlers, "_handle_200_error", None)
+
+
+def _listing_complete(response_dict, **kwargs) -> None:
+    """The listing client's check of a 200 response, in place of botocore's (which parses the
+    whole body just to read its root element): a body that is not a whole `ListBucketResult`
+    (an `Error`, or cut short) becomes a 500, retried as botocore's would be."""
+    body = response_dict.get("body") or b""
+    if response_dict.get("status_code") == 200 and not body.rstrip().endswith(
+        b"</ListBucketResult>"
+    ):
+        response_dict["status_code"] = 500
+
+
 class S3ObjectStore(ObjectStore):
     """Objects in an S3 bucket under an optional prefix, through boto3.
 
@@ -280,49 +307,81 @@ class S3ObjectStore(ObjectStore):
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.client = client or self._make_client(
-            endpoint_url=endpoint_url,
-            region=region,
-            access_key_id=access_key_id,
-            secret_access_key=secret_access_key,
-            max_attempts=max_attempts,
-            retry_mode=retry_mode,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
+        self._botocore_session = self._session = None
+        self._client_options: dict[str, Any] = {}
+        self._list_client = client
+        if client is None:
+            import boto3
+            import botocore.session
+            from botocore.config import Config
 
-    @staticmethod
-    def _make_client(
-        *,
-        endpoint_url,
-        region,
-        access_key_id,
-        secret_access_key,
-        max_attempts,
-        retry_mode,
-        connect_timeout,
-        read_timeout,
-    ):
-        import boto3
-        from botocore.config import Config
+            config = Config(
+                # total_max_attempts counts the first try; botocore's "max_attempts" would count
+                # only retries.
+                retries={"mode": retry_mode, "total_max_attempts": max_attempts},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # Virtual-host addressing needs DNS per bucket; custom endpoints rarely have it.
+                s3={"addressing_style": "path" if endpoint_url else "auto"},
+                signature_version="s3v4",
+            )
+            self._botocore_session = botocore.session.get_session()
+            self._session = boto3.session.Session(botocore_session=self._botocore_session)
+            self._client_options = {
+                "endpoint_url": endpoint_url,
+                "region_name": region,
+                "aws_access_key_id": access_key_id,
+                "aws_secret_access_key": secret_access_key,
+                "config": config,
+            }
+            client = self._new_client(listing=False)
+        self.client = client
 
-        config = Config(
-            # total_max_attempts counts the first try; botocore's "max_attempts" would count only retries.
-            retries={"mode": retry_mode, "total_max_attempts": max_attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            # Virtual-host addressing needs DNS per bucket; custom endpoints rarely have it.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-            signature_version="s3v4",
-        )
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=config,
-        )
+    @property
+    def list_client(self):
+        """The client `list` pages with, made on first use from the same session as `client`
+        (its credentials and loaded service model) and with the same options, but cheaper per
+        listed key (a store given its `client` lists with that one instead):
+
+        - the timestamps of its responses stay the strings the server sent: parsing each listed
+          object's LastModified, which `list` does not return, into a datetime was half of
+          what listing a key cost (`client` still parses them);
+        - botocore's check that a 200 response holds no error, which parses the whole body
+          a second time, is replaced by `_listing_complete`.
+        """
+        if self._list_client is None:
+            self._list_client = self._new_client(listing=True)
+        return self._list_client
+
+    def _new_client(self, *, listing: bool):
+        """A client from the store's session: botocore's own, or the listing client."""
+        from botocore.parsers import ResponseParserFactory
+
+        parsers = ResponseParserFactory()
+        if listing:
+            parsers.set_parser_defaults(timestamp_parser=str)
+        # A client keeps the session's parser factory of when it was made.
+        self._botocore_session.register_component("response_parser_factory", parsers)
+        client = self._session.client("s3", **self._client_options)
+        if listing:
+            events = client.meta.events
+            check = _botocore_200_error_check()
+            if check is not None:
+                events.unregister("before-parse.s3.*", check)
+            events.register_first("before-parse.s3.ListObjectsV2", _listing_complete)
+        return client
+
+    def for_child_process(self) -> S3ObjectStore | None:
+        """Call it in the child: a copy with clients of its own, made from the session copied
+        with the process (its credentials are not fetched again), since a client made before
+        the fork would share its open connections with the parent. None for a store given its
+        `client`."""
+        if self._session is None:
+            return None
+        child = copy.copy(self)
+        child._list_client = None
+        child.client = child._new_client(listing=False)
+        return child
 
     def __repr__(self) -> str:
         return f"S3ObjectStore('s3://{self.bucket}/{self.prefix}')"
@@ -430,7 +489,7 @@ class S3ObjectStore(ObjectStore):
     def list(self, prefix: str = "") -> Iterator[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        paginator = self.client.get_paginator("list_objects_v2")
+        paginator = self.list_client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + check_prefix(prefix))
         try:
             for page in pages:

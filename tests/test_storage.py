@@ -72,7 +72,7 @@ def test_listing_more_than_1000_keys(object_store):
     object_store.put("other/1", b"y")
     list_calls = []
     if isinstance(object_store, S3ObjectStore):
-        object_store.client.meta.events.register(
+        object_store.list_client.meta.events.register(
             "before-call.s3.ListObjectsV2", lambda **kw: list_calls.append(1)
         )
     listed = list(object_store.list("many/"))
@@ -263,3 +263,78 @@ def test_s3_get_at_most_is_one_get_request(s3_server, s3_bucket):
     with pytest.raises(ObjectTooLarge):
         store.get_at_most("k.bin", 10)
     assert calls == ["GetObject", "GetObject"]  # no HEAD before either GET
+
+
+def test_s3_listing_client_leaves_timestamps_unparsed(s3_server, s3_bucket):
+    """Listing skips the per-key datetime parsing (half of a listed key's cost); the store's
+    other client still parses them, and the keys listed across pages are exact."""
+    from datetime import datetime
+
+    store = S3ObjectStore(s3_bucket, "top", endpoint_url=s3_server, region="us-east-1")
+    odd = ["many/a b+c.jpg", "many/caf\u00e9 %41.jpg", "many/q?x=1&y.jpg"]
+    keys = sorted([f"many/{i:05d}.jpg" for i in range(1_020)] + odd)
+    _put_many(store, keys)
+    assert list(store.list("many/")) == keys
+
+    listed = store.list_client.list_objects_v2(Bucket=s3_bucket, Prefix="top/many/", MaxKeys=2)
+    assert all(isinstance(item["LastModified"], str) for item in listed["Contents"])
+    assert [item["Size"] for item in listed["Contents"]] == [1, 1]
+    parsed = store.client.list_objects_v2(Bucket=s3_bucket, Prefix="top/many/", MaxKeys=2)
+    assert all(isinstance(item["LastModified"], datetime) for item in parsed["Contents"])
+    assert isinstance(
+        store.client.head_object(Bucket=s3_bucket, Key="top/" + keys[0])["LastModified"], datetime
+    )
+    assert store.list_client is store.list_client  # made once
+
+    # A copy for a forked child: clients of its own, each parsing as the original's does.
+    child = store.for_child_process()
+    assert child.client is not store.client and child.list_client is not store.list_client
+    head = child.client.head_object(Bucket=s3_bucket, Key="top/" + keys[0])
+    assert isinstance(head["LastModified"], datetime)
+    assert list(child.list("many/")) == keys
+
+
+def test_s3_listing_parses_each_page_once(s3_server, s3_bucket, monkeypatch):
+    """botocore's check of a 200 response for an embedded error parses the body a second
+    time; the listing client checks the body's end instead (the other client keeps it)."""
+    from botocore import handlers
+
+    checked = []
+    real = handlers._looks_like_special_case_error
+    monkeypatch.setattr(
+        handlers,
+        "_looks_like_special_case_error",
+        lambda *args: checked.append(1) or real(*args),
+    )
+    store = S3ObjectStore(s3_bucket, endpoint_url=s3_server, region="us-east-1")
+    store.put("a.jpg", b"x")
+    checked.clear()
+    assert list(store.list()) == ["a.jpg"]
+    assert checked == []
+    store.client.list_objects_v2(Bucket=s3_bucket)
+    assert checked == [1]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<?xml version='1.0'?><Error><Code>InternalError</Code><Message>m</Message></Error>",
+        b"<?xml version='1.0'?><ListBucketResult><Name>b</Name><Contents><Key>a.j",
+        b"",
+    ],
+    ids=["error", "cut-short", "empty"],
+)
+def test_s3_listing_retries_a_200_that_is_no_whole_listing(s3_server, s3_bucket, body):
+    store = S3ObjectStore(s3_bucket, endpoint_url=s3_server, region="us-east-1", max_attempts=3)
+    store.put("a.jpg", b"x")
+    attempts = []
+
+    def before_send(request, **_):
+        attempts.append(request.url)
+        if len(attempts) == 1:
+            return AWSResponse(request.url, 200, {}, _Body(body))
+        return None
+
+    store.list_client.meta.events.register("before-send.s3.ListObjectsV2", before_send)
+    assert list(store.list()) == ["a.jpg"]
+    assert len(attempts) == 2

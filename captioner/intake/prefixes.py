@@ -6,21 +6,32 @@ source locations an admin grants (`Settings.source_prefixes` for everyone, `User
 per user), an admin anywhere; nobody in the namespaces the system writes (`SYSTEM_PREFIXES`:
 every user's uploads, fetched URLs, model checkpoints, exports, previews). The prefix is then listed by a
 worker (`run_enumerate_prefix`, sent by task name), page by page, each page queued and published
-in its own transaction.
+in its own transaction while a forked child process lists the next ones (`listed_in_child`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import pickle
+import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from captioner.intake import submit
 from captioner.intake.errors import SubmissionRejected
 from captioner.intake.uploads import IMAGE_SUFFIXES
 from captioner.state import jobs
 from captioner.state.models import User, UserRole
-from captioner.storage import SYSTEM_PREFIXES, InvalidKey, check_key, check_prefix
+from captioner.storage import (
+    SYSTEM_PREFIXES,
+    InvalidKey,
+    StorageError,
+    check_key,
+    check_prefix,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -174,6 +185,95 @@ def read_ahead(pages: Iterator[list[str]]) -> Iterator[list[str]]:
             yield page
 
 
+def listed_in_child(store: ObjectStore, prefix: str, size: int) -> Iterator[list[str]]:
+    """`image_pages(store, prefix, size)`, listed by a forked child process that sends the
+    pages down a pipe while the caller registers them: the listing (parsing each page's XML
+    costs the client more than registering its keys) runs on another core, and no longer
+    contends with the registration for the interpreter lock, as `read_ahead`'s thread does. The pipe holds a few pages, so the child lists at most that far ahead. An error in the
+    child is raised here; closing the generator early (a cancelled job, a time limit) ends the
+    child. Where a process cannot be forked, or the store cannot be used from a child
+    (`ObjectStore.for_child_process`), `read_ahead` lists in a thread instead."""
+    pid = -1
+    if hasattr(os, "fork"):
+        read_end, write_end = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:  # no process to be had: list here
+            os.close(read_end)
+            os.close(write_end)
+    if pid < 0:
+        yield from read_ahead(image_pages(store, prefix, size))
+        return
+    if pid == 0:  # the child: never returns
+        _list_into(read_end, write_end, store, prefix, size)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            while True:
+                try:
+                    kind, value = pickle.load(pipe)
+                except EOFError:
+                    raise StorageError(
+                        f"listing {prefix!r}: the listing process ended before the listing did"
+                    ) from None
+                if kind == "page":
+                    yield value
+                elif kind == "unforkable":
+                    yield from read_ahead(image_pages(store, value, size))
+                    return
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+    finally:
+        # Done, failed or closed early: the child is ended (it may still be listing) and reaped.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _list_into(
+    read_end: int, write_end: int, store: ObjectStore, prefix: str, size: int
+) -> NoReturn:
+    """The listing child: the pages, then ("end", None) or ("error", exception), pickled down
+    the pipe's `write_end`. It exits without unwinding into the parent's code or running its
+    cleanup (the database connections and sockets it inherited are the parent's); a parent
+    gone (killed at its hard time limit) ends it at its next write."""
+    code = 1
+    try:
+        os.close(read_end)
+        # What the parent holds is never collected here: freeing one of its database
+        # connections would close the connection for the parent too.
+        gc.freeze()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+        with os.fdopen(write_end, "wb") as pipe:
+            try:
+                own = store.for_child_process()
+                if own is None:
+                    message: tuple[str, Any] = ("unforkable", prefix)
+                else:
+                    for page in image_pages(own, prefix, size):
+                        pickle.dump(("page", page), pipe, pickle.HIGHEST_PROTOCOL)
+                        pipe.flush()
+                    message = ("end", None)
+            except Exception as exc:  # handed to the parent, which raises it
+                message = ("error", _picklable(exc))
+            pickle.dump(message, pipe, pickle.HIGHEST_PROTOCOL)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _picklable(exc: Exception) -> Exception:
+    """`exc` if it survives pickling, else a StorageError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return StorageError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
 def listed_spec(key: str) -> jobs.ImageSpec:
     """A listed key as an image to queue: its external id is the key (none for a key longer
     than an external id may be)."""
@@ -210,7 +310,7 @@ def run_enumerate_prefix(
     if prefix is None:
         return 0
     total = 0
-    for page in read_ahead(image_pages(run.store, prefix, PAGE_SIZE)):
+    for page in listed_in_child(run.store, prefix, PAGE_SIZE):
         added = submit.add_chunk(run, _queue_keys(job_id, page), last=False)
         if not added.accepted:
             return total
