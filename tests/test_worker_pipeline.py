@@ -178,9 +178,7 @@ def test_next_batch_is_fetched_while_the_model_runs_and_saved_while_the_next_one
     assert {im.attempts for im in stack.images(ids).values()} == {1}
 
 
-def test_a_batch_slower_than_its_lease_keeps_its_images_while_its_worker_lives(
-    stack, monkeypatch
-):
+def test_a_batch_slower_than_its_lease_keeps_its_images_while_its_worker_lives(stack, monkeypatch):
     """The worker renews its lease while a batch runs: a sweep after the first lease ran out
     finds it renewed and leaves the batch alone, which then saves every caption on its first
     attempt. (Without renewals the sweep takes the images back and the save loses them.)"""
