@@ -137,9 +137,9 @@ class ObjectStore(ABC):
         """Keys starting with `prefix` (a plain string prefix, as in S3), in sorted order."""
 
     def for_child_process(self) -> ObjectStore | None:
-        """Called in a forked child process: this store as the child may use it without
-        disturbing its parent (no connection shared with it), or None where that cannot be
-        made. A prefix is listed in a child (`captioner.intake.prefixes`). A plain directory
+        """This store as a forked child process may use it without disturbing this process
+        (no open connection shared with it), made before the fork; None where no such copy can
+        be made. A prefix is listed in a child (`captioner.intake.prefixes`). A plain directory
         shares nothing."""
         return self
 
@@ -372,10 +372,10 @@ class S3ObjectStore(ObjectStore):
         return client
 
     def for_child_process(self) -> S3ObjectStore | None:
-        """Call it in the child: a copy with clients of its own, made from the session copied
-        with the process (its credentials are not fetched again), since a client made before
-        the fork would share its open connections with the parent. None for a store given its
-        `client`."""
+        """A copy with clients of its own, made from the same session (its credentials are not
+        fetched again): a client connects on first use, so the child's open no connection of
+        this store's, as this store's clients would share theirs with the child. None for a
+        store given its `client`."""
         if self._session is None:
             return None
         child = copy.copy(self)

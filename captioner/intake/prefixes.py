@@ -189,12 +189,14 @@ def listed_in_child(store: ObjectStore, prefix: str, size: int) -> Iterator[list
     """`image_pages(store, prefix, size)`, listed by a forked child process that sends the
     pages down a pipe while the caller registers them: the listing (parsing each page's XML
     costs the client more than registering its keys) runs on another core, and no longer
-    contends with the registration for the interpreter lock, as `read_ahead`'s thread does. The pipe holds a few pages, so the child lists at most that far ahead. An error in the
+    contends with the registration for the interpreter lock, as `read_ahead`'s thread does.
+    The pipe holds a few pages, so the child lists at most that far ahead. An error in the
     child is raised here; closing the generator early (a cancelled job, a time limit) ends the
-    child. Where a process cannot be forked, or the store cannot be used from a child
+    child. Where a process cannot be forked, or the store has no copy a child may use
     (`ObjectStore.for_child_process`), `read_ahead` lists in a thread instead."""
+    own = store.for_child_process()
     pid = -1
-    if hasattr(os, "fork"):
+    if own is not None and hasattr(os, "fork"):
         read_end, write_end = os.pipe()
         try:
             pid = os.fork()
@@ -205,7 +207,7 @@ def listed_in_child(store: ObjectStore, prefix: str, size: int) -> Iterator[list
         yield from read_ahead(image_pages(store, prefix, size))
         return
     if pid == 0:  # the child: never returns
-        _list_into(read_end, write_end, store, prefix, size)
+        _list_into(read_end, write_end, own, prefix, size)
     os.close(write_end)
     try:
         with os.fdopen(read_end, "rb") as pipe:
@@ -218,9 +220,6 @@ def listed_in_child(store: ObjectStore, prefix: str, size: int) -> Iterator[list
                     ) from None
                 if kind == "page":
                     yield value
-                elif kind == "unforkable":
-                    yield from read_ahead(image_pages(store, value, size))
-                    return
                 elif kind == "error":
                     raise value
                 else:
@@ -248,15 +247,11 @@ def _list_into(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
         with os.fdopen(write_end, "wb") as pipe:
+            message: tuple[str, Any] = ("end", None)
             try:
-                own = store.for_child_process()
-                if own is None:
-                    message: tuple[str, Any] = ("unforkable", prefix)
-                else:
-                    for page in image_pages(own, prefix, size):
-                        pickle.dump(("page", page), pipe, pickle.HIGHEST_PROTOCOL)
-                        pipe.flush()
-                    message = ("end", None)
+                for page in image_pages(store, prefix, size):
+                    pickle.dump(("page", page), pipe, pickle.HIGHEST_PROTOCOL)
+                    pipe.flush()
             except Exception as exc:  # handed to the parent, which raises it
                 message = ("error", _picklable(exc))
             pickle.dump(message, pipe, pickle.HIGHEST_PROTOCOL)
