@@ -440,7 +440,6 @@ class LeaseKeeper:
     def __init__(self, res: WorkerResources, batch: Batch, image_ids: list[int]) -> None:
         self.res, self.batch, self.image_ids = res, batch, image_ids
         self.every = max(0.5, batch.settings.lease_seconds / 3)
-        self.renewals = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
@@ -454,7 +453,6 @@ class LeaseKeeper:
                         worker_id=self.batch.worker_id,
                         lease_seconds=self.batch.settings.lease_seconds,
                     )
-                self.renewals += 1
             except OperationalError as exc:
                 log.warning("could not renew the lease on %d images: %s", len(self.image_ids), exc)
 
