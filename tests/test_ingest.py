@@ -145,8 +145,8 @@ def test_fetch_urls_stores_good_and_fails_bad_with_reason(session, tmp_path, htt
     assert fetch.fetch_urls(session, job.id, job_urls, store=store, settings=s) == []
 
 
-def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
-    store = LocalObjectStore(tmp_path / "objects")
+def test_enumerate_prefix_pages_and_publishes(engine, object_store, monkeypatch):
+    store = object_store  # a directory, and a bucket on the S3 server (listed in a child)
     for i in range(5):
         store.put(f"photos/{i}.jpg", b"x")
     store.put("photos/readme.txt", b"x")
@@ -164,6 +164,10 @@ def test_enumerate_prefix_pages_and_publishes(engine, tmp_path, monkeypatch):
         publish=lambda j, ids: sent.append(ids),
     )
     assert total == 5 and [len(ids) for ids in sent] == [2, 2, 1]
+    with factory() as session:
+        stored = session.query(Image.storage_key, Image.external_id).filter_by(job_id=job_id)
+        keys = [f"photos/{i}.jpg" for i in range(5)]
+        assert sorted(stored) == [(key, key) for key in keys]
 
 
 def _owner_with_hook(factory, url: str) -> int:

@@ -7,10 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from captioner.intake import prefixes
-from captioner.settings import Settings
-from captioner.state import jobs
-from captioner.state.db import make_sessionmaker, session_scope
-from captioner.state.models import Image
 from captioner.storage import LocalObjectStore, S3ObjectStore, StorageError
 
 
@@ -112,29 +108,6 @@ def test_a_store_given_its_client_is_listed_in_this_process(s3_server, s3_bucket
         store.put(f"p/{i}.jpg", b"x")
     assert store.list_client is client
     assert list(prefixes.listed_in_child(store, "p/", 2)) == [["p/0.jpg", "p/1.jpg"], ["p/2.jpg"]]
-
-
-def test_enumerate_s3_prefix_registers_every_key(engine, s3_server, s3_bucket, monkeypatch):
-    store = S3ObjectStore(s3_bucket, endpoint_url=s3_server, region="us-east-1")
-    keys = [f"photos/{i:03d}.jpg" for i in range(25)]
-    for key in [*keys, "photos/notes.txt", "other/1.jpg"]:
-        store.put(key, b"x")
-    factory = make_sessionmaker(engine)
-    with session_scope(factory) as session:
-        job_id = jobs.create_job(session, "p", options={"prefix": "photos/"}).id
-    monkeypatch.setattr(prefixes, "PAGE_SIZE", 10)
-    sent = []
-    total = prefixes.run_enumerate_prefix(
-        job_id,
-        session_factory=factory,
-        store=store,
-        settings=Settings(),
-        publish=lambda job, ids: sent.append(len(ids)),
-    )
-    assert total == 25 and sent == [10, 10, 5]
-    with factory() as session:
-        stored = session.query(Image.storage_key, Image.external_id).filter_by(job_id=job_id)
-        assert sorted(stored) == [(key, key) for key in keys]
 
 
 def test_no_process_to_be_had_lists_in_this_process(tmp_path, monkeypatch):
