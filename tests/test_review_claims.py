@@ -385,10 +385,15 @@ def _captioned(session, owner_id, items, version) -> list[int]:
     return ids
 
 
-def test_sharing_rules_in_state(session):
+def _two_owners(session):
+    """Two submitters, alice and bob, and the active model version."""
     alice = create_user(session, "alice@example.com", "pw-123456789", role="submitter")
     bob = create_user(session, "bob@example.com", "pw-123456789", role="submitter")
-    version = active_version(session)
+    return alice, bob, active_version(session)
+
+
+def test_sharing_rules_in_state(session):
+    alice, bob, version = _two_owners(session)
     sha = "ab" * 32
     [x] = _captioned(session, alice.id, [(sha, "a red square")], version)
     [y, z] = _captioned(session, alice.id, [(sha, "a red box"), (sha, "a red square")], version)
@@ -425,9 +430,7 @@ def test_sharing_rules_in_state(session):
 
 
 def test_grid_approvals_are_shared_with_the_same_content(session):
-    alice = create_user(session, "alice@example.com", "pw-123456789", role="submitter")
-    bob = create_user(session, "bob@example.com", "pw-123456789", role="submitter")
-    version = active_version(session)
+    alice, bob, version = _two_owners(session)
     sha = "cd" * 32
     [x] = _captioned(session, alice.id, [(sha, "a blue circle")], version)
     [y, other] = _captioned(
