@@ -278,3 +278,39 @@ def test_a_try_has_its_own_page_but_is_not_listed(live, page, tmp_path):
     expect(page.locator(f"#jobs-table tr[data-job-id='{job_id}']")).to_have_count(0)
     page.goto(f"{live.url}/jobs/{job_id}")
     expect(page.locator("#job-status")).to_have_text("queued")
+
+
+def test_grid_approval_is_shared_with_the_owners_identical_image(live, page, tmp_path):
+    """The same content in two of one owner's jobs: approving it on the grid of one job
+    approves the other too, and the page says so."""
+    from playwright.sync_api import expect
+    from sqlalchemy import update
+
+    from captioner.accounts import find_user
+    from captioner.state.models import Image, Job
+
+    job_a, ids_a = live.job(2, "same-a")
+    job_b, ids_b = live.job(2, "same-b")
+    with session_scope(live.stack.sessions) as s:
+        rita = find_user(s, EMAIL).id
+        s.execute(update(Job).where(Job.id.in_([job_a, job_b])).values(owner_id=rita))
+        same = [ids_a[0], ids_b[0]]
+        s.execute(update(Image).where(Image.id.in_(same)).values(content_sha256="5a" * 32))
+    open_grid(page, live, job_a)
+    expect(page.locator("#grid .tile")).to_have_count(2)
+    assert int(tile(page, 0).get_attribute("data-image-id")) == ids_a[0]
+    page.keyboard.press("Space")
+    page.keyboard.press("a")
+    expect(page.locator("#grid-message")).to_have_text("Approved 1 caption; 1 identical image too.")
+    # The copy is in the other job: this job's queue lost one caption, not two.
+    expect(page.locator("#grid-position")).to_have_text("Page 1 · 2 shown · 1 awaiting review")
+    page.screenshot(path=str(tmp_path / "grid-shared.png"), full_page=True)
+    # The copy's own caption said something else: the approved text is set on it as a correction.
+    reviewed = current_reviews(live, ids_a + ids_b)
+    assert reviewed == {
+        ids_a[0]: (ReviewDecision.APPROVED, rita),
+        ids_b[0]: (ReviewDecision.CORRECTED, rita),
+    }
+    with live.stack.sessions() as s:
+        texts = s.scalars(select(Review.text).where(Review.image_id.in_(same))).all()
+    assert len(texts) == 2 and len(set(texts)) == 1

@@ -138,8 +138,10 @@
       for (const id of data.skipped) state.done.set(id, "skipped");
       const shared = data.shared || [];
       for (const id of shared) state.done.set(id, "approved");  // same content, approved with it
+      // Copies on this page left this queue too; those elsewhere are in other jobs' queues.
+      const sharedHere = state.items.filter((item) => shared.includes(item.id)).length;
       state.selected.clear(); state.anchor = null;
-      state.total = Math.max(0, state.total - data.items.length - shared.length);
+      state.total = Math.max(0, state.total - data.items.length - sharedHere);
       const skipped = data.skipped.length ? `; ${data.skipped.length} skipped (reviewed meanwhile)` : "";
       const copies = shared.length ? `; ${shared.length} identical image${shared.length === 1 ? "" : "s"} too` : "";
       message(`Approved ${data.items.length} caption${data.items.length === 1 ? "" : "s"}${copies}${skipped}.`);
